@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv and run the demo (train, segment, score)
+#   make test   set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stt_jax.main --config=configs/demo.py --workdir=runs/demo --overwrite
+
+test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
+	  $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,32 @@
+"""Demo: the baseline Res-UNet on embedded synthetic EM volumes, sized for a
+2-core CPU (a few minutes). Train on one generated volume, score on another.
+
+  python -m stt_jax.main --config=configs/demo.py --workdir=runs/demo
+"""
+
+from stt_jax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.widths = (12, 16, 24, 32, 48)
+  c.data.synthetic.enabled = True
+  c.data.synthetic.train_shape = (32, 256, 256)
+  c.data.synthetic.val_shape = (32, 192, 192)
+  c.data.patch_shape = (8, 64, 64)
+  # Gamma 2^±1 (the reference default) slows a few-minute run too much.
+  c.data.augment.intensity_prob = 0.0
+  c.data.foreground_bias = 0.5
+  c.train.steps = 750
+  c.train.schedule = "cosine"
+  c.train.batch_size = 2
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 50
+  c.train.log_every = 25
+  c.train.checkpoint_every = 200
+  c.infer.window = (8, 64, 64)
+  c.infer.batch_size = 8
+  c.decode.min_seed_size = 16
+  c.decode.min_size = 64
+  c.eval.min_gt_size = 100
+  return c

@@ -1,0 +1,130 @@
+"""Default configuration and its validation.
+
+Config files under `configs/` start from `default_config()` and change what
+their data set needs. `validate` turns a bad value into a one-line UserError
+that names the key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from stt_jax.errors import UserError
+
+MODES = ("train", "evaluate", "segment", "export")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "res_unet"
+  c.model.widths = (28, 36, 48, 64, 80)
+  c.model.downsample_z = (False, False, False, False)
+  c.model.conv_impl = "auto"           # auto | native | depth_as_batch
+  c.model.compute_dtype = "float32"    # float32 | bfloat16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ml_collections.ConfigDict({"image": "", "label": ""})
+  c.data.val = ml_collections.ConfigDict({"image": "", "label": ""})
+  c.data.voxel_size_nm = (30.0, 8.0, 8.0)
+  c.data.patch_shape = (32, 320, 320)
+  c.data.contour_width = 2
+  c.data.foreground_bias = 0.0         # share of patches redrawn until they hold foreground
+  c.data.prefetch = 4
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.enabled = True
+  c.data.augment.flip_z = True
+  c.data.augment.flip_yx = True
+  c.data.augment.transpose_xy = True
+  c.data.augment.intensity_prob = 0.75
+  # Synthetic EM volumes (stt_jax.data.synthetic) written under the workdir.
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.enabled = False
+  c.data.synthetic.train_seed = 0
+  c.data.synthetic.val_seed = 1
+  c.data.synthetic.train_shape = (32, 256, 256)
+  c.data.synthetic.val_shape = (32, 192, 192)
+  c.data.synthetic.anisotropy = 4.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 200_000
+  c.train.batch_size = 2
+  c.train.learning_rate = 1e-4
+  c.train.warmup_steps = 1000
+  c.train.schedule = "constant"        # constant | cosine (decays to 1% by the last step)
+  c.train.weight_decay = 1e-4
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1500
+  c.train.keep_checkpoints = 3
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.bce_weight = 1.0
+  c.loss.dice_weight = 1.0
+
+  c.infer = ml_collections.ConfigDict()
+  c.infer.window = (32, 256, 256)
+  c.infer.overlap = 0.5
+  c.infer.batch_size = 2
+
+  c.decode = ml_collections.ConfigDict()
+  c.decode.seed_mask = 0.9
+  c.decode.seed_contour = 0.8
+  c.decode.foreground = 0.85
+  c.decode.min_seed_size = 32
+  c.decode.min_size = 128
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.min_gt_size = 2000            # MitoEM drops smaller GT "crumbs"
+  return c
+
+
+def _need(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise UserError(f"config.{key}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first bad key."""
+  from stt_jax.models.unet import input_multiple  # pylint: disable=g-import-not-at-top
+  m = c.model
+  _need(m.name == "res_unet", "model.name", f"must be 'res_unet', got {m.name!r}")
+  _need(len(m.widths) >= 2 and all(int(w) > 0 for w in m.widths), "model.widths",
+        f"needs >= 2 positive widths, got {tuple(m.widths)}")
+  _need(len(m.downsample_z) == len(m.widths) - 1, "model.downsample_z",
+        f"needs {len(m.widths) - 1} entries (one per down-sampling), got {len(m.downsample_z)}")
+  _need(m.conv_impl in ("auto", "native", "depth_as_batch"), "model.conv_impl",
+        f"must be auto, native or depth_as_batch, got {m.conv_impl!r}")
+  _need(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+        f"must be float32 or bfloat16, got {m.compute_dtype!r}")
+  multiple = input_multiple(m.downsample_z)
+  for key, shape in (("data.patch_shape", c.data.patch_shape),
+                     ("infer.window", c.infer.window)):
+    _need(len(shape) == 3 and all(int(s) > 0 for s in shape), key,
+          f"needs 3 positive sizes (depth, height, width), got {tuple(shape)}")
+    _need(all(int(s) % k == 0 for s, k in zip(shape, multiple)), key,
+          f"{tuple(shape)} must be a multiple of {multiple} for this model")
+  n_dev = jax.device_count()
+  _need(c.train.batch_size > 0 and c.train.batch_size % n_dev == 0, "train.batch_size",
+        f"{c.train.batch_size} must be a positive multiple of the {n_dev} devices")
+  _need(c.train.steps > 0, "train.steps", f"must be positive, got {c.train.steps}")
+  _need(c.train.learning_rate > 0 and math.isfinite(c.train.learning_rate),
+        "train.learning_rate", f"must be positive, got {c.train.learning_rate}")
+  _need(c.train.schedule in ("constant", "cosine"), "train.schedule",
+        f"must be constant or cosine, got {c.train.schedule!r}")
+  _need(0.0 <= c.data.foreground_bias <= 1.0, "data.foreground_bias",
+        f"must be in [0, 1], got {c.data.foreground_bias}")
+  _need(c.train.log_every > 0, "train.log_every", "must be positive")
+  _need(c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+  _need(c.train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+  _need(0.0 <= c.infer.overlap < 1.0, "infer.overlap",
+        f"must be in [0, 1), got {c.infer.overlap}")
+  _need(c.infer.batch_size > 0, "infer.batch_size", "must be positive")
+  for key in ("seed_mask", "seed_contour", "foreground"):
+    value = c.decode[key]
+    _need(0.0 <= value <= 1.0, f"decode.{key}", f"must be in [0, 1], got {value}")
+  _need(c.data.contour_width >= 1, "data.contour_width", "must be >= 1")

@@ -1,0 +1,106 @@
+"""Random training patches read from chunked volumes through TensorStore.
+
+The batch for step `s` is a pure function of (seed, s): a resumed run sees the
+same stream, and prefetching threads cannot reorder it. Reads of all patches of
+a batch are issued together (TensorStore futures) before any is awaited.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from stt_jax.data import augment, targets
+from stt_jax.data.sources import Volume
+from stt_jax.errors import UserError
+
+
+class PatchSampler:
+  """Draws batches of (image, target) patches from one image/label pair.
+
+  Batches: image float32 [batch, depth, height, width, 1] in [0, 1];
+  target float32 [batch, depth, height, width, 2] = (mask, contour).
+  """
+
+  def __init__(self, image: Volume, labels: Volume, *,
+               patch_shape: Sequence[int], batch_size: int, seed: int,
+               augment_config=None, contour_width: int = 2,
+               foreground_bias: float = 0.0, foreground_tries: int = 8,
+               region: Sequence[Sequence[int]] | None = None):
+    if image.shape != labels.shape:
+      raise UserError(f"image {image.path} has shape {image.shape} but labels "
+                      f"{labels.path} have shape {labels.shape}; they must match")
+    if labels.dtype.kind not in "ui":
+      raise UserError(f"labels {labels.path} have dtype {labels.dtype}; "
+                      "instance labels must be integers")
+    self.image, self.labels = image, labels
+    self.patch_shape = tuple(int(p) for p in patch_shape)
+    lo, hi = (np.array(region[0]), np.array(region[1])) if region else (
+        np.zeros(3, int), np.array(image.shape))
+    if np.any(hi - lo < np.array(self.patch_shape)):
+      raise UserError(f"patch {list(self.patch_shape)} is larger than the sampled "
+                      f"region {list(hi - lo)} of {image.path}; lower data.patch_shape")
+    self._lo, self._hi = lo, hi
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.augment_config = augment_config
+    self.contour_width = int(contour_width)
+    self.foreground_bias = float(foreground_bias)
+    self.foreground_tries = int(foreground_tries)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, int(step)])
+    starts = [self._draw_start(rng) for _ in range(self.batch_size)]
+    label_reads = [self.labels.read_async(s, self.patch_shape) for s in starts]
+    image_reads = [self.image.read_async(s, self.patch_shape) for s in starts]
+    label_patches = [f.result() for f in label_reads]
+    wants_fg = rng.uniform(size=self.batch_size) < self.foreground_bias
+    for i in np.nonzero(wants_fg)[0]:
+      # rejection sampling: redraw until the patch holds foreground
+      for _ in range(self.foreground_tries):
+        if label_patches[i].any():
+          break
+        starts[i] = self._draw_start(rng)
+        image_reads[i] = self.image.read_async(starts[i], self.patch_shape)
+        label_patches[i] = self.labels.read(starts[i], self.patch_shape)
+    images, target_list = [], []
+    for image_future, labels in zip(image_reads, label_patches):
+      image = image_future.result()
+      image, labels = self._augment(image, labels, rng)
+      images.append(image)
+      target_list.append(targets.make_targets(labels, self.contour_width))
+    return {"image": np.stack(images)[..., None], "target": np.stack(target_list)}
+
+  def _draw_start(self, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(self._lo, self._hi - np.array(self.patch_shape) + 1)
+
+  def _augment(self, image, labels, rng):
+    cfg = self.augment_config
+    image = image.astype(np.float32) / 255.0
+    if cfg is None or not cfg.enabled:
+      return image, labels
+    image, labels = augment.flip_transpose(
+        image, labels, rng, flip_z=cfg.flip_z, flip_yx=cfg.flip_yx,
+        transpose_xy=cfg.transpose_xy)
+    if rng.uniform() < cfg.intensity_prob:
+      image = augment.intensity(image, rng)
+    return image, labels
+
+  def iterate(self, first_step: int, last_step: int,
+              prefetch: int = 4) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yields (step, batch) for first_step <= step < last_step, prefetched."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+      pending = collections.deque()
+      next_step = first_step
+      while next_step < last_step and len(pending) < prefetch:
+        pending.append((next_step, pool.submit(self.batch, next_step)))
+        next_step += 1
+      while pending:
+        step, future = pending.popleft()
+        if next_step < last_step:
+          pending.append((next_step, pool.submit(self.batch, next_step)))
+          next_step += 1
+        yield step, future.result()

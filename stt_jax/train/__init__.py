@@ -1,0 +1,1 @@
+"""stt_jax.train."""

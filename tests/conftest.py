@@ -1,0 +1,31 @@
+"""Shared fixtures. Two simulated CPU devices for the sharding paths."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from stt_jax.data import synthetic  # noqa: E402
+
+SMALL_SPEC = synthetic.SyntheticSpec(shape=(16, 96, 96), num_mitochondria=14,
+                                     num_vesicles=30, num_dark_blobs=6)
+
+
+@pytest.fixture(scope="session")
+def small_volume():
+  """(image uint8, labels uint32) [16, 96, 96], generated once per session."""
+  return synthetic.generate(SMALL_SPEC, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_zarr(tmp_path_factory, small_volume):
+  """Paths {"image", "label"} of the small volume written as zarr."""
+  from stt_jax.data import sources
+  directory = tmp_path_factory.mktemp("small")
+  image, labels = small_volume
+  paths = {"image": str(directory / "image.zarr"), "label": str(directory / "labels.zarr")}
+  sources.write_array(paths["image"], image)
+  sources.write_array(paths["label"], labels)
+  return paths

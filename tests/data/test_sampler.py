@@ -1,0 +1,83 @@
+import ml_collections
+import numpy as np
+import pytest
+
+from stt_jax.data import sources
+from stt_jax.data.sampler import PatchSampler
+from stt_jax.errors import UserError
+
+
+def _aug():
+  return ml_collections.ConfigDict(dict(enabled=True, flip_z=True, flip_yx=True,
+                                        transpose_xy=True, intensity_prob=0.5))
+
+
+def _sampler(paths, seed=0, **kw):
+  return PatchSampler(sources.open_volume(paths["image"]),
+                      sources.open_volume(paths["label"]),
+                      patch_shape=(4, 32, 32), batch_size=2, seed=seed,
+                      augment_config=_aug(), **kw)
+
+
+def test_batches_are_a_function_of_seed_and_step(small_zarr):
+  a, b = _sampler(small_zarr), _sampler(small_zarr)
+  for step in (0, 7):
+    x, y = a.batch(step), b.batch(step)
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["target"], y["target"])
+  assert not np.array_equal(a.batch(0)["image"], a.batch(1)["image"])
+  streamed = dict(a.iterate(3, 6, prefetch=2))
+  np.testing.assert_array_equal(streamed[4]["image"], b.batch(4)["image"])
+
+
+def test_shapes_and_ranges(small_zarr):
+  batch = _sampler(small_zarr).batch(0)
+  assert batch["image"].shape == (2, 4, 32, 32, 1)
+  assert batch["target"].shape == (2, 4, 32, 32, 2)
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert set(np.unique(batch["target"])) <= {0.0, 1.0}
+
+
+def test_without_augmentation_patch_equals_volume(small_zarr, small_volume):
+  sampler = _sampler(small_zarr)
+  sampler.augment_config = None
+  image = sampler.batch(5)["image"][0, ..., 0]
+  vol = small_volume[0].astype(np.float32) / 255
+  hits = [(z, y, x) for z in range(vol.shape[0] - 3) for y in range(vol.shape[1] - 31)
+          for x in range(vol.shape[2] - 31)
+          if np.array_equal(vol[z:z + 4, y:y + 32, x:x + 32], image)]
+  assert len(hits) == 1
+
+
+def test_bad_inputs(tmp_path, small_zarr):
+  other = str(tmp_path / "other.zarr")
+  sources.write_array(other, np.zeros((4, 8, 8), np.uint32))
+  with pytest.raises(UserError, match="must match"):
+    PatchSampler(sources.open_volume(small_zarr["image"]), sources.open_volume(other),
+                 patch_shape=(2, 4, 4), batch_size=1, seed=0)
+  with pytest.raises(UserError, match="larger than"):
+    PatchSampler(sources.open_volume(small_zarr["image"]),
+                 sources.open_volume(small_zarr["label"]),
+                 patch_shape=(64, 32, 32), batch_size=1, seed=0)
+  floats = str(tmp_path / "floats.zarr")
+  sources.write_array(floats, np.zeros((16, 96, 96), np.float32))
+  with pytest.raises(UserError, match="integers"):
+    PatchSampler(sources.open_volume(small_zarr["image"]), sources.open_volume(floats),
+                 patch_shape=(2, 4, 4), batch_size=1, seed=0)
+
+
+def test_foreground_bias_redraws_empty_patches(tmp_path):
+  labels = np.zeros((8, 64, 64), np.uint32)
+  labels[2:4, 40:44, 10:14] = 1  # one small object in a large empty volume
+  image = np.zeros(labels.shape, np.uint8)
+  paths = [str(tmp_path / "im.zarr"), str(tmp_path / "lab.zarr")]
+  sources.write_array(paths[0], image)
+  sources.write_array(paths[1], labels)
+  make = lambda bias: PatchSampler(sources.open_volume(paths[0]),
+                                   sources.open_volume(paths[1]),
+                                   patch_shape=(4, 16, 16), batch_size=4, seed=0,
+                                   foreground_bias=bias, foreground_tries=200)
+  biased = [make(1.0).batch(s)["target"][..., 0].reshape(4, -1).max(1) for s in range(5)]
+  plain = [make(0.0).batch(s)["target"][..., 0].reshape(4, -1).max(1) for s in range(5)]
+  assert np.all(np.concatenate(biased) == 1)
+  assert np.mean(np.concatenate(plain)) < 0.5

@@ -1,0 +1,105 @@
+"""The command line: one-line errors, refusals that lose nothing, and a tiny
+train -> evaluate -> export -> segment run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stt_jax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.widths=(4,4,6,6,8)",
+        "--config.data.synthetic.train_shape=(8,64,64)",
+        "--config.data.synthetic.val_shape=(8,64,64)",
+        "--config.data.patch_shape=(4,32,32)", "--config.infer.window=(4,32,32)",
+        "--config.train.steps=4", "--config.train.log_every=2",
+        "--config.train.checkpoint_every=2", "--config.decode.min_size=8",
+        "--config.eval.min_gt_size=10", "--quiet"]
+
+
+def _main(*args, check_ok=True):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "stt_jax.main",
+                         "--config=configs/demo.py", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  if check_ok:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _one_line_error(proc, *needles):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("error: ")
+  for n in needles:
+    assert n in lines[0], lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.train.stepz=3",
+                        check_ok=False), "stepz", "steps")
+
+
+def test_bad_config_value(tmp_path):
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.data.patch_shape=(4,30,32)",
+                        check_ok=False), "data.patch_shape")
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.train.steps=abc",
+                        check_ok=False), "train.steps")
+
+
+def test_missing_config_file_and_data_path(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/nope.py",
+                         f"--workdir={tmp_path}/w"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  _one_line_error(proc, "nope.py")
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.data.synthetic.enabled=False",
+                        "--config.data.train.image=/no/such/image.zarr",
+                        "--config.data.train.label=/no/such/labels.zarr",
+                        check_ok=False), "data.train.image", "/no/such/image.zarr")
+
+
+def test_train_evaluate_export_segment_end_to_end(tmp_path):
+  work = str(tmp_path / "run")
+  proc = _main(f"--workdir={work}", *TINY)
+  assert "AP-75" in proc.stdout and "foreground Jaccard" in proc.stdout
+  scores = json.load(open(os.path.join(work, "eval.json")))
+  assert 0.0 <= scores["jaccard"] <= 1.0 and scores["num_gt"] > 0
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+
+  # the same folder again: refused, nothing lost
+  again = _main(f"--workdir={work}", *TINY, check_ok=False)
+  _one_line_error(again, "--resume", "--overwrite")
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+
+  # resume to 6 steps
+  _main(f"--workdir={work}", "--resume", *TINY, "--config.train.steps=6")
+  assert "6" in os.listdir(os.path.join(work, "checkpoints"))
+
+  proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY)
+  assert json.load(open(os.path.join(work, "eval.json")))["jaccard"] == pytest.approx(
+      float([l.split()[-1] for l in proc.stdout.splitlines()
+             if l.startswith("foreground Jaccard")][0]), abs=1e-4)
+
+  export = str(tmp_path / "export")
+  _main(f"--workdir={work}", "--mode=export", f"--output={export}", *TINY)
+  val_image = os.path.join(work, "data", "val", "image.zarr")
+  seg_a, seg_b = str(tmp_path / "seg_ckpt"), str(tmp_path / "seg_export")
+  _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
+        f"--output={seg_a}", *TINY)
+  _main(f"--workdir={tmp_path}/unused", "--mode=segment", f"--weights={export}",
+        f"--input={val_image}", f"--output={seg_b}", *TINY)
+  read = lambda d, n: sources.open_volume(os.path.join(d, n)).read(
+      [0, 0, 0], sources.open_volume(os.path.join(d, n)).shape)
+  np.testing.assert_array_equal(read(seg_a, "instances.zarr"), read(seg_b, "instances.zarr"))
+  assert read(seg_a, "probabilities.zarr").shape == (8, 64, 64, 2)
+
+  # an existing output is never overwritten without --overwrite
+  refused = _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
+                  f"--output={seg_a}", *TINY, check_ok=False)
+  _one_line_error(refused, "--overwrite")
