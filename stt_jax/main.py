@@ -48,12 +48,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
     _fail(f"bad config override: {message}")
+  except Exception as e:  # pylint: disable=broad-except
+    # an error raised inside the config file's get_config()
+    _fail(f"cannot load --config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=configs/demo.py")
+  path = getattr(flags.FLAGS["config"], "config_filename", None)
+  if path and not os.path.isfile(path.split(":")[0]):
+    _fail(f"--config file not found: {path}")
   try:
     _CONFIG.value.keys()
   except Exception as e:  # config_flags defers errors of loading the file
-    _fail(f"cannot load --config: {str(e).splitlines()[0]}")
+    _fail(f"cannot load --config {path}: {str(e).splitlines()[0]}")
   return rest
 
 

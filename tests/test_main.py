@@ -62,6 +62,16 @@ def test_missing_config_file_and_data_path(tmp_path):
                         "--config.data.train.image=/no/such/image.zarr",
                         "--config.data.train.label=/no/such/labels.zarr",
                         check_ok=False), "data.train.image", "/no/such/image.zarr")
+  assert not os.path.exists(tmp_path / "w")  # a failed start leaves no run folder behind
+
+
+def test_config_file_that_raises(tmp_path):
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("def get_config():\n  raise RuntimeError('boom')\n")
+  proc = subprocess.run([sys.executable, "-m", "stt_jax.main", f"--config={bad}",
+                         f"--workdir={tmp_path}/w"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  _one_line_error(proc, "RuntimeError", "boom")
 
 
 def test_train_evaluate_export_segment_end_to_end(tmp_path):

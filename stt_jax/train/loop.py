@@ -29,6 +29,9 @@ def build(cfg):
 def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
           quiet: bool = False):
   """Trains for cfg.train.steps; returns (model, final state, mesh)."""
+  if not cfg.data.synthetic.enabled:  # check the data before touching workdir
+    datasets.open_split(cfg, "train")
+    datasets.open_split(cfg, "val")
   checkpoint.prepare_workdir(workdir, cfg.to_json_best_effort(indent=2),
                              resume=resume, overwrite=overwrite)
   if cfg.data.synthetic.enabled:
