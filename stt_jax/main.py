@@ -110,7 +110,6 @@ def _load(cfg, workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   weights = _WEIGHTS.value
   if weights:
@@ -132,7 +131,6 @@ def _load(cfg, workdir: str):
     ckpts = checkpoint.Checkpoints(ckpt_dir, save_every=1, keep=1_000_000)
     params = ckpts.restore(state).params
     ckpts.close()
-  del unet
   return cfg, model, params, mesh
 
 

@@ -74,6 +74,15 @@ def test_config_file_that_raises(tmp_path):
   _one_line_error(proc, "RuntimeError", "boom")
 
 
+def test_nan_loss_stops_with_one_line(tmp_path):
+  work = tmp_path / "nan"
+  proc = _main(f"--workdir={work}", *TINY, "--config.train.learning_rate=1e30",
+               "--config.train.warmup_steps=1", "--config.train.log_every=1",
+               "--config.train.checkpoint_every=1000", check_ok=False)
+  _one_line_error(proc, "training diverged", "no checkpoint was written")
+  assert not os.path.exists(work / "checkpoints" / "4")
+
+
 def test_train_evaluate_export_segment_end_to_end(tmp_path):
   work = str(tmp_path / "run")
   proc = _main(f"--workdir={work}", *TINY)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 
 import numpy as np
 import tensorstore as ts
 
+from stt_jax import paths
 from stt_jax.errors import UserError
 
 
@@ -99,11 +99,7 @@ def create_volume(path: str, shape: Sequence[int], dtype, *,
                   voxel_size_nm: Sequence[float] | None = None,
                   overwrite: bool = False) -> Volume:
   """Creates a zarr v3 array. Refuses to replace an existing path unless asked."""
-  path = os.path.abspath(path)
-  if os.path.exists(path):
-    if not overwrite:
-      raise UserError(f"{path} already exists; pass --overwrite to replace it")
-    shutil.rmtree(path)
+  path = paths.clear_for_output(path, overwrite)
   shape = [int(s) for s in shape]
   if chunks is None:
     chunks = [min(s, c) for s, c in zip(shape, (16, 128, 128, 4, 4))]

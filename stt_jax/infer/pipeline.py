@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 
+from stt_jax import paths
 from stt_jax.data import sources
-from stt_jax.errors import UserError
 from stt_jax.infer import postprocess, sliding_window
 
 
 def prepare_output_dir(out_dir: str, overwrite: bool) -> str:
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    if not overwrite:
-      raise UserError(f"output {out_dir} already exists; pass --overwrite to replace "
-                      "it or choose another --output")
-    shutil.rmtree(out_dir)
+  out_dir = paths.clear_for_output(out_dir, overwrite)
   os.makedirs(out_dir, exist_ok=True)
   return out_dir
 

@@ -10,6 +10,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
+from stt_jax import paths
 from stt_jax.errors import UserError
 
 RUN_MARKER = "stt_jax_run.json"
@@ -78,11 +79,7 @@ class Checkpoints:
 def export_weights(directory: str, params, model_config: dict, *,
                    overwrite: bool = False) -> None:
   """Writes generator parameters and the model config as a standalone export."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    if not overwrite:
-      raise UserError(f"{directory} already exists; pass --overwrite to replace it")
-    shutil.rmtree(directory)
+  directory = paths.clear_for_output(directory, overwrite)
   os.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), params)

@@ -71,11 +71,13 @@ def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
       is_ckpt = done % cfg.train.checkpoint_every == 0 or done == total
       if is_log or is_ckpt:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in values.values()):
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
           where = (f"the last good checkpoint (step {last_good}) is kept in "
                    f"{ckpts.manager.directory}" if last_good is not None
                    else "no checkpoint was written")
-          raise UserError(f"loss became {values['loss']} at step {done}; {where}; "
+          found = ", ".join(f"{k}={v}" for k, v in bad.items())
+          raise UserError(f"training diverged at step {done} ({found}); {where}; "
                           "lower train.learning_rate or check the data")
         elapsed = time.perf_counter() - window_start
         values["voxels_per_s"] = voxels_per_step * window_steps / max(elapsed, 1e-9)

@@ -1,0 +1,60 @@
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stt_jax.errors import UserError
+from stt_jax.train import checkpoint
+
+
+def test_run_folder_guard(tmp_path):
+  work = str(tmp_path / "run")
+  checkpoint.prepare_workdir(work, "{}", resume=False, overwrite=False)
+  open(os.path.join(work, "precious.txt"), "w").write("x")
+  with pytest.raises(UserError, match="--resume"):
+    checkpoint.prepare_workdir(work, "{}", resume=False, overwrite=False)
+  assert os.path.exists(os.path.join(work, "precious.txt"))
+  checkpoint.prepare_workdir(work, "{}", resume=True, overwrite=False)
+  assert os.path.exists(os.path.join(work, "precious.txt"))
+  checkpoint.prepare_workdir(work, "{}", resume=False, overwrite=True)
+  assert not os.path.exists(os.path.join(work, "precious.txt"))
+
+  foreign = tmp_path / "thesis"
+  foreign.mkdir()
+  (foreign / "chapter1.tex").write_text("...")
+  for kw in ({"resume": False, "overwrite": True}, {"resume": True, "overwrite": False}):
+    with pytest.raises(UserError, match="not empty"):
+      checkpoint.prepare_workdir(str(foreign), "{}", **kw)
+  assert (foreign / "chapter1.tex").read_text() == "..."
+  with pytest.raises(UserError, match="no run to resume"):
+    checkpoint.prepare_workdir(str(tmp_path / "new"), "{}", resume=True, overwrite=False)
+
+
+def test_save_restore_is_exact(tmp_path):
+  tree = {"w": jax.random.normal(jax.random.key(0), (3, 4)),
+          "step": jnp.int32(7), "key": jax.random.key_data(jax.random.key(5))}
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "ckpt"), save_every=1, keep=2)
+  for step in (1, 2, 3):
+    ckpts.save(step, jax.tree.map(lambda x: x + step if x.dtype != jnp.uint32 else x, tree))
+  ckpts.close()
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "ckpt"), save_every=1, keep=2)
+  assert ckpts.latest_step() == 3 and ckpts.manager.all_steps() == [2, 3]
+  restored = ckpts.restore(tree)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(tree["w"] + 3))
+  np.testing.assert_array_equal(np.asarray(restored["key"]), np.asarray(tree["key"]))
+  ckpts.close()
+
+
+def test_export_round_trip_and_refusal(tmp_path):
+  params = {"conv": {"kernel": jnp.arange(6.0).reshape(2, 3)}}
+  out = str(tmp_path / "export")
+  checkpoint.export_weights(out, params, {"name": "res_unet"})
+  assert checkpoint.is_export(out)
+  assert checkpoint.read_export_model_config(out) == {"name": "res_unet"}
+  loaded = checkpoint.load_export(out, params)
+  np.testing.assert_array_equal(np.asarray(loaded["conv"]["kernel"]),
+                                np.asarray(params["conv"]["kernel"]))
+  with pytest.raises(UserError, match="--overwrite"):
+    checkpoint.export_weights(out, params, {})
