@@ -1,12 +1,14 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv and run the demo (train, segment, score)
 #   make test   set up .venv and run the whole test suite
+# and, once set up, the STT-UNET model on the same data:
+#   make demo-stt
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo demo-stt test setup clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m stt_jax.main --config=configs/demo.py --workdir=runs/demo --overwrite
+
+demo-stt: $(STAMP)
+	$(PY) -m stt_jax.main --config=configs/demo_stt.py --workdir=runs/demo_stt --overwrite
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \

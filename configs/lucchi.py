@@ -6,9 +6,11 @@ TIFF stacks to zarr and point the paths at them.
 """
 
 from stt_jax.config import default_config
+from stt_jax.presets import apply_preset
 
 
-def get_config():
+def get_config(preset: str = "stt"):
+  """preset: a row of the paper's ablation tables (stt_jax/presets.py)."""
   c = default_config()
   c.data.train.image = "data/lucchi/train_im.zarr"
   c.data.train.label = "data/lucchi/train_label.zarr"
@@ -20,4 +22,4 @@ def get_config():
   c.infer.window = (32, 256, 256)
   c.train.steps = 100_000
   c.eval.min_gt_size = 0
-  return c
+  return apply_preset(c, preset)

@@ -8,8 +8,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling config
 import mitoem_r  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def get_config():
-  c = mitoem_r.get_config()
+def get_config(preset: str = "stt"):
+  c = mitoem_r.get_config(preset)
   c.data.train.image = "data/mitoem_h/im_train.zarr"
   c.data.train.label = "data/mitoem_h/mito_train.zarr"
   c.data.val.image = "data/mitoem_h/im_val.zarr"

@@ -1,4 +1,5 @@
-"""MitoEM-R (rat), the paper's main benchmark, with the baseline Res-UNet.
+"""MitoEM-R (rat), the paper's main benchmark; STT-UNET by default, any
+ablation row with an argument: --config=configs/mitoem_r.py:baseline
 
 Settings follow the original Res-UNET-R training (see docs/architecture.md):
 patch 32x320x320, batch 2, Adam 1e-4, 200k steps, windows 32x256x256 with 50%
@@ -10,9 +11,11 @@ The volumes must be zarr (v2 or v3) arrays of the MitoEM-R images
 """
 
 from stt_jax.config import default_config
+from stt_jax.presets import apply_preset
 
 
-def get_config():
+def get_config(preset: str = "stt"):
+  """preset: a row of the paper's ablation tables (stt_jax/presets.py)."""
   c = default_config()
   c.data.train.image = "data/mitoem_r/im_train.zarr"
   c.data.train.label = "data/mitoem_r/mito_train.zarr"
@@ -25,4 +28,4 @@ def get_config():
   c.decode.seed_contour = 0.8
   c.decode.min_size = 128
   c.eval.min_gt_size = 2000
-  return c
+  return apply_preset(c, preset)

@@ -27,6 +27,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.downsample_z = (False, False, False, False)
   c.model.conv_impl = "auto"           # auto | native | depth_as_batch
   c.model.compute_dtype = "float32"    # float32 | bfloat16
+  # STT-UNET parts (paper Tables 3-5); design "none" is the baseline.
+  c.model.attention = ml_collections.ConfigDict()
+  c.model.attention.design = "none"    # none | split | spatial_then_temporal | temporal_then_spatial
+  c.model.attention.fusion = "deform"  # add | concat | deform (split design only)
+  c.model.attention.heads = 4
+  c.model.attention.kv_grid = 16       # spatial keys/values pooled to <= kv_grid^2 per slice
+  c.model.attention.encoder_levels = (1, 2, 3, 4)
+  c.model.attention.decoder_levels = (3, 2, 1)
+  c.model.attention.deform_groups = 4
+  c.model.attention.deform_modulation = False   # eq. 3 has none
+  c.model.denoise = ml_collections.ConfigDict()
+  c.model.denoise.enabled = False
+  c.model.denoise.kernel_size = 5        # per-pixel kernels k x k on each adjacent slice
+  c.model.denoise.features = 16          # width of the kernel-predicting CNN
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ml_collections.ConfigDict({"image": "", "label": ""})
@@ -65,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.bce_weight = 1.0
   c.loss.dice_weight = 1.0
+  # FG-BG adversarial loss (eq. 4): L = L_sup + adversarial_weight * L_fg-bg.
+  c.loss.adversarial_weight = 0.0      # the paper's lambda = 0.5 when on
+  c.loss.adversarial_lambda1 = 1.0
 
   c.infer = ml_collections.ConfigDict()
   c.infer.window = (32, 256, 256)
@@ -101,6 +118,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be auto, native or depth_as_batch, got {m.conv_impl!r}")
   _need(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
         f"must be float32 or bfloat16, got {m.compute_dtype!r}")
+  from stt_jax.models import attention  # pylint: disable=g-import-not-at-top
+  a = m.attention
+  _need(a.design in attention.DESIGNS, "model.attention.design",
+        f"must be one of {attention.DESIGNS}, got {a.design!r}")
+  _need(a.fusion in attention.FUSIONS, "model.attention.fusion",
+        f"must be one of {attention.FUSIONS}, got {a.fusion!r}")
+  levels = range(len(m.widths))
+  _need(all(l in levels for l in a.encoder_levels), "model.attention.encoder_levels",
+        f"levels must lie in 0..{len(m.widths) - 1}, got {tuple(a.encoder_levels)}")
+  _need(all(l in levels[:-1] for l in a.decoder_levels), "model.attention.decoder_levels",
+        f"levels must lie in 0..{len(m.widths) - 2}, got {tuple(a.decoder_levels)}")
+  _need(a.heads > 0 and a.kv_grid > 0 and a.deform_groups > 0, "model.attention",
+        "heads, kv_grid and deform_groups must be positive")
+  _need(m.denoise.features > 0, "model.denoise.features",
+        f"must be positive, got {m.denoise.features}")
+  _need(m.denoise.kernel_size % 2 == 1, "model.denoise.kernel_size",
+        f"must be odd, got {m.denoise.kernel_size}")
+  _need(c.loss.adversarial_weight == 0.0, "loss.adversarial_weight",
+        "the FG-BG adversarial training step is not implemented yet (issue 4); "
+        "set 0 (the discriminator module exists, its training does not)")
   multiple = input_multiple(m.downsample_z)
   for key, shape in (("data.patch_shape", c.data.patch_shape),
                      ("infer.window", c.infer.window)):

@@ -1,9 +1,15 @@
-"""Res-UNet (the paper's Table 3 "Baseline", Res-UNET-R style).
+"""Res-UNet (the paper's Table 3 "Baseline", Res-UNET-R style) and STT-UNET.
 
 Input image [batch, depth, height, width, 1] in [0, 1]; output logits
 [batch, depth, height, width, 2]: (mitochondria mask, instance contour).
 Down-sampling is in-plane only (stride 1x2x2) at stages where z is coarse;
 `downsample_z[i]` makes stage i stride 2 in z too (for isotropic data).
+
+STT-UNET = this network with an SST block (models/attention.py) after the
+anisotropic block of the encoder stages in `attention_encoder_levels` and the
+decoder stages in `attention_decoder_levels`, and optionally the interpolation
+denoiser (models/denoise.py) in front. `attention_design="none"` without the
+denoiser is the baseline, parameter for parameter.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from stt_jax.models.attention import SSTBlock
+from stt_jax.models.denoise import InterpolationDenoiser
 from stt_jax.models.layers import AnisotropicBlock, Conv, bilinear_upsample_2x
 
 
@@ -23,6 +31,24 @@ class ResUNet(nn.Module):
   out_channels: int = 2
   conv_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  attention_design: str = "none"
+  attention_fusion: str = "deform"
+  attention_heads: int = 4
+  attention_kv_grid: int = 16
+  attention_encoder_levels: Sequence[int] = (1, 2, 3, 4)
+  attention_decoder_levels: Sequence[int] = (3, 2, 1)
+  deform_groups: int = 4
+  deform_modulation: bool = False
+  denoise: bool = False
+  denoise_kernel: int = 5
+  denoise_features: int = 16
+
+  def _sst(self, name: str):
+    return SSTBlock(design=self.attention_design, fusion=self.attention_fusion,
+                    num_heads=self.attention_heads, kv_grid=self.attention_kv_grid,
+                    deform_groups=self.deform_groups,
+                    deform_modulation=self.deform_modulation, dtype=self.dtype,
+                    name=name)
 
   def setup(self):
     if len(self.downsample_z) != len(self.widths) - 1:
@@ -32,14 +58,23 @@ class ResUNet(nn.Module):
   @nn.compact
   def __call__(self, image: jax.Array) -> jax.Array:
     kw = dict(impl=self.conv_impl, dtype=self.dtype)
+    attend = self.attention_design != "none"
+    if self.denoise:
+      image = InterpolationDenoiser(self.denoise_kernel, self.denoise_features,
+                                    dtype=self.dtype,
+                                    name="denoise")(image)
     x = nn.elu(Conv(self.widths[0], (1, 5, 5), name="embed", **kw)(image))
     x = AnisotropicBlock(self.widths[0], name="enc0", **kw)(x)
+    if attend and 0 in self.attention_encoder_levels:
+      x = self._sst("sst_enc0")(x)
     skips = [x]
     for level, width in enumerate(self.widths[1:], start=1):
       stride = (2 if self.downsample_z[level - 1] else 1, 2, 2)
       x = nn.elu(Conv(self.widths[level - 1], (1, 3, 3), stride,
                       name=f"down{level}", **kw)(x))
       x = AnisotropicBlock(width, name=f"enc{level}", **kw)(x)
+      if attend and level in self.attention_encoder_levels:
+        x = self._sst(f"sst_enc{level}")(x)
       skips.append(x)
     x = skips.pop()
     for level in range(len(self.widths) - 2, -1, -1):
@@ -52,6 +87,8 @@ class ResUNet(nn.Module):
       if level == 0:
         skip = nn.elu(Conv(self.widths[0], (1, 3, 3), name="skip0", **kw)(skip))
       x = AnisotropicBlock(self.widths[level], name=f"dec{level}", **kw)(x + skip)
+      if attend and level in self.attention_decoder_levels:
+        x = self._sst(f"sst_dec{level}")(x)
     logits = Conv(self.out_channels, (1, 5, 5), name="head", **kw)(x)
     return logits.astype(jnp.float32)
 
@@ -65,7 +102,17 @@ def input_multiple(downsample_z: Sequence[bool]) -> tuple[int, int, int]:
 def from_config(model_cfg) -> ResUNet:
   if model_cfg.name != "res_unet":
     raise ValueError(f"model.name must be 'res_unet', got {model_cfg.name!r}")
+  att = model_cfg.attention
   return ResUNet(widths=tuple(model_cfg.widths),
                  downsample_z=tuple(bool(v) for v in model_cfg.downsample_z),
                  out_channels=2, conv_impl=model_cfg.conv_impl,
-                 dtype=jnp.dtype(model_cfg.compute_dtype))
+                 dtype=jnp.dtype(model_cfg.compute_dtype),
+                 attention_design=att.design, attention_fusion=att.fusion,
+                 attention_heads=att.heads, attention_kv_grid=att.kv_grid,
+                 attention_encoder_levels=tuple(att.encoder_levels),
+                 attention_decoder_levels=tuple(att.decoder_levels),
+                 deform_groups=att.deform_groups,
+                 deform_modulation=att.deform_modulation,
+                 denoise=model_cfg.denoise.enabled,
+                 denoise_kernel=model_cfg.denoise.kernel_size,
+                 denoise_features=model_cfg.denoise.features)

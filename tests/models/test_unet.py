@@ -43,3 +43,51 @@ def test_z_is_local_without_z_downsampling():
 def test_input_multiple():
   assert input_multiple((False,) * 4) == (1, 16, 16)
   assert input_multiple((True, True, False, False)) == (4, 16, 16)
+
+
+def _count(params):
+  return sum(np.size(v) for v in jax.tree.leaves(params))
+
+
+def test_attention_none_is_the_baseline_parameter_for_parameter():
+  x = jnp.zeros((1, 4, 32, 32, 1))
+  base = ResUNet(widths=(4, 4, 6, 6, 8))
+  none = ResUNet(widths=(4, 4, 6, 6, 8), attention_design="none", attention_fusion="concat")
+  p_base = base.init(jax.random.key(0), x)
+  p_none = none.init(jax.random.key(0), x)
+  assert jax.tree.structure(p_base) == jax.tree.structure(p_none)
+  assert _count(p_base) == _count(p_none)
+
+
+@pytest.mark.parametrize("design,fusion", [("split", "deform"), ("split", "add"),
+                                           ("split", "concat"), ("spatial_then_temporal", "deform"),
+                                           ("temporal_then_spatial", "deform")])
+def test_stt_unet_shapes_jit_and_fresh_blocks_keep_the_baseline_function(design, fusion):
+  # odd depth, non-square slices; SST at every encoder/decoder stage
+  x = jax.random.uniform(jax.random.key(0), (1, 5, 32, 48, 1))
+  kw = dict(widths=(4, 4, 6, 6, 8))
+  stt = ResUNet(attention_design=design, attention_fusion=fusion, attention_heads=2,
+                attention_kv_grid=4, attention_encoder_levels=(0, 1, 2, 3, 4),
+                attention_decoder_levels=(3, 2, 1, 0), deform_groups=2, **kw)
+  params = jax.jit(stt.init)(jax.random.key(1), x)
+  names = set(params["params"])
+  assert {"sst_enc0", "sst_enc4", "sst_dec0", "sst_dec3"} <= names
+  out = jax.jit(stt.apply)(params, x)
+  assert out.shape == (1, 5, 32, 48, 2)
+  base_params = {"params": {k: v for k, v in params["params"].items()
+                            if not k.startswith("sst_")}}
+  base = ResUNet(**kw).apply(base_params, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(base), rtol=1e-5, atol=1e-6)
+  # the zero-initialised projections are what training moves first
+  loss = lambda p: jnp.sum(stt.apply(p, x) ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  assert np.abs(np.asarray(grads["params"]["sst_enc2"]["proj"]["kernel"])).max() > 0
+
+
+def test_denoiser_sits_in_front():
+  x = jax.random.uniform(jax.random.key(0), (1, 4, 32, 32, 1))
+  model = ResUNet(widths=(4, 4, 6, 6, 8), attention_design="split", denoise=True,
+                  denoise_kernel=3, attention_heads=2, attention_kv_grid=4)
+  params = jax.jit(model.init)(jax.random.key(1), x)
+  assert "denoise" in params["params"]
+  assert jax.jit(model.apply)(params, x).shape == (1, 4, 32, 32, 2)

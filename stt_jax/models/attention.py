@@ -1,0 +1,150 @@
+"""Split spatio-temporal attention (the paper's SST module, Fig. 2b).
+
+Activations are [batch, time (= depth), height, width, channels].
+
+* spatial stream: multi-head self-attention among the H x W tokens of each
+  slice. Queries keep full resolution; keys and values are average-pooled so
+  that a slice offers at most `kv_grid` x `kv_grid` of them (pooled keys and
+  values, as in PVT's spatial-reduction attention). Every query still sees the
+  whole slice, so the receptive field stays global, at O(HW * kv_grid^2) cost
+  instead of O((HW)^2): 32x320x320 full attention would need a 102,400^2 score
+  matrix per slice.
+* temporal stream: multi-head self-attention among the T tokens at each (h, w).
+* both read the same normalised input plus fixed sinusoidal position
+  encodings (resolution-free, so inference windows may differ from training
+  patches), run in parallel ("split") and are fused by addition, a 1x1 conv
+  over their concatenation, or a deformable conv that samples the spatial
+  stream at offsets predicted from the temporal one (eq. 3);
+* the cascaded designs of Table 5 feed one stream's output to the other;
+* the block is residual with a zero-initialised output projection, so a fresh
+  STT-UNET computes exactly the baseline's function.
+
+Attention itself is `jax.nn.dot_product_attention`: cuDNN's fused kernel on
+NVIDIA GPUs where shapes and dtypes allow, XLA elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from stt_jax.models.deformable_conv import DeformableConv
+
+DESIGNS = ("none", "split", "spatial_then_temporal", "temporal_then_spatial")
+FUSIONS = ("add", "concat", "deform")
+
+
+def sinusoidal_encoding(length: int, dim: int) -> jax.Array:
+  """[length, dim] sine/cosine encoding of positions 0..length-1."""
+  half = max(dim // 2, 1)
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / half)
+  angles = jnp.arange(length)[:, None] * freqs[None, :]
+  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return enc[:, :dim] if enc.shape[-1] >= dim else jnp.pad(enc, ((0, 0), (0, dim - enc.shape[-1])))
+
+
+def position_encoding(t: int, h: int, w: int, dim: int) -> jax.Array:
+  """[t, h, w, dim]: a third of the channels each for t, y and x."""
+  d_t = dim // 3
+  d_y = (dim - d_t) // 2
+  d_x = dim - d_t - d_y
+  enc_t = jnp.broadcast_to(sinusoidal_encoding(t, d_t)[:, None, None], (t, h, w, d_t))
+  enc_y = jnp.broadcast_to(sinusoidal_encoding(h, d_y)[None, :, None], (t, h, w, d_y))
+  enc_x = jnp.broadcast_to(sinusoidal_encoding(w, d_x)[None, None, :], (t, h, w, d_x))
+  return jnp.concatenate([enc_t, enc_y, enc_x], axis=-1)
+
+
+def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
+  """Pooling stride so that a slice offers at most kv_grid^2 keys/values."""
+  return max(1, math.ceil(max(h, w) / kv_grid))
+
+
+def _heads(x: jax.Array, num_heads: int) -> jax.Array:
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+class SpatialAttention(nn.Module):
+  """Self-attention among the tokens of each slice, pooled keys/values."""
+  num_heads: int
+  kv_grid: int = 16
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, h, w, c = x.shape
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+    planes = x.reshape(b * t, h, w, c)
+    r = kv_pool_factor(h, w, self.kv_grid)
+    pooled = planes if r == 1 else nn.avg_pool(planes, (r, r), (r, r), padding="SAME",
+                                                count_include_pad=False)
+    q = _heads(dense("query")(planes).reshape(b * t, h * w, c), self.num_heads)
+    kv = pooled.reshape(b * t, -1, c)
+    k = _heads(dense("key")(kv), self.num_heads)
+    v = _heads(dense("value")(kv), self.num_heads)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return dense("out")(out.reshape(b * t, h * w, c)).reshape(b, t, h, w, c)
+
+
+class TemporalAttention(nn.Module):
+  """Self-attention among the T tokens at each (h, w)."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, h, w, c = x.shape
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+    seq = jnp.moveaxis(x, 1, 3).reshape(b * h * w, t, c)
+    q, k, v = (_heads(dense(n)(seq), self.num_heads) for n in ("query", "key", "value"))
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b * h * w, t, c)
+    out = dense("out")(out).reshape(b, h, w, t, c)
+    return jnp.moveaxis(out, 3, 1)
+
+
+class SSTBlock(nn.Module):
+  """x + proj(fuse(spatial(y), temporal(y))), y = LayerNorm(x) + positions."""
+  design: str = "split"
+  fusion: str = "deform"
+  num_heads: int = 4
+  kv_grid: int = 16
+  deform_groups: int = 4
+  deform_modulation: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, h, w, c = x.shape
+    heads = math.gcd(self.num_heads, c)
+    y = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+    y = y + position_encoding(t, h, w, c).astype(y.dtype)
+    spatial = SpatialAttention(heads, self.kv_grid, self.dtype, name="spatial")
+    temporal = TemporalAttention(heads, self.dtype, name="temporal")
+    if self.design == "split":
+      fused = self._fuse(spatial(y), temporal(y))
+    elif self.design == "spatial_then_temporal":
+      fused = temporal(spatial(y))
+    elif self.design == "temporal_then_spatial":
+      fused = spatial(temporal(y))
+    else:
+      raise ValueError(f"unknown attention design {self.design!r}")
+    out = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                   name="proj")(fused)
+    return x + out.astype(x.dtype)
+
+  def _fuse(self, xs: jax.Array, xt: jax.Array) -> jax.Array:
+    b, t, h, w, c = xs.shape
+    if self.fusion == "add":
+      return xs + xt
+    if self.fusion == "concat":
+      return nn.Dense(c, dtype=self.dtype, name="concat_fuse")(
+          jnp.concatenate([xs, xt], axis=-1))
+    if self.fusion == "deform":
+      groups = math.gcd(self.deform_groups, c)
+      out = DeformableConv(c, (3, 3), groups, self.deform_modulation, self.dtype,
+                           name="deform_fuse")(xs.reshape(b * t, h, w, c),
+                                               xt.reshape(b * t, h, w, c))
+      return out.reshape(b, t, h, w, c)
+    raise ValueError(f"unknown fusion {self.fusion!r}")

@@ -1,0 +1,114 @@
+"""Deformable 2D convolution in pure jnp (bilinear sampling, zero padding).
+
+out[n, h, w, o] = sum_{k, c} W[k, c, o] * m[n, h, w, g(c), k]
+                  * X[n, h + ky(k) - kh//2 + dy, w + kx(k) - kw//2 + dx, c]
+
+with (dy, dx) = offsets[n, h, w, g(c), k], sampled bilinearly, zero outside
+the image (the paper's eq. 3; the modulation m is optional, off by default).
+Channels are split into `offset_groups` contiguous groups that share offsets.
+Gathers are written with `jnp.take_along_axis`, so it runs on any backend
+under jit, vmap and grad without custom kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def _bilinear_gather(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Array:
+  """Samples image [h, w, c] at float positions ys, xs [p] -> [p, c]."""
+  h, w, c = image.shape
+  flat = image.reshape(h * w, c)
+  y0 = jnp.floor(ys)
+  x0 = jnp.floor(xs)
+  wy1, wx1 = ys - y0, xs - x0
+  y0 = y0.astype(jnp.int32)
+  x0 = x0.astype(jnp.int32)
+  out = 0.0
+  for dy, wy in ((0, 1.0 - wy1), (1, wy1)):
+    for dx, wx in ((0, 1.0 - wx1), (1, wx1)):
+      yi, xi = y0 + dy, x0 + dx
+      valid = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+      idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+      vals = jnp.take(flat, idx, axis=0)
+      weight = (wy * wx * valid).astype(image.dtype)
+      out = out + vals * weight[:, None]
+  return out
+
+
+def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
+                      mask: jax.Array | None = None) -> jax.Array:
+  """Stride-1, 'same'-size deformable convolution.
+
+  Args:
+    x: [n, h, w, c] input.
+    offsets: [n, h, w, groups, kh * kw, 2] sampling offsets (dy, dx) in pixels,
+      taps in row-major kernel order.
+    kernel: [kh, kw, c, c_out] weights.
+    mask: optional [n, h, w, groups, kh * kw] modulation.
+  Returns:
+    [n, h, w, c_out].
+  """
+  n, h, w, c = x.shape
+  kh, kw, _, c_out = kernel.shape
+  groups, taps = offsets.shape[3], offsets.shape[4]
+  if taps != kh * kw or c % groups:
+    raise ValueError(f"offsets {offsets.shape} do not fit kernel {kernel.shape} "
+                     f"and {c} channels")
+  ky, kx = jnp.meshgrid(jnp.arange(kh) - kh // 2, jnp.arange(kw) - kw // 2,
+                        indexing="ij")
+  base_y = jnp.arange(h)[:, None, None] + ky.reshape(1, 1, -1)   # [h, 1, k]
+  base_x = jnp.arange(w)[None, :, None] + kx.reshape(1, 1, -1)   # [1, w, k]
+  ys = base_y[:, :, None, :] + offsets[..., 0]   # [n, h, w, g, k]
+  xs = base_x[:, :, None, :] + offsets[..., 1]
+  cg = c // groups
+  grouped = x.reshape(n, h, w, groups, cg)
+
+  def sample_one(img, y, x_):  # img [h, w, cg], y/x [h, w, k] -> [h, w, k, cg]
+    vals = _bilinear_gather(img, y.reshape(-1), x_.reshape(-1))
+    return vals.reshape(h, w, taps, cg)
+
+  # over batch, then groups: columns [n, g, h, w, k, cg]
+  sample_groups = jax.vmap(sample_one, in_axes=(2, 2, 2))
+  columns = jax.vmap(sample_groups)(grouped, ys.astype(x.dtype), xs.astype(x.dtype))
+  if mask is not None:
+    columns = columns * jnp.moveaxis(mask, 3, 1)[..., None].astype(x.dtype)
+  weights = kernel.reshape(taps, groups, cg, c_out)
+  return jnp.einsum("nghwkc,kgco->nhwo", columns, weights.astype(x.dtype))
+
+
+class DeformableConv(nn.Module):
+  """3x3 (by default) deformable conv whose offsets come from a guide tensor.
+
+  __call__(x, guide): x [n, h, w, c] is sampled; guide [n, h, w, c_g] predicts
+  the offsets (and the modulation, if enabled) with a plain conv initialised to
+  zero, so training starts from an ordinary convolution.
+  """
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  offset_groups: int = 1
+  modulation: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, guide: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    taps = kh * kw
+    n, h, w, c = x.shape
+    predict = nn.Conv(self.offset_groups * taps * (3 if self.modulation else 2),
+                      (kh, kw), padding="SAME", kernel_init=nn.initializers.zeros,
+                      dtype=self.dtype, name="offset_conv")(guide)
+    offsets = predict[..., :self.offset_groups * taps * 2].reshape(
+        n, h, w, self.offset_groups, taps, 2)
+    mask = None
+    if self.modulation:
+      mask = 2.0 * jax.nn.sigmoid(predict[..., self.offset_groups * taps * 2:].reshape(
+          n, h, w, self.offset_groups, taps))  # 1.0 at init
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (kh, kw, c, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    y = deformable_conv2d(x.astype(self.dtype), offsets.astype(self.dtype),
+                          kernel.astype(self.dtype), mask)
+    return y + bias.astype(self.dtype)

@@ -1,0 +1,134 @@
+"""Deformable conv against lax convs, shifted convs and a scipy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from scipy import ndimage
+
+from stt_jax.models.deformable_conv import DeformableConv, deformable_conv2d
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _inputs(seed, n=2, h=7, w=9, c=4, c_out=3, groups=2, k=3):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, c, c_out)).astype(np.float32)
+  offsets = np.zeros((n, h, w, groups, k * k, 2), np.float32)
+  return rng, x, kernel, offsets
+
+
+def _rel_err(a, b):
+  return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+def test_zero_offsets_equal_a_plain_convolution():
+  _, x, kernel, offsets = _inputs(0)
+  ref = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=DN,
+                                 precision=lax.Precision.HIGHEST)
+  assert _rel_err(deformable_conv2d(x, offsets, kernel), np.asarray(ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("dy,dx", [(1, 0), (-2, 1), (0, 3)])
+def test_integer_offsets_equal_a_shifted_convolution(dy, dx):
+  _, x, kernel, offsets = _inputs(1)
+  offsets[..., 0], offsets[..., 1] = dy, dx
+  # sampling at p + k + (dy, dx) == a VALID convolution of the zero-padded
+  # input read from a window moved by (dy, dx)
+  r = 1 + max(abs(dy), abs(dx))
+  h, w = x.shape[1:3]
+  padded = np.pad(x, [(0, 0), (r, r), (r, r), (0, 0)])
+  window = padded[:, r + dy - 1: r + dy - 1 + h + 2, r + dx - 1: r + dx - 1 + w + 2]
+  ref = lax.conv_general_dilated(window, kernel, (1, 1), "VALID", dimension_numbers=DN,
+                                 precision=lax.Precision.HIGHEST)
+  assert _rel_err(deformable_conv2d(x, offsets, kernel), np.asarray(ref)) <= 1e-5
+
+
+def _scipy_reference(x, offsets, kernel, mask=None):
+  n, h, w, c = x.shape
+  kh, kw, _, c_out = kernel.shape
+  groups = offsets.shape[3]
+  cg = c // groups
+  out = np.zeros((n, h, w, c_out))
+  yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  for b in range(n):
+    for ch in range(c):
+      g = ch // cg
+      for k in range(kh * kw):
+        ky, kx = k // kw - kh // 2, k % kw - kw // 2
+        coords = [yy + ky + offsets[b, :, :, g, k, 0], xx + kx + offsets[b, :, :, g, k, 1]]
+        # bilinear with zeros outside the image
+        vals = ndimage.map_coordinates(x[b, :, :, ch].astype(np.float64), coords,
+                                       order=1, mode="grid-constant", cval=0.0)
+        if mask is not None:
+          vals = vals * mask[b, :, :, g, k]
+        out[b] += vals[..., None] * kernel[k // kw, k % kw, ch][None, None, :]
+  return out
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fractional_offsets_match_scipy_map_coordinates(use_mask):
+  rng, x, kernel, offsets = _inputs(2)
+  offsets[:] = rng.uniform(-2.5, 2.5, offsets.shape)  # many samples leave the image
+  mask = rng.uniform(0, 1, offsets.shape[:-1]).astype(np.float32) if use_mask else None
+  got = deformable_conv2d(x, offsets, kernel, mask)
+  assert _rel_err(got, _scipy_reference(x, offsets, kernel, mask)) <= 1e-5
+
+
+def test_gradients_match_finite_differences():
+  rng, x, kernel, offsets = _inputs(3, n=1, h=5, w=6, c=2, c_out=2, groups=1)
+  offsets[:] = rng.uniform(-1.4, 1.4, offsets.shape)
+  offsets = np.round(offsets * 4) / 4 + 0.125  # keep away from integer kinks
+  with jax.enable_x64(True):
+    x64, k64, o64 = (jnp.asarray(a, jnp.float64) for a in (x, kernel, offsets))
+    probe = jnp.asarray(rng.standard_normal((1, 5, 6, 2)), jnp.float64)
+    loss = lambda xx, kk, oo: jnp.sum(deformable_conv2d(xx, oo, kk) * probe)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x64, k64, o64)
+    eps = 1e-6
+    for arg, grad in zip(range(3), grads):
+      args = [x64, k64, o64]
+      flat = np.asarray(args[arg]).ravel()
+      for idx in rng.choice(flat.size, 8, replace=False):
+        plus, minus = flat.copy(), flat.copy()
+        plus[idx] += eps
+        minus[idx] -= eps
+        a_plus, a_minus = list(args), list(args)
+        a_plus[arg] = jnp.asarray(plus.reshape(args[arg].shape))
+        a_minus[arg] = jnp.asarray(minus.reshape(args[arg].shape))
+        numeric = (loss(*a_plus) - loss(*a_minus)) / (2 * eps)
+        assert float(np.asarray(grad).ravel()[idx]) == pytest.approx(float(numeric),
+                                                                     rel=1e-5, abs=1e-7)
+
+
+def test_jit_vmap_and_bfloat16():
+  rng, x, kernel, offsets = _inputs(4)
+  offsets[:] = rng.uniform(-1, 1, offsets.shape)
+  ref = np.asarray(deformable_conv2d(x, offsets, kernel))
+  jitted = jax.jit(deformable_conv2d)(x, offsets, kernel)
+  np.testing.assert_allclose(np.asarray(jitted), ref, rtol=1e-5, atol=1e-5)
+  # vmap over an extra leading axis (e.g. slices of a volume)
+  stacked = jax.vmap(deformable_conv2d, in_axes=(0, 0, None))(
+      np.stack([x, 2 * x]), np.stack([offsets, offsets]), kernel)
+  np.testing.assert_allclose(np.asarray(stacked[1]), 2 * ref, rtol=1e-5, atol=1e-4)
+  bf16 = deformable_conv2d(jnp.asarray(x, jnp.bfloat16), jnp.asarray(offsets, jnp.bfloat16),
+                           jnp.asarray(kernel, jnp.bfloat16))
+  assert bf16.dtype == jnp.bfloat16
+  assert _rel_err(np.asarray(bf16, np.float32), ref) < 3e-2
+
+
+def test_module_starts_as_a_plain_convolution():
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+  guide = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+  module = DeformableConv(features=5, offset_groups=2, modulation=True)
+  params = module.init(jax.random.key(0), x, guide)
+  out = module.apply(params, x, guide)
+  kernel = params["params"]["kernel"]
+  ref = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=DN,
+                                 precision=lax.Precision.HIGHEST)
+  assert _rel_err(out, np.asarray(ref)) <= 1e-5
+  # the guide moves the sampling once the offset predictor is trained
+  grads = jax.grad(lambda p: jnp.sum(module.apply(p, x, guide) ** 2))(params)
+  assert np.abs(np.asarray(grads["params"]["offset_conv"]["kernel"])).max() > 0
