@@ -46,7 +46,8 @@ def measure(kind: str, widths, patch, batch: int, repeats: int) -> dict:
   cfg.model.widths = widths
   cfg.data.patch_shape = patch
   cfg.train.batch_size = batch
-  model, optimizer, state, mesh = loop.build(cfg)
+  setup = loop.build(cfg)
+  model, state, mesh = setup.model, setup.state, setup.mesh
   rng = np.random.default_rng(0)
   image = rng.random((batch, *patch, 1)).astype(np.float32)
   target = (rng.random((batch, *patch, 2)) < 0.1).astype(np.float32)
@@ -58,7 +59,7 @@ def measure(kind: str, widths, patch, batch: int, repeats: int) -> dict:
     compile_s = time.perf_counter() - t0
     step_s = _time(lambda: fn(state.params, batch_arrays["image"]), repeats)
   else:
-    step_fn = step_lib.jit_train_step(model, optimizer, cfg.loss, mesh, state)
+    step_fn = setup.jit_step(cfg.loss)
     key = jax.random.key_data(jax.random.key(0))
     t0 = time.perf_counter()
     state, _ = step_fn(state, batch_arrays, key)

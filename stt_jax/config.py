@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.denoise.enabled = False
   c.model.denoise.kernel_size = 5        # per-pixel kernels k x k on each adjacent slice
   c.model.denoise.features = 16          # width of the kernel-predicting CNN
+  # FG-BG discriminator (built only when loss.adversarial_weight > 0).
+  c.model.discriminator = ml_collections.ConfigDict()
+  c.model.discriminator.features = (32, 64)   # the two stride-2 3D convs
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ml_collections.ConfigDict({"image": "", "label": ""})
@@ -70,11 +73,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 2
   c.train.learning_rate = 1e-4
   c.train.warmup_steps = 1000
-  c.train.schedule = "constant"        # constant | cosine (decays to 1% by the last step)
+  c.train.schedule = "constant"        # constant | cosine | linear (decay to 1% by the last step)
   c.train.weight_decay = 1e-4
+  c.train.grad_clip_norm = 0.0         # global-norm clipping; 0 = off (the original has none)
+  c.train.disc_learning_rate = 1e-4    # discriminator's Adam, same schedule
+  c.train.ema_decay = 0.0              # EMA of generator weights (e.g. 0.999); 0 = off
+  c.train.model_parallel = 1           # devices per parameter shard (mesh axis "model")
   c.train.log_every = 50
   c.train.checkpoint_every = 1500
   c.train.keep_checkpoints = 3
+  c.train.eval_every = 0               # segment data.val every N steps; 0 = only at the end
+  c.train.best_metric = "ap_75"        # keeps the best state by this in <workdir>/best
 
   c.loss = ml_collections.ConfigDict()
   c.loss.bce_weight = 1.0
@@ -82,6 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   # FG-BG adversarial loss (eq. 4): L = L_sup + adversarial_weight * L_fg-bg.
   c.loss.adversarial_weight = 0.0      # the paper's lambda = 0.5 when on
   c.loss.adversarial_lambda1 = 1.0
+  c.loss.adversarial_form = "non_saturating"   # non_saturating | minimax (G's side of eq. 4)
 
   c.infer = ml_collections.ConfigDict()
   c.infer.window = (32, 256, 256)
@@ -135,9 +145,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be positive, got {m.denoise.features}")
   _need(m.denoise.kernel_size % 2 == 1, "model.denoise.kernel_size",
         f"must be odd, got {m.denoise.kernel_size}")
-  _need(c.loss.adversarial_weight == 0.0, "loss.adversarial_weight",
-        "the FG-BG adversarial training step is not implemented yet (issue 4); "
-        "set 0 (the discriminator module exists, its training does not)")
+  _need(c.loss.adversarial_weight >= 0.0, "loss.adversarial_weight",
+        f"must be >= 0 (0 = off), got {c.loss.adversarial_weight}")
+  _need(c.loss.adversarial_lambda1 >= 0.0, "loss.adversarial_lambda1",
+        f"must be >= 0, got {c.loss.adversarial_lambda1}")
+  _need(c.loss.adversarial_form in ("non_saturating", "minimax"), "loss.adversarial_form",
+        f"must be non_saturating or minimax, got {c.loss.adversarial_form!r}")
+  _need(len(m.discriminator.features) == 2 and all(int(f) > 0 for f in m.discriminator.features),
+        "model.discriminator.features",
+        f"needs 2 positive widths, got {tuple(m.discriminator.features)}")
   multiple = input_multiple(m.downsample_z)
   for key, shape in (("data.patch_shape", c.data.patch_shape),
                      ("infer.window", c.infer.window)):
@@ -146,13 +162,30 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _need(all(int(s) % k == 0 for s, k in zip(shape, multiple)), key,
           f"{tuple(shape)} must be a multiple of {multiple} for this model")
   n_dev = jax.device_count()
-  _need(c.train.batch_size > 0 and c.train.batch_size % n_dev == 0, "train.batch_size",
-        f"{c.train.batch_size} must be a positive multiple of the {n_dev} devices")
+  mp = int(c.train.model_parallel)
+  _need(mp >= 1 and n_dev % mp == 0, "train.model_parallel",
+        f"must divide the {n_dev} devices, got {mp}")
+  n_data = n_dev // mp
+  _need(c.train.batch_size > 0 and c.train.batch_size % n_data == 0, "train.batch_size",
+        f"{c.train.batch_size} must be a positive multiple of the {n_data} "
+        "data-parallel devices")
+  _need(c.train.batch_size % jax.process_count() == 0, "train.batch_size",
+        f"{c.train.batch_size} must be a multiple of the {jax.process_count()} processes")
   _need(c.train.steps > 0, "train.steps", f"must be positive, got {c.train.steps}")
   _need(c.train.learning_rate > 0 and math.isfinite(c.train.learning_rate),
         "train.learning_rate", f"must be positive, got {c.train.learning_rate}")
-  _need(c.train.schedule in ("constant", "cosine"), "train.schedule",
-        f"must be constant or cosine, got {c.train.schedule!r}")
+  _need(c.train.schedule in ("constant", "cosine", "linear"), "train.schedule",
+        f"must be constant, cosine or linear, got {c.train.schedule!r}")
+  _need(c.train.disc_learning_rate > 0 and math.isfinite(c.train.disc_learning_rate),
+        "train.disc_learning_rate", f"must be positive, got {c.train.disc_learning_rate}")
+  _need(c.train.grad_clip_norm >= 0, "train.grad_clip_norm",
+        f"must be >= 0 (0 = off), got {c.train.grad_clip_norm}")
+  _need(0.0 <= c.train.ema_decay < 1.0, "train.ema_decay",
+        f"must be in [0, 1) (0 = off), got {c.train.ema_decay}")
+  _need(c.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
+  _need(c.train.best_metric in ("ap_50", "ap_75", "ap_50_95", "jaccard", "dice"),
+        "train.best_metric",
+        f"must be ap_50, ap_75, ap_50_95, jaccard or dice, got {c.train.best_metric!r}")
   _need(0.0 <= c.data.foreground_bias <= 1.0, "data.foreground_bias",
         f"must be in [0, 1], got {c.data.foreground_bias}")
   _need(c.train.log_every > 0, "train.log_every", "must be positive")

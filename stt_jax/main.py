@@ -33,6 +33,16 @@ _WEIGHTS = flags.DEFINE_string("weights", None,
                                "segment/evaluate: an export folder to load instead "
                                "of the latest checkpoint in --workdir.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process JAX: 'auto' joins when --coordinator_address, "
+    "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job says so; 'on' always "
+    "calls jax.distributed.initialize() (cluster auto-detection: SLURM, TPU pods).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 class _UsageError(Exception):
@@ -74,10 +84,32 @@ def _require(value, flag: str, mode: str):
   return value
 
 
+def _join_distributed() -> None:
+  """jax.distributed.initialize from flags or the environment (before any
+  other JAX call)."""
+  mode = _DISTRIBUTED.value
+  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+  wanted = mode == "on" or (mode == "auto" and (
+      _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+      or slurm_tasks > 1))
+  if not wanted:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  except (RuntimeError, ValueError) as e:
+    raise _UsageError("jax.distributed.initialize failed: "
+                      f"{str(e).splitlines()[0]}; check --coordinator_address, "
+                      "--num_processes and --process_id") from e
+
+
 def run(argv) -> None:
   if len(argv) > 1:
     raise _UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  _join_distributed()
   # Heavy imports after flag parsing: --help and flag errors stay instant.
   from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
@@ -95,19 +127,43 @@ def run(argv) -> None:
 
 
 def _train(cfg, workdir: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
   from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
+  main_process = jax.process_index() == 0
+  if main_process:
+    devices = jax.devices()
+    print(f"backend {jax.default_backend()}: {len(devices)} device(s) "
+          f"({devices[0].device_kind}) in {jax.process_count()} process(es)",
+          flush=True)
   t0 = time.perf_counter()
-  model, state, mesh = loop.train(cfg, workdir, resume=_RESUME.value,
-                                  overwrite=_OVERWRITE.value, quiet=_QUIET.value)
-  print(f"trained {int(state.step)} steps in {time.perf_counter() - t0:.0f} s "
-        f"on {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)")
-  _score_val(cfg, workdir, model, state.params, mesh)
+  result = loop.train(cfg, workdir, resume=_RESUME.value,
+                      overwrite=_OVERWRITE.value, quiet=_QUIET.value)
+  from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  step = int(step_lib.to_host(result.state.step))
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if result.stopped_by:
+    if main_process:
+      print(f"stopped by {result.stopped_by} at step {step}; checkpoint saved in "
+            f"{ckpt_dir}; continue with --resume", file=sys.stderr)
+    sys.exit(143 if result.stopped_by == "SIGTERM" else 130)
+  if main_process:
+    mesh = result.mesh
+    print(f"trained {step} steps in {time.perf_counter() - t0:.0f} s on "
+          f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
+          f"mesh {dict(mesh.shape)}")
+    if result.best:
+      print(f"best validation {cfg.train.best_metric} {result.best[cfg.train.best_metric]:.4f}"
+            f" at step {result.best['step']} (saved in {os.path.abspath(workdir)}/best)")
+  if jax.process_count() > 1:
+    if main_process:
+      print("multi-process run: score it with --mode=evaluate from one process")
+    return
+  _score_val(cfg, workdir, result.model, result.state.inference_params(), result.mesh)
 
 
 def _load(cfg, workdir: str):
   """(cfg, model, params, mesh) from --weights (an export) or the run's latest
   checkpoint."""
-  import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
@@ -119,19 +175,22 @@ def _load(cfg, workdir: str):
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.model = ml_collections.ConfigDict(checkpoint.read_export_model_config(weights))
-  model, _, state, mesh = loop.build(cfg)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)
-  if weights:
-    params = checkpoint.load_export(weights, state.params)
-  else:
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-      raise UserError(f"{workdir} holds no checkpoints; train first or pass --weights")
-    ckpts = checkpoint.Checkpoints(ckpt_dir, save_every=1, keep=1_000_000)
-    params = ckpts.restore(state).params
-    ckpts.close()
-  return cfg, model, params, mesh
+  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  if weights:  # an export: generator weights only, no training state built
+    model = unet.from_config(cfg.model)
+    mesh = step_lib.make_mesh()
+    params = checkpoint.load_export(weights, model, tuple(cfg.data.patch_shape), mesh)
+    return cfg, model, params, mesh
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f"{workdir} holds no checkpoints; train first or pass --weights")
+  checkpoint.check_resumable(workdir, cfg.to_json_best_effort())
+  setup = loop.build(cfg)
+  ckpts = checkpoint.Checkpoints(ckpt_dir, save_every=1, keep=1_000_000)
+  state = ckpts.restore(setup.state)
+  ckpts.close()
+  return cfg, setup.model, state.inference_params(), setup.mesh
 
 
 def _score_val(cfg, workdir: str, model, params, mesh) -> None:
@@ -181,10 +240,14 @@ def _segment(cfg, workdir: str) -> None:
 def _export(cfg, workdir: str) -> None:
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   out = _OUTPUT.value or os.path.join(workdir, "export")
+  ema = cfg.train.ema_decay > 0 and not _WEIGHTS.value
   cfg, _, params, _ = _load(cfg, workdir)
   checkpoint.export_weights(out, params, cfg.model.to_dict(),
-                            overwrite=_OVERWRITE.value)
-  print(f"exported inference weights to {os.path.abspath(out)}")
+                            overwrite=_OVERWRITE.value,
+                            info={"weights": "ema" if ema else "live",
+                                  "source": os.path.abspath(_WEIGHTS.value or workdir)})
+  print(f"exported inference weights ({'EMA' if ema else 'live'}) to "
+        f"{os.path.abspath(out)}")
 
 
 def _main(argv) -> None:

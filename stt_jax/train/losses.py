@@ -46,3 +46,38 @@ def supervised_loss(logits: jax.Array, target: jax.Array, *, bce_weight: float,
   dice = soft_dice(logits, target)
   total = bce_weight * bce + dice_weight * dice
   return total, {"loss": total, "bce": bce, "dice": dice}
+
+
+def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
+                       lambda1: float) -> jax.Array:
+  """-V of the paper's eq. 4, which D maximises; D(F) = sigmoid(logit).
+
+  V = E[log D(F_gt)] + E[log(1 - D(F_pred))] + lambda1 * E[D(F_gt) - D(F_pred)],
+  expectations over the batch and the discriminator's regions.
+  """
+  real_logits = real_logits.astype(jnp.float32)
+  fake_logits = fake_logits.astype(jnp.float32)
+  value = (jnp.mean(jax.nn.log_sigmoid(real_logits))
+           + jnp.mean(jax.nn.log_sigmoid(-fake_logits))
+           + lambda1 * (jnp.mean(jax.nn.sigmoid(real_logits))
+                        - jnp.mean(jax.nn.sigmoid(fake_logits))))
+  return -value
+
+
+def generator_adversarial_loss(fake_logits: jax.Array, *, lambda1: float,
+                               form: str = "non_saturating") -> jax.Array:
+  """The terms of eq. 4 that depend on the generator, which it minimises.
+
+  "minimax": E[log(1 - D(F_pred))] - lambda1 * E[D(F_pred)], eq. 4 as
+  written. "non_saturating": -E[log D(F_pred)] - lambda1 * E[D(F_pred)], the
+  same fixed point with useful gradients while D still wins easily (the
+  practice of the paper's ref. [8], pix2pix).
+  """
+  fake_logits = fake_logits.astype(jnp.float32)
+  if form == "minimax":
+    log_term = jnp.mean(jax.nn.log_sigmoid(-fake_logits))
+  elif form == "non_saturating":
+    log_term = -jnp.mean(jax.nn.log_sigmoid(fake_logits))
+  else:
+    raise ValueError(f"unknown adversarial form {form!r}")
+  return log_term - lambda1 * jnp.mean(jax.nn.sigmoid(fake_logits))

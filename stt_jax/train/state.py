@@ -1,4 +1,7 @@
-"""The train state: one pytree that jit shards, donates and Orbax saves."""
+"""The train state: one pytree holding generator and discriminator, their
+optimiser states, the EMA of the generator, the step and the RNG. `jax.jit`
+shards and donates it whole and Orbax saves and restores it whole, so resume
+is exact."""
 
 from __future__ import annotations
 
@@ -9,46 +12,93 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stt_jax.models.discriminator import Discriminator
+
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array            # int32 scalar
   params: Any                # generator parameters (float32)
   opt_state: Any             # Optax state of the generator
+  disc_params: Any           # discriminator parameters; {} without the adversarial loss
+  disc_opt_state: Any        # Optax state of the discriminator; {} without it
+  ema_params: Any            # EMA of the generator parameters; {} when train.ema_decay = 0
   rng: jax.Array             # the run's base key data; step s uses fold_in(rng, s)
 
+  def inference_params(self):
+    """The weights to segment with: the EMA where kept, else the live ones."""
+    return self.ema_params if self.ema_params else self.params
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """Adam with the original's coupled L2 decay and linear warm-up.
 
-  The original Res-UNET-R adds weight_decay * w to the gradients of weights
-  (not biases) before Adam, warms up linearly from 0.001x over `warmup_steps`,
-  then keeps the rate constant (`schedule="constant"`); `"cosine"` decays it
-  to 1% by `steps` instead, which helps short runs settle.
-  """
-  lr = train_cfg.learning_rate
+def make_schedule(train_cfg, learning_rate: float) -> optax.Schedule:
+  """Linear warm-up from 0.001x over `warmup_steps`, then `schedule`:
+  constant (the original's), cosine or linear decay to 1% by `steps`."""
   warmup = max(int(train_cfg.warmup_steps), 1)
+  decay_steps = max(int(train_cfg.steps) - warmup, 1)
   if train_cfg.schedule == "cosine":
-    after = optax.cosine_decay_schedule(lr, max(int(train_cfg.steps) - warmup, 1),
-                                        alpha=0.01)
+    after = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=0.01)
+  elif train_cfg.schedule == "linear":
+    after = optax.linear_schedule(learning_rate, learning_rate * 0.01, decay_steps)
   else:
-    after = optax.constant_schedule(lr)
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(lr * 1e-3, lr, warmup), after], [warmup])
+    after = optax.constant_schedule(learning_rate)
+  return optax.join_schedules(
+      [optax.linear_schedule(learning_rate * 1e-3, learning_rate, warmup), after],
+      [warmup])
+
+
+def _adam(train_cfg, learning_rate: float) -> optax.GradientTransformation:
+  """Adam with optional global-norm clipping and the original's coupled L2.
+
+  Clipping sees the raw gradients; the original Res-UNET-R then adds
+  weight_decay * w to the gradients of weights (not biases) before Adam.
+  """
   weights_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   parts = []
+  if train_cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
   if train_cfg.weight_decay > 0:
     parts.append(optax.add_decayed_weights(train_cfg.weight_decay, mask=weights_only))
-  parts.append(optax.adam(schedule, b1=0.9, b2=0.999))
+  parts.append(optax.adam(make_schedule(train_cfg, learning_rate), b1=0.9, b2=0.999))
   return optax.chain(*parts)
 
 
-def create(model, optimizer: optax.GradientTransformation, patch_shape,
-           seed: int) -> TrainState:
-  """Initialises parameters (jitted: eager orthogonal init is slow) and state."""
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """Optimiser of the generator."""
+  return _adam(train_cfg, train_cfg.learning_rate)
+
+
+def make_disc_optimizer(train_cfg) -> optax.GradientTransformation:
+  """Optimiser of the discriminator (own learning rate, same schedule)."""
+  return _adam(train_cfg, train_cfg.disc_learning_rate)
+
+
+def make_discriminator(model_cfg) -> Discriminator:
+  return Discriminator(features=tuple(model_cfg.discriminator.features),
+                       dtype=jnp.dtype(model_cfg.compute_dtype))
+
+
+def init_params(model, patch_shape, seed: int):
+  """Generator parameters alone (jitted: eager orthogonal init is slow)."""
+  init_key, _ = jax.random.split(jax.random.key(seed))
+  dummy = jnp.zeros((1, *patch_shape, 1), jnp.float32)
+  return jax.jit(model.init)(init_key, dummy)["params"]
+
+
+def create(model, optimizer: optax.GradientTransformation, patch_shape, seed: int, *,
+           discriminator: Discriminator | None = None,
+           disc_optimizer: optax.GradientTransformation | None = None,
+           ema: bool = False) -> TrainState:
+  """A fresh state. The discriminator parts are empty without `discriminator`."""
   init_key, state_key = jax.random.split(jax.random.key(seed))
+  disc_key = jax.random.fold_in(init_key, 1)
   dummy = jnp.zeros((1, *patch_shape, 1), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)["params"]
+  disc_params, disc_opt_state = {}, {}
+  if discriminator is not None:
+    disc_params = jax.jit(discriminator.init)(disc_key, dummy, dummy)["params"]
+    disc_opt_state = disc_optimizer.init(disc_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
+                    disc_params=disc_params, disc_opt_state=disc_opt_state,
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {},
                     rng=jax.random.key_data(state_key))

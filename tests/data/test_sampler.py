@@ -81,3 +81,12 @@ def test_foreground_bias_redraws_empty_patches(tmp_path):
   plain = [make(0.0).batch(s)["target"][..., 0].reshape(4, -1).max(1) for s in range(5)]
   assert np.all(np.concatenate(biased) == 1)
   assert np.mean(np.concatenate(plain)) < 0.5
+
+
+def test_process_shares_make_the_single_process_batch(small_zarr):
+  whole = _sampler(small_zarr).batch(7)
+  parts = [_sampler(small_zarr, process_index=i, process_count=2).batch(7) for i in range(2)]
+  for key in ("image", "target"):
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  with pytest.raises(UserError, match="multiple of the 3 processes"):
+    _sampler(small_zarr, process_count=3)

@@ -48,13 +48,44 @@ def test_save_restore_is_exact(tmp_path):
 
 
 def test_export_round_trip_and_refusal(tmp_path):
-  params = {"conv": {"kernel": jnp.arange(6.0).reshape(2, 3)}}
+  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  model = unet.ResUNet(widths=(4, 4, 6), downsample_z=(False, False))
+  params = state_lib.init_params(model, (4, 16, 16), seed=3)
   out = str(tmp_path / "export")
-  checkpoint.export_weights(out, params, {"name": "res_unet"})
+  checkpoint.export_weights(out, params, {"name": "res_unet"}, info={"weights": "ema"})
   assert checkpoint.is_export(out)
   assert checkpoint.read_export_model_config(out) == {"name": "res_unet"}
-  loaded = checkpoint.load_export(out, params)
-  np.testing.assert_array_equal(np.asarray(loaded["conv"]["kernel"]),
-                                np.asarray(params["conv"]["kernel"]))
+  loaded = checkpoint.load_export(out, model, (4, 16, 16), step_lib.make_mesh())
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(UserError, match="--overwrite"):
     checkpoint.export_weights(out, params, {})
+
+
+def test_best_checkpoint_keeps_the_highest_metric(tmp_path):
+  tree = {"w": jnp.zeros((2,))}
+  best = checkpoint.Checkpoints(str(tmp_path / "best"), save_every=1, keep=1,
+                                best_metric="ap_75")
+  for step, ap in ((1, 0.2), (2, 0.5), (3, 0.1)):
+    best.save(step, jax.tree.map(lambda x, s=step: x + s, tree), force=True,
+              metrics={"ap_75": ap})
+  best.wait()
+  assert best.best_step() == 2 and best.manager.all_steps() == [2]
+  np.testing.assert_array_equal(np.asarray(best.restore(tree)["w"]), [2.0, 2.0])
+  best.close()
+
+
+def test_resume_refuses_another_models_run(tmp_path):
+  work = str(tmp_path / "run")
+  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=False,
+                             overwrite=False)
+  with pytest.raises(UserError, match=r"model.widths: run has \[4, 8\]"):
+    checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 16]}}', resume=True,
+                               overwrite=False)
+  with pytest.raises(UserError, match="loss.adversarial_weight"):
+    checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}, '
+                               '"loss": {"adversarial_weight": 0.5}}', resume=True,
+                               overwrite=False)
+  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=True,
+                             overwrite=False)

@@ -1,0 +1,150 @@
+"""The training loop: exact resume, preemption by SIGTERM, and two processes
+joined by jax.distributed matching one process."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from stt_jax import config as config_lib
+from stt_jax.train import checkpoint, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import demo  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# tiny model and volumes; the adversarial loss and the EMA on, so that every
+# part of the state is exercised
+OVERRIDES = {
+    "model.widths": (4, 4, 6, 6, 8), "model.discriminator.features": (4, 8),
+    "data.synthetic.train_shape": (8, 64, 64), "data.synthetic.val_shape": (8, 64, 64),
+    "data.patch_shape": (4, 32, 32), "infer.window": (4, 32, 32),
+    "train.steps": 6, "train.log_every": 3, "train.checkpoint_every": 3,
+    "train.warmup_steps": 2, "train.schedule": "cosine", "train.ema_decay": 0.9,
+    "loss.adversarial_weight": 0.5, "decode.min_size": 8, "eval.min_gt_size": 10,
+}
+
+
+def _cfg(**extra):
+  cfg = demo.get_config()
+  for key, value in {**OVERRIDES, **extra}.items():
+    section, name = key.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+      node = node[part]
+    node[name] = value
+  config_lib.validate(cfg)
+  return cfg
+
+
+def _flags(**extra):
+  out = []
+  for key, value in {**OVERRIDES, **extra}.items():
+    text = "(" + ",".join(map(str, value)) + ")" if isinstance(value, tuple) else value
+    out.append(f"--config.{key}={text}")
+  return out
+
+
+def _assert_same_state(a, b, exact=True):
+  for part in ("step", "params", "opt_state", "disc_params", "disc_opt_state",
+               "ema_params", "rng"):
+    la, lb = jax.tree.leaves(getattr(a, part)), jax.tree.leaves(getattr(b, part))
+    assert len(la) == len(lb), part
+    for x, y in zip(la, lb):
+      if exact:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=part)
+      else:
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6,
+                                   err_msg=part)
+
+
+def _restore(cfg, workdir, step=None):
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), save_every=1,
+                                 keep=100)
+  state = ckpts.restore(loop.build(cfg).state, step)
+  ckpts.close()
+  return state
+
+
+def test_three_steps_stop_resume_three_equals_six(tmp_path):
+  cfg = _cfg()
+  full = loop.train(cfg, str(tmp_path / "full"), quiet=True)
+  part = loop.train(cfg, str(tmp_path / "split"), quiet=True, stop_at=3)
+  assert int(part.state.step) == 3
+  shutil.copytree(tmp_path / "split", tmp_path / "split_one_device")
+  resumed = loop.train(cfg, str(tmp_path / "split"), quiet=True, resume=True)
+  assert int(full.state.step) == int(resumed.state.step) == 6
+  _assert_same_state(full.state, resumed.state)
+  _assert_same_state(full.state, _restore(cfg, str(tmp_path / "split")))
+  if jax.device_count() >= 2:  # saved on 2 devices, resumed on 1
+    one = loop.train(cfg, str(tmp_path / "split_one_device"), quiet=True, resume=True,
+                     devices=jax.devices()[:1])
+    assert one.mesh.devices.size == 1 and int(one.state.step) == 6
+    _assert_same_state(full.state, one.state, exact=False)
+
+
+def _env(devices):
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+  work = str(tmp_path / "run")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py", f"--workdir={work}",
+       "--quiet", *_flags(**{"train.steps": 100000, "train.checkpoint_every": 100000,
+                             "train.log_every": 100000})],
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()  # printed just before training starts
+    assert line.startswith("backend"), line + proc.stderr.read()
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err
+  assert "stopped by SIGTERM" in err and "--resume" in err
+  steps = [int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and steps[0] >= 1
+  cfg = _cfg(**{"train.steps": 100000, "train.checkpoint_every": 100000,
+                "train.log_every": 100000})
+  state = _restore(cfg, work)
+  assert int(state.step) == steps[0]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  extra = {"train.steps": 2, "train.checkpoint_every": 2, "train.log_every": 1}
+  common = ["--config=configs/demo.py", "--quiet", *_flags(**extra)]
+  port = _free_port()
+  multi = str(tmp_path / "multi")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "stt_jax.main", *common, f"--workdir={multi}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "in 2 process(es)" in outs[0][0]
+  # the same run in this process, on its 2 devices
+  cfg = _cfg(**extra)
+  single = loop.train(cfg, str(tmp_path / "single"), quiet=True)
+  _assert_same_state(single.state, _restore(cfg, multi), exact=False)
