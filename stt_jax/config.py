@@ -14,7 +14,7 @@ import ml_collections
 
 from stt_jax.errors import UserError
 
-MODES = ("train", "evaluate", "segment", "export")
+MODES = ("train", "evaluate", "segment", "export", "convert")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,8 +46,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.discriminator.features = (32, 64)   # the two stride-2 3D convs
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ml_collections.ConfigDict({"image": "", "label": ""})
-  c.data.val = ml_collections.ConfigDict({"image": "", "label": ""})
+  # image/label: any format of stt_jax.data.sources (zarr, N5, precomputed, TIFF
+  # stack, PNG/TIFF slice folder, file.h5:dataset); region: ((z0, y0, x0),
+  # (z1, y1, x1)) of the volume to use, () = all of it
+  c.data.train = ml_collections.ConfigDict({"image": "", "label": "", "region": ()})
+  c.data.val = ml_collections.ConfigDict({"image": "", "label": "", "region": ()})
   c.data.voxel_size_nm = (30.0, 8.0, 8.0)
   c.data.patch_shape = (32, 320, 320)
   c.data.contour_width = 2
@@ -59,6 +62,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment.flip_yx = True
   c.data.augment.transpose_xy = True
   c.data.augment.intensity_prob = 0.75
+  # the rest of the pytorch_connectomics set; flips/transpose already give rot90
+  c.data.augment.rescale_prob = 0.5
+  c.data.augment.rescale_range = (0.8, 1.2)
+  c.data.augment.elastic_prob = 0.5
+  c.data.augment.elastic_alpha = 16.0      # pixels
+  c.data.augment.elastic_sigma = 4.0       # pixels
+  c.data.augment.misalignment_prob = 0.5
+  c.data.augment.misalignment_max_shift = 8
+  c.data.augment.missing_section_prob = 0.5
+  c.data.augment.motion_blur_prob = 0.5
+  c.data.augment.cut_blur_prob = 0.5
+  c.data.augment.cut_noise_prob = 0.5
   # Synthetic EM volumes (stt_jax.data.synthetic) written under the workdir.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.enabled = False
@@ -188,6 +203,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be ap_50, ap_75, ap_50_95, jaccard or dice, got {c.train.best_metric!r}")
   _need(0.0 <= c.data.foreground_bias <= 1.0, "data.foreground_bias",
         f"must be in [0, 1], got {c.data.foreground_bias}")
+  for key in ("intensity_prob", "rescale_prob", "elastic_prob", "misalignment_prob",
+              "missing_section_prob", "motion_blur_prob", "cut_blur_prob", "cut_noise_prob"):
+    _need(0.0 <= c.data.augment[key] <= 1.0, f"data.augment.{key}",
+          f"must be in [0, 1], got {c.data.augment[key]}")
+  low, high = c.data.augment.rescale_range
+  _need(0 < low <= high, "data.augment.rescale_range", f"needs 0 < low <= high, got {(low, high)}")
   _need(c.train.log_every > 0, "train.log_every", "must be positive")
   _need(c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
   _need(c.train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")

@@ -20,13 +20,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "segment", "export"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "evaluate", "segment", "export", "convert"],
+                          "What to do. convert: copy --input (any format) into a "
+                          "chunked zarr at --output.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, outputs.")
 _RESUME = flags.DEFINE_bool("resume", False, "train: continue the run in --workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace an existing run folder or output.")
-_INPUT = flags.DEFINE_string("input", None, "segment: image volume (zarr).")
+_INPUT = flags.DEFINE_string("input", None, "segment/convert: image volume (any format "
+                             "of stt_jax.data.sources).")
 _OUTPUT = flags.DEFINE_string("output", None,
                               "segment: output folder; export: export folder.")
 _WEIGHTS = flags.DEFINE_string("weights", None,
@@ -115,6 +118,9 @@ def run(argv) -> None:
   cfg = _CONFIG.value
   config_lib.validate(cfg)
   mode = _MODE.value
+  if mode == "convert":
+    _convert(cfg)
+    return
   workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":
     _train(cfg, workdir)
@@ -248,6 +254,18 @@ def _export(cfg, workdir: str) -> None:
                                   "source": os.path.abspath(_WEIGHTS.value or workdir)})
   print(f"exported inference weights ({'EMA' if ema else 'live'}) to "
         f"{os.path.abspath(out)}")
+
+
+def _convert(cfg) -> None:
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.open_volume(_require(_INPUT.value, "input", "convert"))
+  out = _require(_OUTPUT.value, "output", "convert")
+  t0 = time.perf_counter()
+  volume = sources.convert_to_zarr(
+      source, out, voxel_size_nm=source.voxel_size_nm or tuple(cfg.data.voxel_size_nm),
+      overwrite=_OVERWRITE.value)
+  print(f"converted {source.path} {source.shape} {source.dtype} to {volume.path} "
+        f"in {time.perf_counter() - t0:.1f} s")
 
 
 def _main(argv) -> None:

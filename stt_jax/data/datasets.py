@@ -39,10 +39,21 @@ def open_split(cfg, split: str, *, need_labels: bool = True):
     if not path:
       raise UserError(f"config.data.{split}.{field} is empty; set it to a zarr path "
                       "(or enable data.synthetic)")
-    if not os.path.exists(path):
-      raise UserError(f"config.data.{split}.{field}: {path} does not exist")
-    volumes.append(sources.open_volume(path))
+    try:
+      volumes.append(sources.open_volume(path))
+    except UserError as e:
+      raise UserError(f"config.data.{split}.{field}: {e}") from None
   image, labels = volumes
+  region = tuple(entry.get("region", ()) or ())
+  if region:
+    if len(region) != 2:
+      raise UserError(f"config.data.{split}.region must be ((z0, y0, x0), (z1, y1, x1)), "
+                      f"got {region}")
+    try:
+      image = sources.RegionVolume(image, *region)
+      labels = sources.RegionVolume(labels, *region) if labels is not None else None
+    except UserError as e:
+      raise UserError(f"config.data.{split}.region: {e}") from None
   if labels is not None and image.shape != labels.shape:
     raise UserError(f"data.{split}: image {image.path} has shape {image.shape} but "
                     f"labels {labels.path} have shape {labels.shape}; they must match")

@@ -89,21 +89,41 @@ class PatchSampler:
     return rng.integers(self._lo, self._hi - np.array(self.patch_shape) + 1)
 
   def _augment(self, image, labels, rng):
+    """Geometric transforms on image and labels, then image-only defects."""
     cfg = self.augment_config
     image = image.astype(np.float32) / 255.0
     if cfg is None or not cfg.enabled:
       return image, labels
+    chance = lambda p: p > 0 and rng.uniform() < p
+    if chance(cfg.get("rescale_prob", 0.0)):
+      image, labels = augment.rescale(image, labels, rng, low=cfg.rescale_range[0],
+                                      high=cfg.rescale_range[1])
+    if chance(cfg.get("elastic_prob", 0.0)):
+      image, labels = augment.elastic(image, labels, rng, alpha=cfg.elastic_alpha,
+                                      sigma=cfg.elastic_sigma)
+    if chance(cfg.get("misalignment_prob", 0.0)):
+      image, labels = augment.misalignment(image, labels, rng,
+                                           max_shift=cfg.misalignment_max_shift)
     image, labels = augment.flip_transpose(
         image, labels, rng, flip_z=cfg.flip_z, flip_yx=cfg.flip_yx,
         transpose_xy=cfg.transpose_xy)
+    if chance(cfg.get("missing_section_prob", 0.0)):
+      image = augment.missing_section(image, rng)
+    if chance(cfg.get("motion_blur_prob", 0.0)):
+      image = augment.motion_blur(image, rng)
+    if chance(cfg.get("cut_blur_prob", 0.0)):
+      image = augment.cut_blur(image, rng)
+    if chance(cfg.get("cut_noise_prob", 0.0)):
+      image = augment.cut_noise(image, rng)
     if rng.uniform() < cfg.intensity_prob:
       image = augment.intensity(image, rng)
     return image, labels
 
-  def iterate(self, first_step: int, last_step: int,
-              prefetch: int = 4) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yields (step, batch) for first_step <= step < last_step, prefetched."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+  def iterate(self, first_step: int, last_step: int, prefetch: int = 4,
+              workers: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yields (step, batch) for first_step <= step < last_step, in order,
+    `workers` batches assembled at once and up to `prefetch` ahead."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
       pending = collections.deque()
       next_step = first_step
       while next_step < last_step and len(pending) < prefetch:

@@ -1,15 +1,31 @@
-"""Chunked volumes on disk, read and written through TensorStore.
+"""Volumes on disk in the formats labs use, read region by region.
 
-A `Volume` is a lazy handle: nothing is read until a region is asked for, so a
-volume far larger than memory costs only the chunks a patch touches. Volumes
-are zarr v3 (written by us) or zarr v2 (read); both open in neuroglancer and
-napari. Arrays are `[depth, height, width]` or `[depth, height, width, channels]`.
+A `Volume` is a lazy handle: nothing is read until a box is asked for, so a
+volume far larger than memory costs only the chunks (or slices) a patch
+touches. Arrays are `[depth, height, width]` or `[depth, height, width,
+channels]`, whatever the order on disk.
+
+Formats (`open_volume` picks one from the path):
+  * zarr v3 and v2, N5, neuroglancer precomputed — through TensorStore; N5 with
+    an `axes` attribute and precomputed (x, y, z[, c] on disk) are transposed to
+    z, y, x; a precomputed volume's first scale is used (`path#scale=k` picks
+    another), its single channel dropped;
+  * a multi-page TIFF (`stack.tif`): memory-mapped where the pages are
+    uncompressed and contiguous, else one page decoded per slice read;
+  * a folder of PNG or TIFF slices (MitoEM's `im0000.png ...`), sorted by the
+    numbers in their names, read one slice at a time;
+  * HDF5 (`volume.h5:dataset`, the dataset optional when there is only one),
+    through h5py, which reads only the chunks a box touches.
+We write zarr v3 only (`create_volume`, `convert_to_zarr`): it opens in
+neuroglancer and napari and is what `--mode=convert` produces.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,26 +34,61 @@ import tensorstore as ts
 from stt_jax import paths
 from stt_jax.errors import UserError
 
-
-def _spec_for(path: str) -> dict:
-  path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, "zarr.json")):
-    driver = "zarr3"
-  elif os.path.exists(os.path.join(path, ".zarray")):
-    driver = "zarr"
-  elif not os.path.exists(path):
-    raise UserError(f"volume not found: {path} (check the data paths in the config)")
-  else:
-    raise UserError(f"{path} is not a zarr array (no zarr.json or .zarray inside)")
-  return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_READERS = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                 thread_name_prefix="stt_jax_read")
 
 
 class Volume:
-  """A chunked array on disk. Reads and writes regions, never the whole."""
+  """A chunked array on disk. Reads boxes, never the whole (unless asked)."""
 
-  def __init__(self, store: ts.TensorStore, path: str):
-    self._store = store
+  path: str
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  @property
+  def dtype(self) -> np.dtype:
+    raise NotImplementedError
+
+  @property
+  def voxel_size_nm(self) -> tuple[float, float, float] | None:
+    return None
+
+  def _check_box(self, start: Sequence[int], size: Sequence[int]) -> list[slice]:
+    stop = [int(s) + int(n) for s, n in zip(start, size)]
+    for axis, (lo, hi, dim) in enumerate(zip(start, stop, self.shape)):
+      if lo < 0 or hi > dim or hi < lo:
+        raise ValueError(f"region {list(start)}+{list(size)} leaves {self.path} "
+                         f"(shape {self.shape}) on axis {axis}")
+    return [slice(int(lo), hi) for lo, hi in zip(start, stop)]
+
+  def _read_box(self, box: list[slice]) -> np.ndarray:
+    raise NotImplementedError
+
+  def read_async(self, start: Sequence[int], size: Sequence[int]):
+    """Starts reading the box [start, start+size); `.result()` is a numpy array."""
+    box = self._check_box(start, size)
+    return _READERS.submit(self._read_box, box)
+
+  def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    return self.read_async(start, size).result()
+
+  def write(self, start: Sequence[int], array: np.ndarray) -> None:
+    raise UserError(f"{self.path} is read-only ({type(self).__name__}); "
+                    "write zarr (--mode=convert makes one)")
+
+
+class TensorStoreVolume(Volume):
+  """zarr v2/v3, N5, neuroglancer precomputed."""
+
+  def __init__(self, store: ts.TensorStore, path: str,
+               voxel_size_nm: Sequence[float] | None = None):
+    self._store = store[ts.d[:].translate_to[0]]  # precomputed may start elsewhere
     self.path = path
+    self._voxel_size = tuple(float(v) for v in voxel_size_nm) if voxel_size_nm else None
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -48,31 +99,158 @@ class Volume:
     return np.dtype(self._store.dtype.numpy_dtype)
 
   @property
-  def voxel_size_nm(self) -> tuple[float, float, float] | None:
-    attrs = _read_attributes(self.path)
-    size = attrs.get("voxel_size_nm")
-    return tuple(size) if size else None
-
-  def _index(self, start: Sequence[int], size: Sequence[int]):
-    stop = [s + n for s, n in zip(start, size)]
-    for axis, (lo, hi, dim) in enumerate(zip(start, stop, self.shape)):
-      if lo < 0 or hi > dim:
-        raise ValueError(f"region {list(start)}+{list(size)} leaves {self.path} "
-                         f"(shape {self.shape}) on axis {axis}")
-    return tuple(slice(lo, hi) for lo, hi in zip(start, stop))
+  def voxel_size_nm(self):
+    if self._voxel_size:
+      return self._voxel_size
+    size = _zarr_attributes(self.path).get("voxel_size_nm")
+    return tuple(float(v) for v in size) if size else None
 
   def read_async(self, start: Sequence[int], size: Sequence[int]) -> ts.Future:
-    """Starts reading the box [start, start+size); `.result()` is a numpy array."""
-    return self._store[self._index(start, size)].read()
-
-  def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    return self.read_async(start, size).result()
+    return self._store[tuple(self._check_box(start, size))].read()
 
   def write(self, start: Sequence[int], array: np.ndarray) -> None:
-    self._store[self._index(start, array.shape)].write(array).result()
+    self._store[tuple(self._check_box(start, array.shape))].write(array).result()
 
 
-def _read_attributes(path: str) -> dict:
+def _natural_key(name: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _read_image_file(path: str) -> np.ndarray:
+  if path.lower().endswith(IMAGE_SUFFIXES[1:]):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    return tifffile.imread(path)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    return np.asarray(image)
+
+
+class SliceFolderVolume(Volume):
+  """A folder of 2D PNG/TIFF slices, one per z, sorted by their numbers."""
+
+  def __init__(self, path: str, files: list[str]):
+    self.path = path
+    self._files = files
+    first = _read_image_file(files[0])
+    self._slice_shape, self._dtype = first.shape, first.dtype
+
+  @property
+  def shape(self):
+    return (len(self._files), *self._slice_shape)
+
+  @property
+  def dtype(self):
+    return np.dtype(self._dtype)
+
+  def _read_box(self, box):
+    out = np.empty([s.stop - s.start for s in box], self._dtype)
+    for i, z in enumerate(range(box[0].start, box[0].stop)):
+      image = _read_image_file(self._files[z])
+      if image.shape != self._slice_shape:
+        raise UserError(f"{self._files[z]} has shape {image.shape}, the first slice "
+                        f"{self._files[0]} {self._slice_shape}; all slices must match")
+      out[i] = image[tuple(box[1:])]
+    return out
+
+
+class TiffStackVolume(Volume):
+  """A multi-page TIFF, one page per z."""
+
+  def __init__(self, path: str):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    self.path = path
+    try:
+      self._memmap = tifffile.memmap(path, mode="r")
+    except ValueError:  # compressed or scattered pages: decode page by page
+      self._memmap = None
+    with tifffile.TiffFile(path) as tif:
+      series = tif.series[0]
+      self._shape, self._dtype = tuple(series.shape), series.dtype
+    if self._memmap is not None and self._memmap.ndim == 2:
+      self._memmap = self._memmap[None]
+      self._shape = self._memmap.shape
+    if len(self._shape) == 2:
+      self._shape = (1, *self._shape)
+
+  @property
+  def shape(self):
+    return tuple(int(s) for s in self._shape)
+
+  @property
+  def dtype(self):
+    return np.dtype(self._dtype)
+
+  def _read_box(self, box):
+    if self._memmap is not None:
+      return np.array(self._memmap[tuple(box)])
+    import tifffile  # pylint: disable=g-import-not-at-top
+    out = np.empty([s.stop - s.start for s in box], self._dtype)
+    with tifffile.TiffFile(self.path) as tif:
+      for i, z in enumerate(range(box[0].start, box[0].stop)):
+        out[i] = tif.pages[z].asarray()[tuple(box[1:])]
+    return out
+
+
+class HDF5Volume(Volume):
+  """One dataset of an HDF5 file, through h5py."""
+
+  def __init__(self, path: str, dataset: str):
+    import h5py  # pylint: disable=g-import-not-at-top
+    self.path = f"{path}:{dataset}"
+    self._file = h5py.File(path, "r")
+    self._dataset = self._file[dataset]
+    resolution = self._dataset.attrs.get("resolution")
+    self._voxel_size = (tuple(float(v) for v in resolution)
+                        if resolution is not None and len(resolution) == 3 else None)
+
+  @property
+  def shape(self):
+    return tuple(int(s) for s in self._dataset.shape)
+
+  @property
+  def dtype(self):
+    return np.dtype(self._dataset.dtype)
+
+  @property
+  def voxel_size_nm(self):
+    return self._voxel_size
+
+  def _read_box(self, box):
+    return self._dataset[tuple(box)]
+
+
+class RegionVolume(Volume):
+  """The box [start, stop) of another volume, as a volume of its own."""
+
+  def __init__(self, base: Volume, start: Sequence[int], stop: Sequence[int]):
+    shape = base.shape
+    start, stop = [int(s) for s in start], [int(s) for s in stop]
+    if (len(start) != 3 or len(stop) != 3 or any(lo < 0 or hi > n or hi <= lo for lo, hi, n
+                                                   in zip(start, stop, shape))):
+      raise UserError(f"region {start}..{stop} is not inside {base.path} "
+                      f"(shape {list(shape[:3])}); give (z, y, x) start and stop")
+    self.base, self.start, self.stop = base, start, stop
+    self.path = f"{base.path}[{start}:{stop}]"
+
+  @property
+  def shape(self):
+    return (*[hi - lo for lo, hi in zip(self.start, self.stop)], *self.base.shape[3:])
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  @property
+  def voxel_size_nm(self):
+    return self.base.voxel_size_nm
+
+  def read_async(self, start, size):
+    self._check_box(start, size)
+    shifted = [s + o for s, o in zip(start, self.start)] + list(start[3:])
+    return self.base.read_async(shifted, size)
+
+
+def _zarr_attributes(path: str) -> dict:
   meta = os.path.join(path, "zarr.json")
   if os.path.exists(meta):
     with open(meta) as f:
@@ -84,20 +262,104 @@ def _read_attributes(path: str) -> dict:
   return {}
 
 
-def open_volume(path: str) -> Volume:
-  """Opens an existing zarr (v2 or v3) array; a one-line UserError otherwise."""
-  spec = _spec_for(path)
+def _open_tensorstore(spec: dict, path: str) -> ts.TensorStore:
   try:
-    store = ts.open(spec, open=True, read=True, write=True).result()
+    return ts.open(spec, open=True, read=True).result()
   except ValueError as e:
-    raise UserError(f"cannot open {path} as {spec['driver']}: {e}") from None
-  return Volume(store, os.path.abspath(path))
+    raise UserError(f"cannot open {path} as {spec['driver']}: "
+                    f"{str(e).splitlines()[0]}") from None
+
+
+def _open_n5(path: str) -> TensorStoreVolume:
+  store = _open_tensorstore({"driver": "n5", "kvstore": {"driver": "file", "path": path}},
+                            path)
+  with open(os.path.join(path, "attributes.json")) as f:
+    attrs = json.load(f)
+  axes = [str(a).lower() for a in attrs.get("axes", [])]
+  voxel = attrs.get("resolution") or attrs.get("pixelResolution", {}).get("dimensions")
+  if sorted(axes[:3]) == ["x", "y", "z"] or sorted(axes) == ["x", "y", "z"]:
+    order = [axes.index(a) for a in ("z", "y", "x")] + [
+        i for i, a in enumerate(axes) if a not in ("x", "y", "z")]
+    store = store[ts.d[order].transpose[:]]
+    if voxel and len(voxel) == len(axes):
+      voxel = [voxel[i] for i in order[:3]]
+  return TensorStoreVolume(store, path, voxel if voxel and len(voxel) == 3 else None)
+
+
+def _open_precomputed(path: str, scale: int) -> TensorStoreVolume:
+  spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": path},
+          "scale_index": scale}
+  store = _open_tensorstore(spec, path)
+  with open(os.path.join(path, "info")) as f:
+    resolution = json.load(f)["scales"][scale]["resolution"]  # x, y, z
+  if store.shape[-1] == 1:
+    store = store[..., 0]
+    store = store[ts.d[2, 1, 0].transpose[:]]
+  else:
+    store = store[ts.d[2, 1, 0, 3].transpose[:]]
+  return TensorStoreVolume(store, path, resolution[::-1])
+
+
+def open_volume(path: str) -> Volume:
+  """Opens an existing volume in any supported format; a one-line UserError
+  naming the path otherwise."""
+  scale = 0
+  if "#scale=" in path:
+    path, _, text = path.partition("#scale=")
+    scale = int(text)
+  dataset = None
+  lower = path.lower()
+  for suffix in HDF5_SUFFIXES:
+    if f"{suffix}:" in lower:
+      cut = lower.index(f"{suffix}:") + len(suffix)
+      path, dataset = path[:cut], path[cut + 1:]
+      lower = path.lower()
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise UserError(f"volume not found: {path} (check the data paths in the config)")
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "zarr.json")):
+      store = _open_tensorstore({"driver": "zarr3",
+                                 "kvstore": {"driver": "file", "path": path}}, path)
+      return TensorStoreVolume(store, path)
+    if os.path.exists(os.path.join(path, ".zarray")):
+      store = _open_tensorstore({"driver": "zarr", "kvstore": {"driver": "file", "path": path}},
+                                path)
+      return TensorStoreVolume(store, path)
+    if os.path.exists(os.path.join(path, "attributes.json")):
+      return _open_n5(path)
+    if os.path.exists(os.path.join(path, "info")):
+      return _open_precomputed(path, scale)
+    files = sorted((os.path.join(path, n) for n in os.listdir(path)
+                    if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")),
+                   key=lambda p: _natural_key(os.path.basename(p)))
+    if files:
+      return SliceFolderVolume(path, files)
+    raise UserError(f"{path} is not a volume: no zarr.json, .zarray, attributes.json "
+                    "(N5), info (precomputed) or PNG/TIFF slices inside")
+  if lower.endswith(IMAGE_SUFFIXES[1:]):
+    return TiffStackVolume(path)
+  if lower.endswith(HDF5_SUFFIXES):
+    import h5py  # pylint: disable=g-import-not-at-top
+    with h5py.File(path, "r") as f:
+      names = []
+      f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    if dataset is None:
+      if len(names) != 1:
+        raise UserError(f"{path} holds {len(names)} datasets ({', '.join(names[:8])}); "
+                        f"name one as {path}:<dataset>")
+      dataset = names[0]
+    if dataset.strip("/") not in names:
+      raise UserError(f"{path} has no dataset {dataset!r}; it holds {', '.join(names[:8])}")
+    return HDF5Volume(path, dataset.strip("/"))
+  raise UserError(f"{path}: unknown volume format; use zarr, N5, neuroglancer "
+                  "precomputed, a TIFF stack, a folder of PNG/TIFF slices or HDF5")
 
 
 def create_volume(path: str, shape: Sequence[int], dtype, *,
                   chunks: Sequence[int] | None = None,
                   voxel_size_nm: Sequence[float] | None = None,
-                  overwrite: bool = False) -> Volume:
+                  overwrite: bool = False) -> TensorStoreVolume:
   """Creates a zarr v3 array. Refuses to replace an existing path unless asked."""
   path = paths.clear_for_output(path, overwrite)
   shape = [int(s) for s in shape]
@@ -122,14 +384,29 @@ def create_volume(path: str, shape: Sequence[int], dtype, *,
       },
   }
   store = ts.open(spec, create=True).result()
-  return Volume(store, path)
+  return TensorStoreVolume(store, path)
 
 
 def write_array(path: str, array: np.ndarray, *,
                 voxel_size_nm: Sequence[float] | None = None,
-                overwrite: bool = False) -> Volume:
+                overwrite: bool = False) -> TensorStoreVolume:
   """Writes an in-memory array as a new zarr v3 volume."""
   volume = create_volume(path, array.shape, array.dtype,
                          voxel_size_nm=voxel_size_nm, overwrite=overwrite)
   volume.write([0] * array.ndim, array)
   return volume
+
+
+def convert_to_zarr(source: Volume, path: str, *, chunks: Sequence[int] | None = None,
+                    voxel_size_nm: Sequence[float] | None = None,
+                    overwrite: bool = False, slab_depth: int | None = None) -> TensorStoreVolume:
+  """Copies `source` into a new chunked zarr v3 volume, one slab of z at a
+  time (memory: one slab), so any readable volume becomes a fast one."""
+  out = create_volume(path, source.shape, source.dtype, chunks=chunks,
+                      voxel_size_nm=voxel_size_nm or source.voxel_size_nm,
+                      overwrite=overwrite)
+  depth = slab_depth or min(source.shape[0], 16 if chunks is None else int(chunks[0]))
+  for z in range(0, source.shape[0], depth):
+    size = [min(depth, source.shape[0] - z), *source.shape[1:]]
+    out.write([z] + [0] * (len(size) - 1), source.read([z] + [0] * (len(size) - 1), size))
+  return out

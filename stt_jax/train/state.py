@@ -74,7 +74,7 @@ def make_disc_optimizer(train_cfg) -> optax.GradientTransformation:
 
 def make_discriminator(model_cfg) -> Discriminator:
   return Discriminator(features=tuple(model_cfg.discriminator.features),
-                       dtype=jnp.dtype(model_cfg.compute_dtype))
+                       impl=model_cfg.conv_impl, dtype=jnp.dtype(model_cfg.compute_dtype))
 
 
 def init_params(model, patch_shape, seed: int):

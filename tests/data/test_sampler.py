@@ -90,3 +90,19 @@ def test_process_shares_make_the_single_process_batch(small_zarr):
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
   with pytest.raises(UserError, match="multiple of the 3 processes"):
     _sampler(small_zarr, process_count=3)
+
+
+def test_every_augmentation_on_keeps_targets_valid(small_zarr):
+  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  cfg = default_config().data.augment
+  for key in ("rescale_prob", "elastic_prob", "misalignment_prob", "missing_section_prob",
+              "motion_blur_prob", "cut_blur_prob", "cut_noise_prob", "intensity_prob"):
+    cfg[key] = 1.0
+  sampler = _sampler(small_zarr)
+  sampler.augment_config = cfg
+  for step in range(3):
+    batch = sampler.batch(step)
+    assert batch["image"].shape == (2, 4, 32, 32, 1) and batch["image"].dtype == np.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert set(np.unique(batch["target"])) <= {0.0, 1.0}
+  np.testing.assert_array_equal(sampler.batch(5)["image"], sampler.batch(5)["image"])

@@ -31,7 +31,7 @@ def test_missing_and_not_zarr(tmp_path):
   with pytest.raises(UserError, match="not found"):
     sources.open_volume(str(tmp_path / "nope.zarr"))
   (tmp_path / "plain").mkdir()
-  with pytest.raises(UserError, match="not a zarr"):
+  with pytest.raises(UserError, match="is not a volume"):
     sources.open_volume(str(tmp_path / "plain"))
 
 

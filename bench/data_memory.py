@@ -1,0 +1,106 @@
+"""Peak memory of patch feeding from a volume far larger than memory.
+
+  .venv/bin/python bench/data_memory.py      # 512x4096x4096 uint8 (8.6 GB on disk)
+
+Writes (once, chunk by chunk, never whole in memory) an image zarr of
+incompressible noise and a labels zarr of the same shape whose chunks are
+written only in a 32x1024x1024 corner (the rest reads as the fill value 0),
+then draws --patches patches of 32x320x320 through the training sampler
+(TensorStore reads, flips/transpose, targets) and reports the process's peak
+RSS. Writes bench/results/data_memory-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from stt_jax.config import default_config  # noqa: E402
+from stt_jax.data import sources  # noqa: E402
+from stt_jax.data.sampler import PatchSampler  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def du_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+def make_volumes(directory: str, shape) -> tuple[str, str]:
+  image_path = os.path.join(directory, "image.zarr")
+  label_path = os.path.join(directory, "labels.zarr")
+  if os.path.exists(os.path.join(label_path, "zarr.json")):
+    return image_path, label_path
+  chunks = (32, 512, 512)
+  image = sources.create_volume(image_path, shape, np.uint8, chunks=chunks)
+  rng = np.random.default_rng(0)
+  for z in range(0, shape[0], chunks[0]):
+    for y in range(0, shape[1], 2048):  # 32x2048x4096 = 256 MB per write
+      block = rng.integers(0, 256, (chunks[0], 2048, shape[2]), dtype=np.uint8)
+      image.write([z, y, 0], block)
+  labels = sources.create_volume(label_path, shape, np.uint32, chunks=chunks)
+  corner = np.zeros((32, 1024, 1024), np.uint32)
+  yy, xx = np.mgrid[:1024, :1024]
+  for i, (cy, cx) in enumerate(rng.integers(40, 984, (60, 2))):
+    corner[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 30 ** 2] = i + 1
+  labels.write([0, 0, 0], corner)
+  return image_path, label_path
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", default="/tmp/stt_jax_bench_memory")
+  parser.add_argument("--shape", type=int, nargs=3, default=(512, 4096, 4096))
+  parser.add_argument("--patches", type=int, default=1000)
+  parser.add_argument("--feed-only", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if not args.feed_only:
+    # write in this process, feed in a fresh one: its peak RSS is feeding's alone
+    t0 = time.perf_counter()
+    make_volumes(args.workdir, tuple(args.shape))
+    print(f"volumes ready in {time.perf_counter() - t0:.0f} s (peak RSS while "
+          f"writing {peak_rss_mb():.0f} MB)", flush=True)
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
+                              *sys.argv[1:], "--feed-only"])
+  image_path, label_path = make_volumes(args.workdir, tuple(args.shape))
+  image = sources.open_volume(image_path)
+  labels = sources.open_volume(label_path)
+  augment = default_config().data.augment
+  for key in ("rescale_prob", "elastic_prob", "misalignment_prob", "missing_section_prob",
+              "motion_blur_prob", "cut_blur_prob", "cut_noise_prob", "intensity_prob"):
+    augment[key] = 0.0
+  sampler = PatchSampler(image, labels, patch_shape=(32, 320, 320), batch_size=2, seed=0,
+                         augment_config=augment)
+  t0 = time.perf_counter()
+  batches = args.patches // 2
+  checksum = 0.0
+  for _, batch in sampler.iterate(0, batches, prefetch=4):
+    checksum += float(batch["image"][:, 0, 0, 0, 0].sum())
+  feed_s = time.perf_counter() - t0
+  result = {
+      "shape": list(image.shape), "image_bytes_on_disk": du_bytes(image_path),
+      "patches": batches * 2, "patch": [32, 320, 320], "feed_seconds": feed_s,
+      "patches_per_s": batches * 2 / feed_s, "peak_rss_mb": peak_rss_mb()}
+  print(json.dumps(result, indent=2))
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                     "data_memory-cpu.json")
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,178 @@
+"""Every source format: write a small volume with that format's own tools, open
+it through `sources.open_volume`, read boxes, convert it to zarr."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from stt_jax.data import sources
+from stt_jax.errors import UserError
+
+SHAPE = (5, 24, 32)
+
+
+@pytest.fixture(scope="module")
+def volume():
+  rng = np.random.default_rng(0)
+  return rng.integers(0, 256, SHAPE, dtype=np.uint8)
+
+
+def _zarr2(path, a):
+  store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path},
+                   "metadata": {"shape": list(a.shape), "chunks": [2, 8, 8],
+                                "dtype": "|u1"}}, create=True).result()
+  store.write(a).result()
+
+
+def _n5_xyz(path, a):
+  """As Java N5 tools write: dimensions x, y, z, with an `axes` attribute."""
+  store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": path},
+                   "metadata": {"dimensions": list(a.shape[::-1]), "blockSize": [8, 8, 2],
+                                "dataType": "uint8", "compression": {"type": "gzip"}}},
+                  create=True).result()
+  store.write(a.T).result()
+  meta = os.path.join(path, "attributes.json")
+  attrs = json.load(open(meta))
+  attrs.update(axes=["x", "y", "z"], resolution=[8.0, 8.0, 30.0])
+  json.dump(attrs, open(meta, "w"))
+
+
+def _precomputed(path, a):
+  store = ts.open({"driver": "neuroglancer_precomputed",
+                   "kvstore": {"driver": "file", "path": path},
+                   "multiscale_metadata": {"type": "image", "data_type": "uint8",
+                                           "num_channels": 1},
+                   "scale_metadata": {"size": list(a.shape[::-1]), "resolution": [8, 8, 30],
+                                      "encoding": "raw", "chunk_size": [8, 8, 2],
+                                      "voxel_offset": [3, 0, 1]}},
+                  create=True).result()
+  store[ts.d[:].translate_to[0]][..., 0].write(a.T).result()
+
+
+def _tiff_stack(path, a, compress=False):
+  import tifffile
+  tifffile.imwrite(path, a, compression="zlib" if compress else None)
+
+
+def _slice_folder(path, a, suffix):
+  os.makedirs(path)
+  for z in range(a.shape[0]):  # unpadded numbers: sorted by value, not as text
+    name = os.path.join(path, f"im{z}{suffix}")
+    if suffix == ".png":
+      from PIL import Image
+      Image.fromarray(a[z]).save(name)
+    else:
+      import tifffile
+      tifffile.imwrite(name, a[z])
+
+
+def _hdf5(path, a):
+  import h5py
+  with h5py.File(path, "w") as f:
+    f.create_dataset("volumes/raw", data=a, chunks=(2, 8, 8), compression="gzip")
+    f["volumes/raw"].attrs["resolution"] = [30.0, 8.0, 8.0]
+  return path + ":volumes/raw"
+
+
+WRITERS = {
+    "zarr3": lambda p, a: sources.write_array(p, a, voxel_size_nm=(30, 8, 8)) and p,
+    "zarr2": lambda p, a: _zarr2(p, a) or p,
+    "n5": lambda p, a: _n5_xyz(p, a) or p,
+    "precomputed": lambda p, a: _precomputed(p, a) or p,
+    "tiff_stack": lambda p, a: _tiff_stack(p + ".tif", a) or p + ".tif",
+    "tiff_stack_zlib": lambda p, a: _tiff_stack(p + ".tif", a, True) or p + ".tif",
+    "png_folder": lambda p, a: _slice_folder(p, a, ".png") or p,
+    "tiff_folder": lambda p, a: _slice_folder(p, a, ".tif") or p,
+    "hdf5": lambda p, a: _hdf5(p + ".h5", a),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_round_trip(tmp_path, volume, fmt):
+  path = WRITERS[fmt](str(tmp_path / "v"), volume)
+  vol = sources.open_volume(path)
+  assert vol.shape == SHAPE and vol.dtype == np.uint8
+  np.testing.assert_array_equal(vol.read([0, 0, 0], SHAPE), volume)
+  np.testing.assert_array_equal(vol.read([1, 5, 7], [3, 10, 20]), volume[1:4, 5:15, 7:27])
+  if fmt in ("zarr3", "n5", "precomputed", "hdf5"):
+    assert vol.voxel_size_nm == (30.0, 8.0, 8.0)
+  out = sources.convert_to_zarr(vol, str(tmp_path / "converted.zarr"), slab_depth=2)
+  np.testing.assert_array_equal(sources.open_volume(out.path).read([0, 0, 0], SHAPE), volume)
+  with pytest.raises(ValueError, match="leaves"):
+    vol.read([4, 0, 0], [2, 24, 32])
+
+
+def test_region_is_a_volume_of_its_own(tmp_path, volume):
+  vol = sources.open_volume(WRITERS["zarr3"](str(tmp_path / "v.zarr"), volume))
+  region = sources.RegionVolume(vol, (1, 4, 8), (4, 20, 30))
+  assert region.shape == (3, 16, 22)
+  np.testing.assert_array_equal(region.read([0, 0, 0], region.shape), volume[1:4, 4:20, 8:30])
+  np.testing.assert_array_equal(region.read([1, 2, 3], [2, 5, 5]), volume[2:4, 6:11, 11:16])
+  with pytest.raises(UserError, match="not inside"):
+    sources.RegionVolume(vol, (0, 0, 0), (6, 24, 32))
+
+
+def test_bad_paths_are_one_line_errors(tmp_path, volume):
+  with pytest.raises(UserError, match="volume not found"):
+    sources.open_volume(str(tmp_path / "missing.zarr"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="is not a volume"):
+    sources.open_volume(str(tmp_path / "empty"))
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(UserError, match="unknown volume format"):
+    sources.open_volume(str(tmp_path / "notes.txt"))
+  import h5py
+  with h5py.File(tmp_path / "two.h5", "w") as f:
+    f["a"] = volume
+    f["b"] = volume
+  with pytest.raises(UserError, match="holds 2 datasets"):
+    sources.open_volume(str(tmp_path / "two.h5"))
+  with pytest.raises(UserError, match="no dataset 'c'"):
+    sources.open_volume(str(tmp_path / "two.h5") + ":c")
+  np.testing.assert_array_equal(
+      sources.open_volume(str(tmp_path / "two.h5") + ":b").read([0, 0, 0], SHAPE), volume)
+  with pytest.raises(UserError, match="read-only"):
+    sources.open_volume(str(tmp_path / "two.h5") + ":b").write([0, 0, 0], volume)
+
+
+def test_convert_on_the_command_line(tmp_path, volume):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  stack = WRITERS["tiff_stack"](str(tmp_path / "stack"), volume)
+  out = str(tmp_path / "stack.zarr")
+  cmd = [sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py", "--mode=convert",
+         f"--input={stack}", f"--output={out}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  converted = sources.open_volume(out)
+  np.testing.assert_array_equal(converted.read([0, 0, 0], SHAPE), volume)
+  assert converted.voxel_size_nm == (30.0, 8.0, 8.0)  # from the config: TIFF has none
+  again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  lines = [l for l in again.stderr.strip().splitlines() if l.strip()]
+  assert again.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0]
+
+
+def test_config_regions_split_one_volume(tmp_path, volume):
+  from stt_jax.config import default_config
+  from stt_jax.data import datasets
+  image = WRITERS["hdf5"](str(tmp_path / "im"), volume)
+  labels = sources.write_array(str(tmp_path / "lab.zarr"), (volume > 128).astype(np.uint32)).path
+  cfg = default_config()
+  cfg.data.train.update(image=image, label=labels, region=((0, 0, 0), (3, 24, 32)))
+  cfg.data.val.update(image=image, label=labels, region=((3, 0, 0), (5, 24, 32)))
+  train_image, _ = datasets.open_split(cfg, "train")
+  val_image, val_labels = datasets.open_split(cfg, "val")
+  assert train_image.shape == (3, 24, 32) and val_image.shape == (2, 24, 32)
+  np.testing.assert_array_equal(val_image.read([0, 0, 0], [2, 24, 32]), volume[3:])
+  np.testing.assert_array_equal(val_labels.read([0, 0, 0], [2, 24, 32]), volume[3:] > 128)
+  cfg.data.val.region = ((3, 0, 0), (6, 24, 32))
+  with pytest.raises(UserError, match="config.data.val.region.*not inside"):
+    datasets.open_split(cfg, "val")
+  cfg.data.val.image = str(tmp_path / "none.h5")
+  with pytest.raises(UserError, match="config.data.val.image.*none.h5"):
+    datasets.open_split(cfg, "val")
