@@ -5,8 +5,10 @@ consumption rate on this machine.
 
 Generates one synthetic EM volume (zarr, under --workdir), then times the
 sampler (TensorStore reads, all augmentations, targets) with 1 and 2 worker
-threads, and one jitted train step of the baseline (demo widths and the
-paper's) at the same patch and batch. Prints one table, writes
+threads at the paper's patch, and one jitted train step of the baseline (demo
+widths and the paper's). On CPU the step runs at --step-patch (a 32x320x320
+batch-2 step needs more memory than a 24 GiB machine has: XLA plans 48 GiB of
+scratch for it), so compare voxels/s. Prints one table, writes
 bench/results/data_throughput-<device>.json.
 """
 
@@ -72,11 +74,14 @@ def main():
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--skip-paper-step", action="store_true",
                       help="skip timing the paper-width step (slow on CPU)")
+  parser.add_argument("--step-patch", type=int, nargs=3, default=None,
+                      help="patch of the timed train step (default: the feeder's; "
+                           "16 160 160 on CPU)")
   args = parser.parse_args()
   patch, batch = (32, 320, 320), 2
   directory = os.path.join(args.workdir, "volume")
   if not os.path.exists(os.path.join(directory, "labels.zarr")):
-    spec = synthetic.SyntheticSpec(shape=(64, 512, 512), num_mitochondria=400)
+    spec = synthetic.SyntheticSpec(shape=(40, 352, 352), num_mitochondria=130)
     synthetic.write_volume_pair(directory, spec, seed=0)
   image = sources.open_volume(os.path.join(directory, "image.zarr"))
   labels = sources.open_volume(os.path.join(directory, "labels.zarr"))
@@ -86,21 +91,25 @@ def main():
     rate = feeder_rate(image, labels, patch, batch, workers, args.batches)
     rows.append({"what": f"feeder, all augmentations, {workers} thread(s)",
                  "patches_per_s": rate, "voxels_per_s": rate * voxels})
-  steps = [("train step, demo widths (12-48)", (12, 16, 24, 32, 48))]
+  step_patch = tuple(args.step_patch or ((16, 160, 160) if jax.default_backend() == "cpu"
+                                         else patch))
+  steps = [("demo widths (12-48)", (12, 16, 24, 32, 48))]
   if not args.skip_paper_step:
-    steps.append(("train step, paper widths (28-80)", (28, 36, 48, 64, 80)))
+    steps.append(("paper widths (28-80)", (28, 36, 48, 64, 80)))
   for name, widths in steps:
-    rate = step_rate(widths, patch, batch)
-    rows.append({"what": name, "patches_per_s": rate, "voxels_per_s": rate * voxels})
+    rate = step_rate(widths, step_patch, batch)
+    rows.append({"what": f"train step {name} at {'x'.join(map(str, step_patch))}",
+                 "patches_per_s": rate, "voxels_per_s": rate * int(np.prod(step_patch))})
   device = jax.devices()[0].device_kind.replace(" ", "_")
-  print(f"patch {patch}, batch {batch}, {os.cpu_count()} cores, {device}")
-  print(f"{'':50s} {'patches/s':>10s} {'voxels/s':>10s}")
+  print(f"feeder patch {patch}, batch {batch}, {os.cpu_count()} cores, {device}")
+  print(f"{'':55s} {'patches/s':>10s} {'voxels/s':>10s}")
   for r in rows:
-    print(f"{r['what']:50s} {r['patches_per_s']:10.3f} {r['voxels_per_s']:10.3g}")
+    print(f"{r['what']:55s} {r['patches_per_s']:10.3f} {r['voxels_per_s']:10.3g}")
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                      f"data_throughput-{jax.default_backend()}.json")
   with open(out, "w") as f:
-    json.dump({"patch": patch, "batch": batch, "cores": os.cpu_count(),
+    json.dump({"patch": patch, "step_patch": step_patch, "batch": batch,
+               "cores": os.cpu_count(),
                "device": device, "rows": rows}, f, indent=2)
   print(f"wrote {out}")
 
