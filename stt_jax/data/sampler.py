@@ -33,7 +33,8 @@ class PatchSampler:
                augment_config=None, contour_width: int = 2,
                foreground_bias: float = 0.0, foreground_tries: int = 8,
                region: Sequence[Sequence[int]] | None = None,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               check_foreground: bool = True):
     if image.shape != labels.shape:
       raise UserError(f"image {image.path} has shape {image.shape} but labels "
                       f"{labels.path} have shape {labels.shape}; they must match")
@@ -59,6 +60,22 @@ class PatchSampler:
     self.contour_width = int(contour_width)
     self.foreground_bias = float(foreground_bias)
     self.foreground_tries = int(foreground_tries)
+    if check_foreground:
+      self._check_foreground()
+
+  def _check_foreground(self, probes: int = 16) -> None:
+    """Refuses labels with no foreground where patches are drawn. Reading a
+    whole region would defeat larger-than-memory volumes, so `probes` random
+    patches are read at once; all empty means a wrong path, region or label
+    volume far more often than a truly sparse one."""
+    rng = np.random.default_rng([self.seed, 2 ** 31])
+    starts = [self._draw_start(rng) for _ in range(probes)]
+    reads = [self.labels.read_async(s, self.patch_shape) for s in starts]
+    if not any(f.result().any() for f in reads):
+      box = [self._lo.tolist(), self._hi.tolist()]
+      raise UserError(f"labels {self.labels.path} hold no foreground in {probes} random "
+                      f"patches of region {box}; check the label path and "
+                      "data.<split>.region")
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch of `step`."""

@@ -106,3 +106,11 @@ def test_every_augmentation_on_keeps_targets_valid(small_zarr):
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert set(np.unique(batch["target"])) <= {0.0, 1.0}
   np.testing.assert_array_equal(sampler.batch(5)["image"], sampler.batch(5)["image"])
+
+
+def test_empty_label_region_is_refused(tmp_path, small_zarr):
+  empty = str(tmp_path / "empty.zarr")
+  sources.write_array(empty, np.zeros((16, 96, 96), np.uint32))
+  with pytest.raises(UserError, match="hold no foreground"):
+    PatchSampler(sources.open_volume(small_zarr["image"]), sources.open_volume(empty),
+                 patch_shape=(4, 32, 32), batch_size=2, seed=0)
