@@ -7,6 +7,7 @@ the optimiser states, the sampler is a function of (seed, step)).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -99,6 +100,18 @@ class _StopOnSignal:
       signal.signal(sig, handler)
 
 
+def prefetch_to_device(batches, mesh, depth: int = 2):
+  """Yields (step, global batch on `mesh`) `depth` batches ahead: device_put
+  is asynchronous, so the copies of the next batches overlap the current step."""
+  queue = collections.deque()
+  for step, batch in batches:
+    queue.append((step, step_lib.shard_batch(batch, mesh)))
+    if len(queue) > depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
 def _is_main() -> bool:
   return jax.process_index() == 0
 
@@ -177,9 +190,11 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   window_start, window_steps = time.perf_counter(), 0
   done = first
   try:
-    for step, batch in sampler.iterate(first, last, prefetch=cfg.data.prefetch):
+    batches = prefetch_to_device(
+        sampler.iterate(first, last, prefetch=cfg.data.prefetch), mesh)
+    for step, batch in batches:
       rng = jax.random.key_data(jax.random.fold_in(base_key, step))
-      state, metrics = step_fn(state, step_lib.shard_batch(batch, mesh), rng)
+      state, metrics = step_fn(state, batch, rng)
       window_steps += 1
       done = step + 1
       stopping = stop.received is not None or done == last
