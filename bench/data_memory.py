@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from stt_jax.config import default_config  # noqa: E402
+from stt_jax.config import AUGMENT_PROBABILITIES, default_config  # noqa: E402
 from stt_jax.data import sources  # noqa: E402
 from stt_jax.data.sampler import PatchSampler  # noqa: E402
 
@@ -79,8 +79,7 @@ def main():
   image = sources.open_volume(image_path)
   labels = sources.open_volume(label_path)
   augment = default_config().data.augment
-  for key in ("rescale_prob", "elastic_prob", "misalignment_prob", "missing_section_prob",
-              "motion_blur_prob", "cut_blur_prob", "cut_noise_prob", "intensity_prob"):
+  for key in AUGMENT_PROBABILITIES:
     augment[key] = 0.0
   # the labels are empty outside one corner (34 GB of uint32 otherwise):
   # skip the sampler's "no foreground" probe

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stt_jax.config import default_config  # noqa: E402
+from stt_jax.config import AUGMENT_PROBABILITIES, default_config  # noqa: E402
 from stt_jax.data import sources, synthetic  # noqa: E402
 from stt_jax.data.sampler import PatchSampler  # noqa: E402
 from stt_jax.train import loop, step as step_lib  # noqa: E402
@@ -33,8 +33,7 @@ from stt_jax.train import loop, step as step_lib  # noqa: E402
 
 def feeder_rate(image, labels, patch, batch, workers, batches):
   cfg = default_config().data.augment
-  for key in ("rescale_prob", "elastic_prob", "misalignment_prob", "missing_section_prob",
-              "motion_blur_prob", "cut_blur_prob", "cut_noise_prob", "intensity_prob"):
+  for key in AUGMENT_PROBABILITIES:
     cfg[key] = 1.0  # the worst case: every transform on every patch
   sampler = PatchSampler(image, labels, patch_shape=patch, batch_size=batch, seed=0,
                          augment_config=cfg, foreground_bias=0.5)

@@ -4,7 +4,7 @@
   python -m stt_jax.main --config=configs/demo.py --workdir=runs/demo
 """
 
-from stt_jax.config import default_config
+from stt_jax.config import AUGMENT_PROBABILITIES, default_config
 
 
 def get_config():
@@ -17,9 +17,7 @@ def get_config():
   # Gamma 2^±1 (the reference default) slows a few-minute run too much. The
   # rest of the MitoEM set (elastic, rescale, defects) is off too: the demo's
   # README figures were measured without it (its effect here is not measured).
-  c.data.augment.intensity_prob = 0.0
-  for key in ("rescale_prob", "elastic_prob", "misalignment_prob", "missing_section_prob",
-              "motion_blur_prob", "cut_blur_prob", "cut_noise_prob"):
+  for key in AUGMENT_PROBABILITIES:
     c.data.augment[key] = 0.0
   c.data.foreground_bias = 0.5
   c.train.steps = 750

@@ -14,6 +14,11 @@ import ml_collections
 
 from stt_jax.errors import UserError
 
+# the probability of each augmentation in data.augment (flips/transpose aside)
+AUGMENT_PROBABILITIES = ("intensity_prob", "rescale_prob", "elastic_prob",
+                         "misalignment_prob", "missing_section_prob", "motion_blur_prob",
+                         "cut_blur_prob", "cut_noise_prob")
+
 MODES = ("train", "evaluate", "segment", "export", "convert")
 
 
@@ -203,8 +208,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be ap_50, ap_75, ap_50_95, jaccard or dice, got {c.train.best_metric!r}")
   _need(0.0 <= c.data.foreground_bias <= 1.0, "data.foreground_bias",
         f"must be in [0, 1], got {c.data.foreground_bias}")
-  for key in ("intensity_prob", "rescale_prob", "elastic_prob", "misalignment_prob",
-              "missing_section_prob", "motion_blur_prob", "cut_blur_prob", "cut_noise_prob"):
+  for key in AUGMENT_PROBABILITIES:
     _need(0.0 <= c.data.augment[key] <= 1.0, f"data.augment.{key}",
           f"must be in [0, 1], got {c.data.augment[key]}")
   low, high = c.data.augment.rescale_range

@@ -164,7 +164,8 @@ def _train(cfg, workdir: str) -> None:
     if main_process:
       print("multi-process run: score it with --mode=evaluate from one process")
     return
-  _score_val(cfg, workdir, result.model, result.state.inference_params(), result.mesh)
+  _score_val(cfg, workdir, result.model, result.state.inference_params(), result.mesh,
+             validation=result.final_validation)
 
 
 def _load(cfg, workdir: str):
@@ -199,26 +200,21 @@ def _load(cfg, workdir: str):
   return cfg, setup.model, state.inference_params(), setup.mesh
 
 
-def _score_val(cfg, workdir: str, model, params, mesh) -> None:
+def _score_val(cfg, workdir: str, model, params, mesh, validation=None) -> None:
+  """Scores `params` on data.val (or reports `validation`, the loop's result
+  for these same weights), prints the table and writes eval.json."""
   from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  from stt_jax.infer import pipeline, sliding_window  # pylint: disable=g-import-not-at-top
+  from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
   if cfg.data.synthetic.enabled:
     datasets.ensure_synthetic(cfg, workdir)
-  image, labels = datasets.open_split(cfg, "val")
-  t0 = time.perf_counter()
-  # derived output of this run folder: replaced on every evaluation
-  out_dir = pipeline.prepare_output_dir(os.path.join(workdir, "val_segmentation"),
-                                        overwrite=True)
-  predict_fn = sliding_window.make_predict_fn(model, mesh)
-  instances = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir)
-  seconds = time.perf_counter() - t0
-  gt = labels.read([0, 0, 0], labels.shape)
-  scores = report.score(gt, instances, min_gt_size=cfg.eval.min_gt_size)
-  scores["segment_seconds"] = seconds
-  scores["volume_shape"] = list(image.shape)
-  print(report.format_table(scores, f"held-out volume {image.path} {image.shape}"))
-  print(f"segmented in {seconds:.1f} s; instances in {out_dir}")
+  if validation is None:
+    validation = loop.validate(cfg, workdir, sliding_window.make_predict_fn(model, mesh),
+                               params, mesh)
+  scores, path, out_dir = validation
+  print(report.format_table(scores, f"held-out volume {path} {tuple(scores['volume_shape'])}"))
+  print(f"segmented in {scores['segment_seconds']:.1f} s; instances in {out_dir}")
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(scores, f, indent=2)
 

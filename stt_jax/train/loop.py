@@ -72,6 +72,7 @@ class Result:
   mesh: jax.sharding.Mesh
   stopped_by: str | None = None    # signal name when a signal ended the run early
   best: dict | None = None         # best validation scores seen
+  final_validation: tuple | None = None  # validate()'s result at the last step
 
 
 class _StopOnSignal:
@@ -116,17 +117,26 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
-def validate(cfg, workdir: str, setup_model, params, mesh) -> dict:
-  """Segments the held-out volume with `params`; returns the scores."""
-  from stt_jax.infer import pipeline, sliding_window  # pylint: disable=g-import-not-at-top
+def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, str]:
+  """Segments the held-out volume with `params` into <workdir>/val_segmentation
+  (replaced each time: a derived output of the run) and scores it.
+
+  Returns (scores, the volume's path, the output folder); scores hold the
+  metrics of `report.score` plus segment_seconds and volume_shape.
+  """
+  from stt_jax.infer import pipeline  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
   image, labels = datasets.open_split(cfg, "val")
+  t0 = time.perf_counter()
   out_dir = pipeline.prepare_output_dir(os.path.join(workdir, "val_segmentation"),
                                         overwrite=True)
-  predict_fn = sliding_window.make_predict_fn(setup_model, mesh)
   instances = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir)
+  seconds = time.perf_counter() - t0
   gt = labels.read([0, 0, 0], labels.shape)
-  return report.score(gt, instances, min_gt_size=cfg.eval.min_gt_size)
+  scores = report.score(gt, instances, min_gt_size=cfg.eval.min_gt_size)
+  scores["segment_seconds"] = seconds
+  scores["volume_shape"] = list(image.shape)
+  return scores, image.path, out_dir
 
 
 def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
@@ -183,7 +193,11 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   total = int(cfg.train.steps)
   last = total if stop_at is None else min(total, int(stop_at))
   last_good = ckpts.latest_step()
-  best = None
+  best = final_validation = None
+  predict_fn = None
+  if validating:  # compiled once, reused by every validation
+    from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
+    predict_fn = sliding_window.make_predict_fn(setup.model, mesh)
   postfix = {}
   bar = tqdm.tqdm(total=total, initial=first, disable=quiet or not _is_main(),
                   unit="step", dynamic_ncols=True)
@@ -225,10 +239,14 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           ckpts.save(done, state, force=True)
           last_good = done
         if is_eval:
-          scores = validate(cfg, workdir, setup.model, state.inference_params(), mesh)
+          validation = validate(cfg, workdir, predict_fn, state.inference_params(), mesh)
+          scores = validation[0]
+          if done == total:
+            final_validation = validation
           if writer:
             for k, v in scores.items():
-              writer.add_scalar(f"val/{k}", v, done)
+              if isinstance(v, (int, float)):
+                writer.add_scalar(f"val/{k}", v, done)
           best_ckpts.save(done, state, force=True, metrics=scores)
           if best is None or scores[cfg.train.best_metric] > best[cfg.train.best_metric]:
             best = dict(scores, step=done)
@@ -245,4 +263,5 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     if best_ckpts:
       best_ckpts.close()
   return Result(setup.model, state, mesh,
-                stopped_by=stop.received if done < total else None, best=best)
+                stopped_by=stop.received if done < total else None, best=best,
+                final_validation=final_validation)

@@ -90,12 +90,12 @@ def create(model, optimizer: optax.GradientTransformation, patch_shape, seed: in
            ema: bool = False) -> TrainState:
   """A fresh state. The discriminator parts are empty without `discriminator`."""
   init_key, state_key = jax.random.split(jax.random.key(seed))
-  disc_key = jax.random.fold_in(init_key, 1)
-  dummy = jnp.zeros((1, *patch_shape, 1), jnp.float32)
-  params = jax.jit(model.init)(init_key, dummy)["params"]
+  params = init_params(model, patch_shape, seed)
   disc_params, disc_opt_state = {}, {}
   if discriminator is not None:
-    disc_params = jax.jit(discriminator.init)(disc_key, dummy, dummy)["params"]
+    dummy = jnp.zeros((1, *patch_shape, 1), jnp.float32)
+    disc_params = jax.jit(discriminator.init)(jax.random.fold_in(init_key, 1),
+                                              dummy, dummy)["params"]
     disc_opt_state = disc_optimizer.init(disc_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
