@@ -19,7 +19,7 @@ AUGMENT_PROBABILITIES = ("intensity_prob", "rescale_prob", "elastic_prob",
                          "misalignment_prob", "missing_section_prob", "motion_blur_prob",
                          "cut_blur_prob", "cut_noise_prob")
 
-MODES = ("train", "evaluate", "segment", "export", "convert")
+MODES = ("train", "evaluate", "segment", "decode", "export", "convert")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -117,6 +117,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.infer.window = (32, 256, 256)
   c.infer.overlap = 0.5
   c.infer.batch_size = 2
+  # output blocks: memory holds one (plus its windows' margin); windows on a
+  # block's faces are computed for both neighbours, so bigger blocks waste less
+  c.infer.block_shape = (128, 1024, 1024)
+  c.infer.tta = "none"                 # none | flips (8) | flips_transpose (16)
+  c.infer.preview_sections = ()        # z indices of preview PNGs; () = 3 spread
 
   c.decode = ml_collections.ConfigDict()
   c.decode.seed_mask = 0.9
@@ -124,6 +129,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.decode.foreground = 0.85
   c.decode.min_seed_size = 32
   c.decode.min_size = 128
+  # blockwise decoding: exact (equal to whole-volume) where no foreground
+  # component reaching a block is longer than the halo; segment.json counts
+  # the components cut by a halo
+  c.decode.block_shape = (64, 512, 512)
+  c.decode.halo = (8, 64, 64)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.min_gt_size = 2000            # MitoEM drops smaller GT "crumbs"
@@ -219,6 +229,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(0.0 <= c.infer.overlap < 1.0, "infer.overlap",
         f"must be in [0, 1), got {c.infer.overlap}")
   _need(c.infer.batch_size > 0, "infer.batch_size", "must be positive")
+  for key in ("infer.block_shape", "decode.block_shape", "decode.halo"):
+    value = tuple(c[key.split(".")[0]][key.split(".")[1]])
+    low = 0 if key == "decode.halo" else 1
+    _need(len(value) == 3 and all(int(v) >= low for v in value), key,
+          f"needs 3 sizes >= {low} (depth, height, width), got {value}")
+  from stt_jax.infer.sliding_window import TTA_MODES  # pylint: disable=g-import-not-at-top
+  _need(c.infer.tta in TTA_MODES, "infer.tta",
+        f"must be one of {TTA_MODES}, got {c.infer.tta!r}")
+  _need(c.infer.tta != "flips_transpose" or c.infer.window[1] == c.infer.window[2],
+        "infer.tta", "flips_transpose needs a square window (height == width)")
   for key in ("seed_mask", "seed_contour", "foreground"):
     value = c.decode[key]
     _need(0.0 <= value <= 1.0, f"decode.{key}", f"must be in [0, 1], got {value}")

@@ -5,6 +5,10 @@ r"""stt_jax command line.
   python -m stt_jax.main --config=configs/demo.py --workdir=runs/demo \
       --mode=segment --input=my_volume.zarr --output=runs/my_volume_seg
   python -m stt_jax.main --config=configs/demo.py --workdir=runs/demo --mode=export
+  python -m stt_jax.main --config=configs/demo.py --mode=decode \
+      --input=runs/my_volume_seg/probabilities.zarr --output=runs/redecoded
+  python -m stt_jax.main --config=configs/demo.py --mode=evaluate \
+      --input=runs/my_volume_seg/instances.zarr --labels=my_labels.zarr
 
 Any config field can be overridden: --config.train.steps=50.
 """
@@ -16,14 +20,19 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "evaluate", "segment", "export", "convert"],
-                          "What to do. convert: copy --input (any format) into a "
-                          "chunked zarr at --output.")
+                          ["train", "evaluate", "segment", "decode", "export", "convert"],
+                          "What to do. segment: --input image -> --output folder "
+                          "(probabilities, instances, morphology, previews). decode: "
+                          "--input probabilities.zarr -> instances (no model). "
+                          "evaluate: score the validation volume, or --input "
+                          "instances against --labels. convert: copy --input (any "
+                          "format) into a chunked zarr at --output.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, outputs.")
 _RESUME = flags.DEFINE_bool("resume", False, "train: continue the run in --workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
@@ -35,6 +44,9 @@ _OUTPUT = flags.DEFINE_string("output", None,
 _WEIGHTS = flags.DEFINE_string("weights", None,
                                "segment/evaluate: an export folder to load instead "
                                "of the latest checkpoint in --workdir.")
+_LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
+                              "to score --input (a segmentation) against.")
+_IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -120,6 +132,12 @@ def run(argv) -> None:
   mode = _MODE.value
   if mode == "convert":
     _convert(cfg)
+    return
+  if mode == "decode":
+    _decode(cfg)
+    return
+  if mode == "evaluate" and _LABELS.value:
+    _evaluate_volumes(cfg)
     return
   workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":
@@ -210,7 +228,8 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None) -> None:
   if cfg.data.synthetic.enabled:
     datasets.ensure_synthetic(cfg, workdir)
   if validation is None:
-    validation = loop.validate(cfg, workdir, sliding_window.make_predict_fn(model, mesh),
+    validation = loop.validate(cfg, workdir,
+                               sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                                params, mesh)
   scores, path, out_dir = validation
   print(report.format_table(scores, f"held-out volume {path} {tuple(scores['volume_shape'])}"))
@@ -226,17 +245,80 @@ def _evaluate(cfg, workdir: str) -> None:
 
 def _segment(cfg, workdir: str) -> None:
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from stt_jax.infer import pipeline, sliding_window  # pylint: disable=g-import-not-at-top
-  image_path = _require(_INPUT.value, "input", "segment")
-  out = _require(_OUTPUT.value, "output", "segment")
-  image = sources.open_volume(image_path)
-  out_dir = pipeline.prepare_output_dir(out, overwrite=_OVERWRITE.value)
+  from stt_jax.infer import blocks, pipeline, sliding_window  # pylint: disable=g-import-not-at-top
+  image = sources.open_volume(_require(_INPUT.value, "input", "segment"))
+  out = os.path.abspath(_require(_OUTPUT.value, "output", "segment"))
+  blocks.check_output(out, overwrite=_OVERWRITE.value)  # before the model loads
   cfg, model, params, mesh = _load(cfg, workdir)
   t0 = time.perf_counter()
-  instances = pipeline.segment(cfg, sliding_window.make_predict_fn(model, mesh),
-                               params, image, mesh, out_dir)
-  print(f"segmented {image.shape} in {time.perf_counter() - t0:.1f} s: "
-        f"{int(instances.max())} instances -> {out_dir}")
+  summary = pipeline.segment(cfg, sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
+                             params, image, mesh, out, overwrite=_OVERWRITE.value,
+                             quiet=_QUIET.value, sections=cfg.infer.preview_sections)
+  seconds = time.perf_counter() - t0
+  voxels = int(np.prod(image.shape))
+  print(f"segmented {image.shape} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
+        f"{', continued a previous run' if summary['resumed'] else ''}): "
+        f"{summary['instances']} instances -> {out}")
+  if summary["components_cut_by_halo"]:
+    print(f"note: {summary['components_cut_by_halo']} foreground components were longer "
+          "than decode.halo; ids near those block faces may differ from whole-volume "
+          "decoding (raise decode.halo)")
+
+
+def _decode(cfg) -> None:
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax.infer import blocks, pipeline  # pylint: disable=g-import-not-at-top
+  probabilities = sources.open_volume(_require(_INPUT.value, "input", "decode"))
+  if len(probabilities.shape) != 4 or probabilities.shape[3] < 2 or \
+      probabilities.dtype != np.uint8:
+    raise _UsageError(f"--input {probabilities.path} must be uint8 probabilities "
+                      "[z, y, x, channels >= 2] (a segment run's probabilities.zarr), got "
+                      f"{probabilities.dtype} {probabilities.shape}")
+  out = os.path.abspath(_require(_OUTPUT.value, "output", "decode"))
+  image = sources.open_volume(_IMAGE.value) if _IMAGE.value else None
+  if image is not None and image.shape != probabilities.shape[:3]:
+    raise _UsageError(f"--image {image.shape} and --input {probabilities.shape[:3]} "
+                      "differ in shape")
+  resumed = blocks.open_output(out, {"input": os.path.abspath(probabilities.path),
+                                     "decode": cfg.decode.to_dict()}, _OVERWRITE.value)
+  voxel_size = probabilities.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
+  t0 = time.perf_counter()
+  instances, stats = pipeline.decode(cfg, probabilities, out, voxel_size_nm=voxel_size,
+                                     quiet=_QUIET.value)
+  seconds = time.perf_counter() - t0
+  from stt_jax.metrics import morphology  # pylint: disable=g-import-not-at-top
+  summary = {**stats, "decode_seconds": seconds, "resumed": resumed,
+             "morphology": morphology.write_report(instances, voxel_size, out,
+                                                   tuple(cfg.decode.block_shape))}
+  if image is not None:
+    from stt_jax.infer import preview  # pylint: disable=g-import-not-at-top
+    summary["previews"] = preview.write_previews(image, instances, out,
+                                                 cfg.infer.preview_sections)
+  blocks.finish_output(out, summary)
+  voxels = int(np.prod(probabilities.shape[:3]))
+  print(f"decoded {probabilities.shape[:3]} in {seconds:.1f} s ({voxels / seconds:.3g} "
+        f"voxels/s): {stats['instances']} instances -> {instances.path}")
+
+
+def _evaluate_volumes(cfg) -> None:
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
+  path = _require(_INPUT.value, "input", "evaluate --labels")
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "instances.zarr")):
+    path = os.path.join(path, "instances.zarr")  # a segment output folder
+  instances = sources.open_volume(path)
+  labels = sources.open_volume(_LABELS.value)
+  t0 = time.perf_counter()
+  scores = report.score_volumes(labels, instances, min_gt_size=cfg.eval.min_gt_size,
+                                block=tuple(cfg.decode.block_shape))
+  scores["seconds"] = time.perf_counter() - t0
+  print(report.format_table(scores, f"{instances.path} vs {labels.path} {labels.shape}"))
+  out = _OUTPUT.value or os.path.join(os.path.dirname(os.path.abspath(path)), "eval.json")
+  if os.path.exists(out) and not _OVERWRITE.value:
+    raise _UsageError(f"{out} exists; pass --overwrite or another --output")
+  with open(out, "w") as f:
+    json.dump(scores, f, indent=2)
+  print(f"scores written to {out}")
 
 
 def _export(cfg, workdir: str) -> None:

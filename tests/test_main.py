@@ -18,7 +18,8 @@ TINY = ["--config.model.widths=(4,4,6,6,8)",
         "--config.data.patch_shape=(4,32,32)", "--config.infer.window=(4,32,32)",
         "--config.train.steps=4", "--config.train.log_every=2",
         "--config.train.checkpoint_every=2", "--config.decode.min_size=8",
-        "--config.eval.min_gt_size=10", "--quiet"]
+        "--config.eval.min_gt_size=10", "--config.infer.block_shape=(8,32,32)",
+        "--config.decode.block_shape=(4,32,32)", "--quiet"]
 
 
 def _main(*args, check_ok=True):
@@ -123,6 +124,23 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
       [0, 0, 0], sources.open_volume(os.path.join(d, n)).shape)
   np.testing.assert_array_equal(read(seg_a, "instances.zarr"), read(seg_b, "instances.zarr"))
   assert read(seg_a, "probabilities.zarr").shape == (8, 64, 64, 2)
+  assert os.path.exists(os.path.join(seg_a, "morphology.csv"))
+
+  # decode the stored probabilities again (no model): the same instances
+  redecoded = str(tmp_path / "redecoded")
+  _main("--mode=decode", f"--input={seg_a}/probabilities.zarr", f"--image={val_image}",
+        f"--output={redecoded}", *TINY)
+  np.testing.assert_array_equal(read(seg_a, "instances.zarr"),
+                                read(redecoded, "instances.zarr"))
+  assert os.listdir(os.path.join(redecoded, "previews"))
+  # score a segmentation folder against labels: one table, JSON written
+  val_labels = os.path.join(work, "data", "val", "labels.zarr")
+  proc = _main("--mode=evaluate", f"--input={seg_a}", f"--labels={val_labels}", *TINY)
+  assert "voxel MCC" in proc.stdout
+  assert "mcc" in json.load(open(os.path.join(seg_a, "eval.json")))
+  wrong = _main("--mode=evaluate", f"--input={seg_a}", f"--labels={val_image}x", *TINY,
+                check_ok=False)
+  _one_line_error(wrong, "not found")
 
   # an existing output is never overwritten without --overwrite
   refused = _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",

@@ -387,6 +387,19 @@ def create_volume(path: str, shape: Sequence[int], dtype, *,
   return TensorStoreVolume(store, path)
 
 
+def reopen_for_writing(path: str) -> TensorStoreVolume:
+  """An existing zarr v3 volume of ours, writable (to finish an interrupted
+  run)."""
+  path = os.path.abspath(path)
+  try:
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}},
+                    open=True, read=True, write=True).result()
+  except ValueError as e:
+    raise UserError(f"cannot reopen {path} to continue writing it: "
+                    f"{str(e).splitlines()[0]}; pass --overwrite to start again") from None
+  return TensorStoreVolume(store, path)
+
+
 def write_array(path: str, array: np.ndarray, *,
                 voxel_size_nm: Sequence[float] | None = None,
                 overwrite: bool = False) -> TensorStoreVolume:

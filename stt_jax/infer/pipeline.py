@@ -1,39 +1,123 @@
-"""Image volume -> probabilities -> instances, written to zarr."""
+"""Image volume -> probabilities -> instances -> report, block by block.
+
+Output folder:
+  probabilities.zarr   [z, y, x, channels] uint8 (mask, contour, ... x 255)
+  instances.zarr       [z, y, x] uint32, 0 = background, 1..N
+  morphology.csv, morphology_summary.json, size_histogram.png
+  previews/z<k>.png    EM section + instances + contours
+  segment.json         settings, timings, finished flag
+  progress/            finished blocks of each stage (a rerun skips them)
+Both zarr arrays carry `voxel_size_nm` in their attributes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import resource
+import time
 
+import jax
 import numpy as np
+import tqdm
 
-from stt_jax import paths
 from stt_jax.data import sources
-from stt_jax.infer import postprocess, sliding_window
+from stt_jax.infer import blocks as blocks_lib
+from stt_jax.infer import blockwise, preview, sliding_window
+from stt_jax.metrics import morphology
 
 
-def prepare_output_dir(out_dir: str, overwrite: bool) -> str:
-  out_dir = paths.clear_for_output(out_dir, overwrite)
-  os.makedirs(out_dir, exist_ok=True)
-  return out_dir
+def weights_fingerprint(params) -> str:
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return digest.hexdigest()[:16]
 
 
-def segment(cfg, predict_fn, params, image: sources.Volume, mesh,
-            out_dir: str) -> np.ndarray:
-  """Segments `image`; writes probabilities.zarr ([z, y, x, 2] uint8, mask and
-  contour x 255) and instances.zarr (uint32) under `out_dir` (which the
-  caller prepared). Returns the instance labels [depth, height, width]."""
-  probs = sliding_window.predict_volume(
-      predict_fn, params, image, mesh, window=cfg.infer.window,
-      overlap=cfg.infer.overlap, batch_size=cfg.infer.batch_size)
-  probs_u8 = sliding_window.to_uint8(probs)
+def _settings(cfg, image: sources.Volume, params) -> dict:
+  return {"input": os.path.abspath(image.path), "input_shape": list(image.shape),
+          "weights": weights_fingerprint(params), "infer": cfg.infer.to_dict(),
+          "decode": cfg.decode.to_dict()}
+
+
+def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
+            voxel_size_nm, quiet: bool = True) -> sources.Volume:
+  """Blended probabilities of `image` into <out_dir>/probabilities.zarr
+  (uint8), skipping blocks a previous run finished."""
+  i = cfg.infer
+  block = tuple(int(b) for b in i.block_shape)
+  predictor = sliding_window.BlockPredictor(
+      predict_fn, params, mesh, image.shape, window=i.window, overlap=i.overlap,
+      batch_size=i.batch_size, block=block)
+  path = os.path.join(out_dir, "probabilities.zarr")
+  shape = (*image.shape, predictor.channels)
+  if os.path.exists(path):
+    out = sources.reopen_for_writing(path)
+  else:
+    out = sources.create_volume(path, shape, np.uint8,
+                                chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
+                                voxel_size_nm=voxel_size_nm)
+  done = blocks_lib.Progress(out_dir, "predict")
+  todo = [b for b in blocks_lib.iterate(image.shape, block) if not done.done(b.index)]
+  bar = tqdm.tqdm(total=len(todo), desc="predict blocks", disable=quiet, leave=False)
+  for b, probs in predictor.run(image, todo):
+    out.write((*b.start, 0), sliding_window.to_uint8(probs))
+    done.mark(b.index)
+    bar.update()
+  bar.close()
+  return out
+
+
+def decode(cfg, probabilities: sources.Volume, out_dir: str, *, voxel_size_nm,
+           quiet: bool = True) -> tuple[sources.Volume, dict]:
+  settings = blockwise.DecodeSettings.from_config(cfg.decode)
+  bar = tqdm.tqdm(total=blockwise.passes(probabilities.shape[:3], settings.block),
+                  desc="decode blocks", disable=quiet, leave=False)
+  out = blockwise.decode(probabilities, out_dir, settings, voxel_size_nm=voxel_size_nm,
+                         progress_bar=bar)
+  bar.close()
+  return out
+
+
+def report(cfg, image: sources.Volume, instances: sources.Volume, out_dir: str, *,
+           voxel_size_nm, sections=()) -> dict:
+  summary = morphology.write_report(instances, voxel_size_nm, out_dir,
+                                    block=tuple(cfg.decode.block_shape))
+  summary["previews"] = preview.write_previews(image, instances, out_dir, sections)
+  return summary
+
+
+def _peak_rss_mb() -> float:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
+            overwrite: bool = False, quiet: bool = True, with_report: bool = True,
+            sections=()) -> dict:
+  """Segments `image` into `out_dir` (see the module doc). An unfinished
+  run there with the same settings is continued; anything else is refused
+  unless `overwrite`. Returns the summary also written to segment.json."""
+  resumed = blocks_lib.open_output(out_dir, _settings(cfg, image, params), overwrite)
   voxel_size = image.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
-  sources.write_array(os.path.join(out_dir, "probabilities.zarr"), probs_u8,
-                      voxel_size_nm=voxel_size)
-  d = cfg.decode
-  instances = postprocess.decode_instances(
-      probs[..., 0], probs[..., 1], seed_mask=d.seed_mask,
-      seed_contour=d.seed_contour, foreground=d.foreground,
-      min_seed_size=d.min_seed_size, min_size=d.min_size)
-  sources.write_array(os.path.join(out_dir, "instances.zarr"), instances,
-                      voxel_size_nm=voxel_size)
-  return instances
+  t0 = time.perf_counter()
+  probabilities = predict(cfg, predict_fn, params, image, mesh, out_dir,
+                          voxel_size_nm=voxel_size, quiet=quiet)
+  t1 = time.perf_counter()
+  rss = {"predict": _peak_rss_mb()}
+  instances, stats = decode(cfg, probabilities, out_dir, voxel_size_nm=voxel_size,
+                            quiet=quiet)
+  t2 = time.perf_counter()
+  rss["decode"] = _peak_rss_mb()
+  summary = {"resumed": resumed, "volume_shape": list(image.shape),
+             "voxel_size_nm": list(voxel_size), **stats,
+             "predict_seconds": t1 - t0, "decode_seconds": t2 - t1,
+             "probabilities_path": probabilities.path,
+             "instances_path": instances.path}
+  if with_report:
+    summary["morphology"] = report(cfg, image, instances, out_dir,
+                                   voxel_size_nm=voxel_size, sections=sections)
+    summary["report_seconds"] = time.perf_counter() - t2
+    rss["report"] = _peak_rss_mb()
+  summary["peak_rss_mb_after"] = rss  # process peak after each stage
+  blocks_lib.finish_output(out_dir, summary)
+  return summary

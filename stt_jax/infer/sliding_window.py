@@ -1,13 +1,19 @@
-"""Sliding-window inference with Gaussian blending over a chunked volume.
+"""Sliding-window inference with Gaussian blending, one output block at a time.
 
-Windows overlap by `overlap` (a fraction per axis); each window's prediction
-is weighted by 1e-4 + exp(-r^2 / (2 * 0.2^2)), r the distance from the window
-centre in coordinates normalised to [-1, 1]^3 (the original's blending), so
-seams between windows vanish. Windows are batched and split over all devices.
+Windows lie on one global grid (stride = window x (1 - overlap), the last
+window flush with the volume's end); each window's prediction is weighted by
+1e-4 + exp(-r^2 / (2 * 0.2^2)), r the distance from the window centre in
+coordinates normalised to [-1, 1]^3 (the original's blending), so seams
+vanish. An output block is predicted from every grid window that touches it,
+accumulated on the devices, normalised and cropped: the result equals
+whole-volume blending exactly, whatever the block size, while memory holds one
+block. Windows on a block's faces are computed for both neighbours (the price
+of bounded memory; see docs/architecture.md "Inference").
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 
@@ -17,6 +23,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from stt_jax.data.sources import Volume
+from stt_jax.infer import blocks as blocks_lib
+
+TTA_MODES = ("none", "flips", "flips_transpose")
 
 
 def blending_weights(window: Sequence[int], sigma: float = 0.2) -> np.ndarray:
@@ -37,56 +46,194 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
   return starts + [size - window]
 
 
-def read_window(volume: Volume, start: Sequence[int], window: Sequence[int]):
-  """Reads a window, edge-padding where the volume is smaller than it."""
-  size = [min(w, s - st) for w, s, st in zip(window, volume.shape, start)]
-  data = volume.read(start, size)
-  pads = [(0, w - n) for w, n in zip(window, size)]
-  return np.pad(data, pads, mode="edge") if any(p[1] for p in pads) else data
+def _tta_transforms(mode: str) -> np.ndarray:
+  """[n, 4] flags (flip z, flip y, flip x, transpose yx) of each transform."""
+  flips = list(itertools.product((0, 1), repeat=3)) if mode != "none" else [(0, 0, 0)]
+  transposes = (0, 1) if mode == "flips_transpose" else (0,)
+  return np.array([(*f, t) for t in transposes for f in flips], np.int32)
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-  for i in range(0, len(items), size):
-    yield items[i:i + size]
-
-
-def make_predict_fn(model, mesh) -> Callable:
-  """Jitted params, image [b, d, h, w, 1] -> probabilities [b, d, h, w, 2]."""
+def make_predict_fn(model, mesh, tta: str = "none") -> Callable:
+  """Jitted (params, image [b, d, h, w, 1] in [0, 1]) -> probabilities
+  [b, d, h, w, channels], averaged over the test-time transforms of `tta`
+  (none; flips: the 8 flips of z, y, x; flips_transpose: those and their yx
+  transposes, 16). The transforms run in a `lax.scan`: one compiled copy of
+  the model whatever their number."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  fn = lambda params, x: jax.nn.sigmoid(model.apply({"params": params}, x))
+  transforms = jnp.asarray(_tta_transforms(tta))
+
+  def probabilities(params, x):
+    return jax.nn.sigmoid(model.apply({"params": params}, x).astype(jnp.float32))
+
+  def flip(x, flags, axes_first):
+    for flag, axis in zip(flags, axes_first):
+      x = jnp.where(flag, jnp.flip(x, axis), x)
+    return x
+
+  def transpose(x, flag):
+    return jnp.where(flag, jnp.swapaxes(x, 2, 3), x) if x.shape[2] == x.shape[3] else x
+
+  def fn(params, x):
+    if tta == "none":
+      return probabilities(params, x)
+
+    def one(total, t):
+      y = transpose(flip(x, t[:3], (1, 2, 3)), t[3])
+      p = flip(transpose(probabilities(params, y), t[3]), t[:3], (1, 2, 3))
+      return total + p, None
+
+    shape = jax.eval_shape(probabilities, params, x)
+    total, _ = jax.lax.scan(one, jnp.zeros(shape.shape, jnp.float32), transforms)
+    return total / transforms.shape[0]
+
   return jax.jit(fn, in_shardings=(replicated, batch_sharding),
                  out_shardings=batch_sharding)
 
 
+class BlockPredictor:
+  """Blended probabilities of output blocks of a volume.
+
+  The accumulator [data devices, *buffer, channels + 1] (weighted sums and the
+  weight) stays on the devices: each device adds its own windows, the block's
+  sum crosses devices once, and only the normalised block comes back.
+  """
+
+  def __init__(self, predict_fn: Callable, params, mesh, volume_shape: Sequence[int], *,
+               window: Sequence[int], overlap: float, batch_size: int,
+               block: Sequence[int]):
+    self.predict_fn, self.params, self.mesh = predict_fn, params, mesh
+    self.shape = tuple(int(s) for s in volume_shape)
+    self.window = tuple(int(w) for w in window)
+    self.block = tuple(int(b) for b in block)
+    self.starts = [window_starts(s, w, overlap) for s, w in zip(self.shape, self.window)]
+    self.n_data = mesh.shape["data"]
+    self.batch_size = max(batch_size - batch_size % self.n_data, self.n_data)
+    # the largest span of windows touching one block, per axis: one buffer shape
+    self.buffer = tuple(
+        max(self._span(axis, b.start[axis], b.stop[axis])[1]
+            for b in blocks_lib.iterate(self.shape, self.block))
+        for axis in range(3))
+    x = jax.ShapeDtypeStruct((self.batch_size, *self.window, 1), jnp.float32)
+    self.channels = int(jax.eval_shape(predict_fn, params, x).shape[-1])
+    self._weights = jnp.asarray(blending_weights(self.window))
+    self._acc_sharding = NamedSharding(mesh, P("data"))
+    self._batch_sharding = NamedSharding(mesh, P("data"))
+    self._accumulate = jax.jit(self._accumulate_fn, donate_argnums=(1,))
+    self._finish = jax.jit(self._finish_fn, out_shardings=NamedSharding(mesh, P()))
+    self._zeros = jax.jit(
+        lambda: jnp.zeros((self.n_data, *self.buffer, self.channels + 1), jnp.float32),
+        out_shardings=self._acc_sharding)
+
+  def _window_range(self, axis: int, lo: int, hi: int) -> list[int]:
+    w = self.window[axis]
+    return [s for s in self.starts[axis] if s < hi and s + w > lo]
+
+  def _span(self, axis: int, lo: int, hi: int) -> tuple[int, int]:
+    """(origin, extent) on `axis` of the windows touching [lo, hi)."""
+    starts = self._window_range(axis, lo, hi)
+    return starts[0], starts[-1] + self.window[axis] - starts[0]
+
+  def _accumulate_fn(self, params, acc, x_u8, offsets, valid):
+    """acc += weighted predictions of windows x_u8 [b, d, h, w] at `offsets`
+    [b, 3] in the buffer; padding windows have valid = 0."""
+    probs = self.predict_fn(params, x_u8[..., None].astype(jnp.float32) / 255.0)
+    per = self.batch_size // self.n_data
+    w = self._weights[..., None]
+    contrib = jnp.concatenate([probs * w, jnp.broadcast_to(w, (*probs.shape[:-1], 1))], -1)
+    contrib = contrib * valid[:, None, None, None, None]
+    contrib = contrib.reshape(self.n_data, per, *contrib.shape[1:])
+    offsets = offsets.reshape(self.n_data, per, 3)
+
+    def add_windows(acc_device, contrib_device, offsets_device):
+      def body(i, a):
+        start = (*[offsets_device[i, k] for k in range(3)], 0)
+        current = jax.lax.dynamic_slice(a, start, contrib_device.shape[1:])
+        return jax.lax.dynamic_update_slice(a, current + contrib_device[i], start)
+      return jax.lax.fori_loop(0, per, body, acc_device)
+
+    return jax.vmap(add_windows)(acc, contrib, offsets)
+
+  def _finish_fn(self, acc):
+    total = acc.sum(0)
+    return total[..., :-1] / jnp.maximum(total[..., -1:], 1e-12)
+
+  def read_input(self, image: Volume, block: blocks_lib.Block):
+    """Starts reading the input a block needs; returns (origin, future)."""
+    spans = [self._span(a, block.start[a], block.stop[a]) for a in range(3)]
+    origin = [s[0] for s in spans]
+    stop = [min(o + e, n) for (o, e), n in zip(spans, self.shape)]
+    return origin, image.read_async(origin, [b - a for a, b in zip(origin, stop)])
+
+  def predict(self, block: blocks_lib.Block, origin: Sequence[int],
+              region: np.ndarray) -> np.ndarray:
+    """float32 [*block.shape, channels] blended probabilities of `block`;
+    `region` is the input from `read_input` (uint8 or [0, 255] values)."""
+    pads = [(0, max(b - r, 0)) for b, r in zip(self.buffer, region.shape)]
+    region = np.pad(region, pads, mode="edge") if any(p[1] for p in pads) else region
+    region = np.asarray(region, np.uint8)
+    windows = list(itertools.product(*[
+        self._window_range(a, block.start[a], block.stop[a]) for a in range(3)]))
+    acc = self._zeros()
+    for i in range(0, len(windows), self.batch_size):
+      group = windows[i:i + self.batch_size]
+      offsets = np.array([[s - o for s, o in zip(st, origin)] for st in group], np.int32)
+      x = np.stack([region[tuple(slice(o, o + w) for o, w in zip(off, self.window))]
+                    for off in offsets])
+      valid = np.ones(self.batch_size, np.float32)
+      valid[len(group):] = 0.0
+      if len(group) < self.batch_size:  # fixed batch: one compiled program
+        x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - len(group), 0)])
+        offsets = np.concatenate(
+            [offsets, np.repeat(offsets[-1:], self.batch_size - len(group), 0)])
+      acc = self._accumulate(self.params, acc,
+                             jax.device_put(x, self._batch_sharding),
+                             jax.device_put(offsets, self._batch_sharding),
+                             jax.device_put(valid, self._batch_sharding))
+    out = self._finish(acc)
+    crop = tuple(slice(a - o, b - o) for a, b, o in zip(block.start, block.stop, origin))
+    return np.asarray(out[crop])
+
+  def run(self, image: Volume, todo: Sequence[blocks_lib.Block]
+          ) -> Iterator[tuple[blocks_lib.Block, np.ndarray]]:
+    """Yields (block, probabilities) for `todo`, reading the next block's
+    input while the devices work on the current one."""
+    pending = [(b, *self.read_input(image, b)) for b in todo[:1]]
+    for k, block in enumerate(todo):
+      _, origin, future = pending.pop(0)
+      if k + 1 < len(todo):
+        pending.append((todo[k + 1], *self.read_input(image, todo[k + 1])))
+      yield block, self.predict(block, origin, future.result())
+
+
 def predict_volume(predict_fn: Callable, params, image: Volume, mesh, *,
                    window: Sequence[int], overlap: float = 0.5,
-                   batch_size: int = 2) -> np.ndarray:
-  """Blended probabilities float32 [depth, height, width, 2] for `image`."""
-  shape = image.shape
-  window = [int(w) for w in window]
-  starts = list(itertools.product(
-      *[window_starts(s, w, overlap) for s, w in zip(shape, window)]))
-  weights = blending_weights(window)
-  total = np.zeros((*shape, 2), np.float32)
-  norm = np.zeros(shape, np.float32)
-  n_dev = mesh.devices.size
-  batch_size = max(batch_size - batch_size % n_dev, n_dev)
-  batch_sharding = NamedSharding(mesh, P("data"))
-  for group in _batches(starts, batch_size):
-    patches = [read_window(image, s, window) for s in group]
-    while len(patches) < batch_size:  # fixed batch: one compiled program
-      patches.append(patches[-1])
-    x = np.stack(patches).astype(np.float32)[..., None] / 255.0
-    probs = np.asarray(predict_fn(params, jax.device_put(jnp.asarray(x),
-                                                         batch_sharding)))
-    for start, prob in zip(group, probs):
-      region = tuple(slice(st, min(st + w, s)) for st, w, s in zip(start, window, shape))
-      crop = tuple(slice(0, r.stop - r.start) for r in region)
-      total[region] += prob[crop] * weights[crop][..., None]
-      norm[region] += weights[crop]
-  return total / norm[..., None]
+                   batch_size: int = 2, block: Sequence[int] | None = None) -> np.ndarray:
+  """Blended probabilities float32 [depth, height, width, channels] of a
+  (small) volume, in memory; `block` only changes the order of work."""
+  block = block or image.shape
+  predictor = BlockPredictor(predict_fn, params, mesh, image.shape, window=window,
+                             overlap=overlap, batch_size=batch_size, block=block)
+  out = np.zeros((*image.shape, predictor.channels), np.float32)
+  for b, probs in predictor.run(image, list(blocks_lib.iterate(image.shape, block))):
+    out[b.slices()] = probs
+  return out
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:
   return np.clip(np.round(probabilities * 255.0), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def redundancy(shape: tuple[int, ...], window: tuple[int, ...], overlap: float,
+               block: tuple[int, ...]) -> float:
+  """Windows computed blockwise / windows of the grid (>= 1)."""
+  total = 1
+  per_axis = []
+  for size, w, b in zip(shape, window, block):
+    starts = window_starts(size, w, overlap)
+    total *= len(starts)
+    per_axis.append([sum(1 for s in starts if s < min(lo + b, size) and s + w > lo)
+                     for lo in range(0, size, b)])
+  computed = int(np.prod([sum(c) for c in per_axis]))
+  return computed / total

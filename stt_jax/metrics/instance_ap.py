@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import fastremap
 import numpy as np
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2))
@@ -31,32 +32,60 @@ def _accumulate(keys_list, counts_list):
   return uniq, np.bincount(inverse, weights=counts).astype(np.int64)
 
 
+class OverlapCounter:
+  """Sparse sizes and overlaps of two label volumes, fed block by block.
+
+  Memory: the distinct ids and (gt, pred) pairs, never a voxel array beyond
+  the block being added.
+  """
+
+  def __init__(self):
+    self._parts = {"gt": ([], []), "pred": ([], []), "pair": ([], [])}
+
+  def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
+    """gt, pred: label blocks of one shape (ids > 0 are instances)."""
+    if gt.shape != pred.shape:
+      raise ValueError(f"shapes differ: ground truth {gt.shape}, prediction {pred.shape}")
+    g = np.asarray(gt).ravel()
+    p = np.asarray(pred).ravel()
+    for name, ids in (("gt", g), ("pred", p)):
+      u, c = fastremap.unique(ids, return_counts=True)
+      keep = u > 0
+      self._parts[name][0].append(u[keep].astype(np.uint64))
+      self._parts[name][1].append(c[keep].astype(np.int64))
+    both = (g > 0) & (p > 0)
+    keys = (g[both].astype(np.uint64) << np.uint64(32)) | p[both].astype(np.uint64)
+    u, c = fastremap.unique(keys, return_counts=True)
+    self._parts["pair"][0].append(u.astype(np.uint64))
+    self._parts["pair"][1].append(c.astype(np.int64))
+    for name, (keys_list, counts_list) in self._parts.items():
+      if len(keys_list) >= 64:  # keep the lists short: fold them
+        k, c = _accumulate(keys_list, counts_list)
+        self._parts[name] = ([k], [c])
+
+  def counts(self):
+    """(gt_ids, gt_sizes, pred_ids, pred_sizes, pair_gt, pair_pred, pair_counts)."""
+    gt_ids, gt_sizes = _accumulate(*self._parts["gt"])
+    pred_ids, pred_sizes = _accumulate(*self._parts["pred"])
+    pair_keys, pair_counts = _accumulate(*self._parts["pair"])
+    pair_gt = pair_keys >> np.uint64(32)
+    pair_pred = pair_keys & np.uint64(0xFFFFFFFF)
+    return gt_ids, gt_sizes, pred_ids, pred_sizes, pair_gt, pair_pred, pair_counts
+
+
 def overlap_counts(gt: np.ndarray, pred: np.ndarray, slab: int = 16):
-  """Sparse sizes and overlaps of two label volumes [depth, height, width].
+  """Sparse sizes and overlaps of two in-memory label volumes
+  [depth, height, width], counted `slab` sections at a time.
 
   Returns (gt_ids, gt_sizes, pred_ids, pred_sizes, pair_gt, pair_pred,
   pair_counts), ids > 0 only.
   """
   if gt.shape != pred.shape:
     raise ValueError(f"shapes differ: ground truth {gt.shape}, prediction {pred.shape}")
-  parts = {"gt": ([], []), "pred": ([], []), "pair": ([], [])}
+  counter = OverlapCounter()
   for z in range(0, gt.shape[0], slab):
-    g = np.asarray(gt[z:z + slab]).ravel().astype(np.uint64)
-    p = np.asarray(pred[z:z + slab]).ravel().astype(np.uint64)
-    for name, ids in (("gt", g), ("pred", p)):
-      u, c = np.unique(ids[ids > 0], return_counts=True)
-      parts[name][0].append(u)
-      parts[name][1].append(c)
-    both = (g > 0) & (p > 0)
-    u, c = np.unique((g[both] << np.uint64(32)) | p[both], return_counts=True)
-    parts["pair"][0].append(u)
-    parts["pair"][1].append(c)
-  gt_ids, gt_sizes = _accumulate(*parts["gt"])
-  pred_ids, pred_sizes = _accumulate(*parts["pred"])
-  pair_keys, pair_counts = _accumulate(*parts["pair"])
-  pair_gt = pair_keys >> np.uint64(32)
-  pair_pred = pair_keys & np.uint64(0xFFFFFFFF)
-  return gt_ids, gt_sizes, pred_ids, pred_sizes, pair_gt, pair_pred, pair_counts
+    counter.add(gt[z:z + slab], pred[z:z + slab])
+  return counter.counts()
 
 
 def _ap_at(iou_rows, gt_ignored, num_pred, threshold):
@@ -101,7 +130,14 @@ def average_precision(gt: np.ndarray, pred: np.ndarray, *, min_gt_size: int = 0,
   Returns {"ap_50": .., "ap_75": .., "ap": mean over `thresholds`,
   "num_gt": .., "num_pred": ..}, with "ap_<t*100>" for every threshold.
   """
-  gt_ids, gt_sizes, pred_ids, pred_sizes, pg, pp, pc = overlap_counts(gt, pred, slab)
+  return ap_from_counts(overlap_counts(gt, pred, slab), min_gt_size=min_gt_size,
+                        thresholds=thresholds)
+
+
+def ap_from_counts(counts, *, min_gt_size: int = 0,
+                   thresholds: Sequence[float] = IOU_THRESHOLDS) -> dict[str, float]:
+  """`average_precision` from `OverlapCounter.counts()`."""
+  gt_ids, gt_sizes, pred_ids, pred_sizes, pg, pp, pc = counts
   order = np.lexsort((pred_ids, -pred_sizes))  # largest first, ties by id
   pred_ids, pred_sizes = pred_ids[order], pred_sizes[order]
   gt_ignored = gt_sizes < min_gt_size

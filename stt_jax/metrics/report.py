@@ -1,30 +1,62 @@
-"""Scores a segmentation against ground truth and prints one table."""
+"""Scores a segmentation against ground truth in one pass over blocks and
+prints one table (protocols: metrics/instance_ap.py, metrics/semantic.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from stt_jax.errors import UserError
 from stt_jax.metrics import instance_ap, semantic
+
+ROWS = (("AP-50", "ap_50"), ("AP-75", "ap_75"), ("AP-50:95", "ap_50_95"),
+        ("foreground Jaccard", "jaccard"), ("foreground Dice / F1", "dice"),
+        ("voxel precision", "precision"), ("voxel recall", "recall"),
+        ("voxel MCC", "mcc"), ("GT instances", "num_gt"),
+        ("predicted instances", "num_pred"))
+
+
+def _shape(volume) -> tuple[int, ...]:
+  return tuple(volume.shape)
+
+
+def _read(volume, start, stop) -> np.ndarray:
+  if isinstance(volume, np.ndarray):
+    return volume[tuple(slice(a, b) for a, b in zip(start, stop))]
+  return volume.read(start, [b - a for a, b in zip(start, stop)])
+
+
+def score_volumes(gt_labels, instances, *, min_gt_size: int,
+                  block: Sequence[int] = (64, 512, 512)) -> dict[str, float]:
+  """AP-50/75/50:95 (MitoEM), foreground Jaccard/Dice (Lucchi), voxel
+  precision/recall/F1/MCC (DA-ISC), for label volumes (numpy arrays or
+  data-layer Volumes) read one block at a time."""
+  from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
+  if _shape(gt_labels)[:3] != _shape(instances)[:3]:
+    raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
+                    f"{_shape(instances)} differ in shape")
+  overlaps = instance_ap.OverlapCounter()
+  confusion = semantic.ConfusionCounter()
+  for b in blocks.iterate(_shape(gt_labels)[:3], block):
+    g, p = _read(gt_labels, b.start, b.stop), _read(instances, b.start, b.stop)
+    overlaps.add(g, p)
+    confusion.add(g > 0, p > 0)
+  ap = instance_ap.ap_from_counts(overlaps.counts(), min_gt_size=min_gt_size)
+  fg = confusion.scores()
+  return {"ap_50": ap["ap_50"], "ap_75": ap["ap_75"], "ap_50_95": ap["ap"], **fg,
+          "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
 
 
 def score(gt_labels: np.ndarray, instances: np.ndarray, *,
           min_gt_size: int) -> dict[str, float]:
-  """AP-50/75 (MitoEM) and foreground Jaccard/Dice (Lucchi) in one dict."""
-  ap = instance_ap.average_precision(gt_labels, instances, min_gt_size=min_gt_size)
-  fg = semantic.foreground_scores(gt_labels > 0, instances > 0)
-  return {"ap_50": ap["ap_50"], "ap_75": ap["ap_75"], "ap_50_95": ap["ap"],
-          "jaccard": fg["jaccard"], "dice": fg["dice"],
-          "precision": fg["precision"], "recall": fg["recall"],
-          "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
+  """`score_volumes` of two in-memory volumes."""
+  return score_volumes(gt_labels, instances, min_gt_size=min_gt_size)
 
 
 def format_table(scores: dict[str, float], title: str) -> str:
-  rows = [("AP-50", "ap_50"), ("AP-75", "ap_75"), ("AP-50:95", "ap_50_95"),
-          ("foreground Jaccard", "jaccard"), ("foreground Dice", "dice"),
-          ("voxel precision", "precision"), ("voxel recall", "recall"),
-          ("GT instances", "num_gt"), ("predicted instances", "num_pred")]
   lines = [title, "-" * 34]
-  for name, key in rows:
+  for name, key in ROWS:
     value = scores[key]
     text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
     lines.append(f"{name:<22}{text:>12}")

@@ -1,22 +1,53 @@
-"""Foreground (semantic) scores, the Lucchi protocol: one confusion count over
-the whole volume, Jaccard = TP / (TP + FP + FN), Dice = 2 J / (1 + J)."""
+"""Foreground (semantic) scores over a whole volume, voxel by voxel.
+
+One confusion count (TP, FP, FN, TN) over every voxel of the volume (not a
+mean of per-slice scores), accumulated block by block:
+Jaccard = TP / (TP + FP + FN) (Lucchi's "IoU"), Dice = F1 = 2 J / (1 + J),
+precision, recall, and the Matthews correlation coefficient
+MCC = (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) (DA-ISC's metrics).
+Empty denominators: Jaccard, Dice, precision and recall are 1 when there is
+nothing to find and nothing found; MCC is 0 when a margin is empty.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 
+class ConfusionCounter:
+  """Voxel confusion counts, added block by block (Python ints: no overflow)."""
+
+  def __init__(self):
+    self.tp = self.fp = self.fn = self.tn = 0
+
+  def add(self, gt_foreground: np.ndarray, pred_foreground: np.ndarray) -> None:
+    gt = np.asarray(gt_foreground, bool)
+    pred = np.asarray(pred_foreground, bool)
+    if gt.shape != pred.shape:
+      raise ValueError(f"shapes differ: ground truth {gt.shape}, prediction {pred.shape}")
+    tp = int(np.count_nonzero(gt & pred))
+    n_gt, n_pred = int(np.count_nonzero(gt)), int(np.count_nonzero(pred))
+    self.tp += tp
+    self.fp += n_pred - tp
+    self.fn += n_gt - tp
+    self.tn += gt.size - n_gt - n_pred + tp
+
+  def scores(self) -> dict[str, float]:
+    tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
+    union = tp + fp + fn
+    jaccard = tp / union if union else 1.0
+    margins = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    mcc = (tp * tn - fp * fn) / math.sqrt(margins) if margins else 0.0
+    return {"jaccard": jaccard, "dice": 2 * jaccard / (1 + jaccard),
+            "precision": tp / (tp + fp) if tp + fp else 1.0,
+            "recall": tp / (tp + fn) if tp + fn else 1.0,
+            "f1": 2 * jaccard / (1 + jaccard), "mcc": mcc}
+
+
 def foreground_scores(gt_foreground: np.ndarray,
                       pred_foreground: np.ndarray) -> dict[str, float]:
-  gt = np.asarray(gt_foreground, bool)
-  pred = np.asarray(pred_foreground, bool)
-  if gt.shape != pred.shape:
-    raise ValueError(f"shapes differ: ground truth {gt.shape}, prediction {pred.shape}")
-  tp = int(np.count_nonzero(gt & pred))
-  fp = int(np.count_nonzero(~gt & pred))
-  fn = int(np.count_nonzero(gt & ~pred))
-  union = tp + fp + fn
-  jaccard = tp / union if union else 1.0
-  return {"jaccard": jaccard, "dice": 2 * jaccard / (1 + jaccard),
-          "precision": tp / (tp + fp) if tp + fp else 1.0,
-          "recall": tp / (tp + fn) if tp + fn else 1.0}
+  counter = ConfusionCounter()
+  counter.add(gt_foreground, pred_foreground)
+  return counter.scores()

@@ -21,7 +21,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from stt_jax.data import datasets
+from stt_jax.data import datasets, sources
 from stt_jax.data.sampler import PatchSampler
 from stt_jax.errors import UserError
 from stt_jax.models import unet
@@ -128,12 +128,13 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
   image, labels = datasets.open_split(cfg, "val")
   t0 = time.perf_counter()
-  out_dir = pipeline.prepare_output_dir(os.path.join(workdir, "val_segmentation"),
-                                        overwrite=True)
-  instances = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir)
+  out_dir = os.path.join(workdir, "val_segmentation")
+  summary = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir,
+                             overwrite=True, with_report=False)
   seconds = time.perf_counter() - t0
-  gt = labels.read([0, 0, 0], labels.shape)
-  scores = report.score(gt, instances, min_gt_size=cfg.eval.min_gt_size)
+  scores = report.score_volumes(labels, sources.open_volume(summary["instances_path"]),
+                                min_gt_size=cfg.eval.min_gt_size,
+                                block=tuple(cfg.decode.block_shape))
   scores["segment_seconds"] = seconds
   scores["volume_shape"] = list(image.shape)
   return scores, image.path, out_dir
@@ -197,7 +198,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   predict_fn = None
   if validating:  # compiled once, reused by every validation
     from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
-    predict_fn = sliding_window.make_predict_fn(setup.model, mesh)
+    predict_fn = sliding_window.make_predict_fn(setup.model, mesh, cfg.infer.tta)
   postfix = {}
   bar = tqdm.tqdm(total=total, initial=first, disable=quiet or not _is_main(),
                   unit="step", dynamic_ncols=True)

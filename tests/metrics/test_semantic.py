@@ -21,3 +21,26 @@ def test_perfect_and_shape_mismatch():
   assert foreground_scores(gt, gt)["jaccard"] == 1.0
   with pytest.raises(ValueError):
     foreground_scores(gt, gt[:2])
+
+
+def _mcc_reference(gt, pred):
+  # the textbook formula on float counts
+  g, p = gt.ravel().astype(float), pred.ravel().astype(float)
+  tp, tn = (g * p).sum(), ((1 - g) * (1 - p)).sum()
+  fp, fn = ((1 - g) * p).sum(), (g * (1 - p)).sum()
+  return (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+
+
+def test_blockwise_counts_equal_one_pass_and_mcc_formula():
+  from stt_jax.metrics.semantic import ConfusionCounter
+  rng = np.random.default_rng(1)
+  gt = rng.random((6, 20, 20)) > 0.7
+  pred = gt ^ (rng.random(gt.shape) > 0.9)
+  counter = ConfusionCounter()
+  for z in range(0, 6, 4):
+    counter.add(gt[z:z + 4], pred[z:z + 4])
+  s = counter.scores()
+  assert s == pytest.approx(foreground_scores(gt, pred))
+  assert s["mcc"] == pytest.approx(_mcc_reference(gt, pred))
+  assert s["f1"] == pytest.approx(s["dice"])
+  assert counter.tp + counter.fp + counter.fn + counter.tn == gt.size

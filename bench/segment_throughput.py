@@ -1,0 +1,178 @@
+"""Throughput of whole-volume segmentation: inference and decoding.
+
+  .venv/bin/python bench/segment_throughput.py                 # CPU defaults
+  python bench/segment_throughput.py --config=configs/mitoem_r.py \
+      --shape=64,2048,2048 --block=64,1024,1024                # on a GPU
+
+inference: the `segment` path's first stage, read -> model -> Gaussian blend
+-> uint8 zarr write, block by block (untrained weights of --config's model:
+the speed does not depend on them), timed after a one-block warm-up run that
+compiles. Also timed alone: the model on one batch of windows, so the table
+shows how much of the path is the model. decoding: `blockwise.decode` of
+probability maps made from synthetic labels plus noise. Peak host RSS and
+(on GPU) peak device memory. Writes bench/results/segment_throughput-<platform>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stt_jax.data import sources, synthetic  # noqa: E402
+from stt_jax.data.targets import instance_contour  # noqa: E402
+from stt_jax.infer import blocks, blockwise, pipeline, sliding_window  # noqa: E402
+from stt_jax.models import unet  # noqa: E402
+from stt_jax.train import state, step  # noqa: E402
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(","))
+
+
+def _config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _volume(directory: str, shape) -> tuple[str, np.ndarray]:
+  spec = synthetic.SyntheticSpec(shape=tuple(shape),
+                                 num_mitochondria=max(10, int(np.prod(shape) / 1.2e5)))
+  image, labels = synthetic.generate(spec, 0)
+  path = os.path.join(directory, "image.zarr")
+  sources.write_array(path, image, voxel_size_nm=(30.0, 8.0, 8.0))
+  return path, labels
+
+
+def _device_peak_mb() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return round(peak / 2 ** 20, 1) if peak else None
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default=os.path.join(ROOT, "configs/demo.py"))
+  parser.add_argument("--shape", default="32,384,384", help="volume z,y,x")
+  parser.add_argument("--window", default="16,128,128")
+  parser.add_argument("--block", default="32,384,384", help="inference output block")
+  parser.add_argument("--overlap", type=float, default=0.5)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  args = parser.parse_args()
+  cfg = _config(args.config)
+  shape, window, block = _ints(args.shape), _ints(args.window), _ints(args.block)
+  with cfg.unlocked():
+    cfg.infer.window, cfg.infer.block_shape = window, block
+    cfg.infer.overlap, cfg.infer.batch_size = args.overlap, args.batch
+    cfg.model.compute_dtype = args.dtype
+  platform = jax.devices()[0].platform
+  work = tempfile.mkdtemp(prefix="stt_seg_bench_")
+  try:
+    image_path, labels = _volume(work, shape)
+    image = sources.open_volume(image_path)
+    model = unet.from_config(cfg.model)
+    params = state.init_params(model, window, seed=0)
+    mesh = step.make_mesh()
+    predict_fn = sliding_window.make_predict_fn(model, mesh, cfg.infer.tta)
+
+    # compile: one block of the same shapes on a volume of one block
+    warm = os.path.join(work, "warm")
+    os.makedirs(warm)
+    t0 = time.perf_counter()
+    small = sources.write_array(os.path.join(work, "small.zarr"),
+                                image.read([0, 0, 0], [min(b, s) for b, s in zip(block, shape)]))
+    pipeline.predict(cfg, predict_fn, params, small, mesh, warm, voxel_size_nm=(1, 1, 1))
+    compile_s = time.perf_counter() - t0
+
+    out = os.path.join(work, "out")
+    os.makedirs(out)
+    t0 = time.perf_counter()
+    probs = pipeline.predict(cfg, predict_fn, params, image, mesh, out,
+                             voxel_size_nm=(30.0, 8.0, 8.0))
+    infer_s = time.perf_counter() - t0
+
+    # the model alone on one batch of windows (the path's ceiling)
+    n = mesh.shape["data"]
+    batch = max(args.batch - args.batch % n, n)
+    x = jax.device_put(np.random.default_rng(0).random((batch, *window, 1), np.float32),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    jax.block_until_ready(predict_fn(params, x))
+    reps = 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(predict_fn(params, x))
+    model_window_s = (time.perf_counter() - t0) / (reps * batch)
+    windows = int(np.prod([len(sliding_window.window_starts(s, w, args.overlap))
+                           for s, w in zip(shape, window)]))
+    redundancy = sliding_window.redundancy(shape, window, args.overlap, block)
+    model_only_s = model_window_s * windows * redundancy
+
+    # decoding: probabilities from the labels plus noise
+    rng = np.random.default_rng(0)
+    mask = (labels > 0).astype(np.float32)
+    contour = instance_contour(labels, 1).astype(np.float32) * mask
+    p = np.stack([mask, contour], -1) + rng.normal(0, 0.1, (*shape, 2)).astype(np.float32)
+    gt_probs = sources.write_array(os.path.join(work, "gt_probs.zarr"),
+                                   np.clip(np.round(p * 255), 0, 255).astype(np.uint8))
+    settings = blockwise.DecodeSettings.from_config(cfg.decode)
+    t0 = time.perf_counter()
+    _, stats = blockwise.decode(gt_probs, os.path.join(work, "decoded"), settings)
+    decode_s = time.perf_counter() - t0
+    voxels = int(np.prod(shape))
+    result = {
+        "device": jax.devices()[0].device_kind, "platform": platform,
+        "devices": jax.device_count(), "cpu_cores": os.cpu_count(),
+        "config": os.path.relpath(args.config, ROOT), "widths": list(cfg.model.widths),
+        "attention": cfg.model.attention.design, "dtype": args.dtype,
+        "volume": list(shape), "window": list(window), "overlap": args.overlap,
+        "infer_block": list(block), "decode_block": list(settings.block),
+        "decode_halo": list(settings.halo), "batch": batch,
+        "windows": windows, "block_redundancy": round(redundancy, 3),
+        "compile_and_first_block_s": round(compile_s, 2),
+        "infer_s": round(infer_s, 2), "infer_voxels_per_s": round(voxels / infer_s),
+        "model_only_s": round(model_only_s, 2),
+        "model_share_of_infer": round(model_only_s / infer_s, 3),
+        "decode_s": round(decode_s, 2), "decode_voxels_per_s": round(voxels / decode_s),
+        "decoded_instances": stats["instances"],
+        "peak_host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_device_mb": _device_peak_mb(),
+        "probabilities_channels": probs.shape[-1],
+    }
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  rows = [("device", f"{result['device']} x{result['devices']}"),
+          ("volume / window / overlap", f"{shape} / {window} / {args.overlap}"),
+          ("inference block (redundancy)", f"{block} ({result['block_redundancy']}x windows)"),
+          ("compile + first block", f"{result['compile_and_first_block_s']} s"),
+          ("inference (read-model-blend-write)", f"{result['infer_voxels_per_s']:.3g} voxels/s"),
+          ("model alone, same windows", f"{voxels / max(model_only_s, 1e-9):.3g} voxels/s"),
+          ("model share of inference time", f"{result['model_share_of_infer']:.0%}"),
+          ("decoding (blockwise watershed)", f"{result['decode_voxels_per_s']:.3g} voxels/s"),
+          ("peak host RSS", f"{result['peak_host_rss_mb']:.0f} MB"),
+          ("peak device memory", f"{result['peak_device_mb']} MB")]
+  for name, value in rows:
+    print(f"{name:<38}{value}")
+  os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+  path = os.path.join(ROOT, "bench/results", f"segment_throughput-{platform}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {os.path.relpath(path, ROOT)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,53 @@
+"""A segment run of a tiny untrained model (fixed weights) for the pipeline
+tests: python tests/infer/segment_job.py IMAGE OUT [--overwrite]."""
+
+import sys
+
+import numpy as np
+
+from stt_jax.data import sources
+from stt_jax.infer import pipeline, sliding_window
+from stt_jax.models import unet
+from stt_jax.train import state, step
+
+
+def tiny_config(bench: bool = False):
+  sys.path.insert(0, "configs")
+  import demo  # pylint: disable=g-import-not-at-top
+  cfg = demo.get_config()
+  cfg.model.widths = (4, 8)
+  cfg.model.downsample_z = (False,)
+  cfg.infer.window = (4, 16, 16)
+  cfg.infer.batch_size = 4
+  cfg.infer.block_shape = (4, 32, 32)
+  cfg.decode.block_shape = (4, 32, 32)
+  cfg.decode.halo = (2, 8, 8)
+  cfg.decode.min_seed_size = 2
+  cfg.decode.min_size = 4
+  # an untrained net is a smooth function of intensity: decode at its levels
+  cfg.decode.seed_mask = 0.5
+  cfg.decode.seed_contour = 0.6
+  cfg.decode.foreground = 0.45
+  if bench:  # bench/segment_memory.py
+    cfg.infer.window = (16, 128, 128)
+    cfg.infer.block_shape = (32, 256, 256)
+    cfg.decode.block_shape = (32, 256, 256)
+    cfg.decode.halo = (4, 32, 32)
+  return cfg
+
+
+def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
+        bench: bool = False):
+  cfg = tiny_config(bench)
+  model = unet.from_config(cfg.model)
+  params = state.init_params(model, cfg.infer.window, seed=0)
+  mesh = step.make_mesh()
+  fn = sliding_window.make_predict_fn(model, mesh, cfg.infer.tta)
+  return pipeline.segment(cfg, fn, params, sources.open_volume(image_path), mesh, out,
+                          overwrite=overwrite, quiet=quiet)
+
+
+if __name__ == "__main__":
+  summary = run(sys.argv[1], sys.argv[2], overwrite="--overwrite" in sys.argv,
+                bench="--bench" in sys.argv)
+  print("instances", summary["instances"], np.prod(summary["volume_shape"]))

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from stt_jax.data import sources, synthetic
+from stt_jax.data.targets import instance_contour
+from stt_jax.infer import blocks, blockwise, postprocess
+from stt_jax.metrics.instance_ap import average_precision
+
+
+def probabilities_from_labels(labels: np.ndarray, seed: int = 0, noise: float = 0.08):
+  """uint8 [z, y, x, 2] (mask, contour) made from labels plus Gaussian noise."""
+  rng = np.random.default_rng(seed)
+  mask = (labels > 0).astype(np.float32)
+  contour = instance_contour(labels, 1).astype(np.float32) * mask
+  probs = np.stack([mask, contour], -1) + rng.normal(0, noise, (*labels.shape, 2))
+  return np.clip(np.round(probs * 255), 0, 255).astype(np.uint8)
+
+
+def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
+  if not np.array_equal(a > 0, b > 0):
+    return False
+  pairs = np.unique(np.stack([a[a > 0], b[b > 0]], 1), axis=0)
+  return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
+
+
+@pytest.fixture(scope="module")
+def volume():
+  spec = synthetic.SyntheticSpec(shape=(24, 96, 96), num_mitochondria=30,
+                                 radius_range=(3.0, 5.0), length_range=(8.0, 16.0),
+                                 touching_fraction=0.2)
+  _, labels = synthetic.generate(spec, seed=3)
+  return labels, probabilities_from_labels(labels)
+
+
+@pytest.mark.parametrize("block,halo", [((8, 32, 32), (8, 32, 32)), ((12, 48, 40), (8, 32, 32))])
+def test_blockwise_equals_whole_volume_decoding(tmp_path, volume, block, halo):
+  labels, probs = volume
+  settings = blockwise.DecodeSettings(min_seed_size=8, min_size=30, block=block, halo=halo)
+  assert len(list(blocks.iterate(labels.shape, block))) >= 8
+  whole = postprocess.decode_instances(
+      probs[..., 0], probs[..., 1], seed_mask=settings.seed_mask,
+      seed_contour=settings.seed_contour, foreground=settings.foreground,
+      min_seed_size=settings.min_seed_size, min_size=settings.min_size)
+  vol = sources.write_array(str(tmp_path / "p.zarr"), probs)
+  out, stats = blockwise.decode(vol, str(tmp_path / "out"), settings)
+  blockwise_labels = out.read([0, 0, 0], out.shape)
+  assert stats["components_cut_by_halo"] == 0
+  assert whole.max() > 15 and stats["instances"] == whole.max()
+  assert same_up_to_relabelling(whole, blockwise_labels)
+  assert sorted(np.unique(blockwise_labels)) == list(range(whole.max() + 1))
+  assert average_precision(labels, blockwise_labels, min_gt_size=30)["ap_75"] > 0.9
+
+
+def test_a_small_halo_is_reported(tmp_path, volume):
+  labels, probs = volume
+  settings = blockwise.DecodeSettings(min_seed_size=8, min_size=30, block=(8, 32, 32),
+                                      halo=(0, 2, 2))
+  vol = sources.write_array(str(tmp_path / "p.zarr"), probs)
+  _, stats = blockwise.decode(vol, str(tmp_path / "out"), settings)
+  assert stats["components_cut_by_halo"] > 0
+
+
+def test_an_object_crossing_every_block_keeps_one_id(tmp_path):
+  labels = np.zeros((16, 40, 40), np.uint32)
+  labels[2:14, 5:35, 18:22] = 1   # crosses all 8 blocks' faces in y and z
+  labels[4:10, 8:14, 28:36] = 2
+  probs = probabilities_from_labels(labels, noise=0.0)
+  vol = sources.write_array(str(tmp_path / "p.zarr"), probs)
+  settings = blockwise.DecodeSettings(min_seed_size=1, min_size=1, block=(8, 20, 20),
+                                      halo=(2, 2, 2))
+  out, stats = blockwise.decode(vol, str(tmp_path / "out"), settings)
+  result = out.read([0, 0, 0], out.shape)
+  assert stats["instances"] == 2
+  core = result[3:13, 7:33, 19:21]  # the object minus its contour
+  assert len(np.unique(core)) == 1 and core[0, 0, 0] > 0

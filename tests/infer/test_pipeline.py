@@ -1,0 +1,98 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from stt_jax.data import sources, synthetic
+from stt_jax.errors import UserError
+from stt_jax.infer import blocks
+
+sys.path.insert(0, os.path.dirname(__file__))
+import segment_job  # noqa: E402  pylint: disable=wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+  spec = synthetic.SyntheticSpec(shape=(8, 64, 96), num_mitochondria=10,
+                                 radius_range=(3.0, 5.0), length_range=(8.0, 16.0))
+  image, _ = synthetic.generate(spec, 0)
+  path = str(tmp_path_factory.mktemp("seg") / "image.zarr")
+  sources.write_array(path, image, voxel_size_nm=(40.0, 5.0, 5.0))
+  return path
+
+
+@pytest.fixture(scope="module")
+def reference(image_path, tmp_path_factory):
+  """An uninterrupted run."""
+  out = str(tmp_path_factory.mktemp("ref") / "out")
+  summary = segment_job.run(image_path, out)
+  return out, summary
+
+
+def _read(path):
+  vol = sources.open_volume(path)
+  return vol.read([0] * len(vol.shape), vol.shape), vol
+
+
+def test_outputs_carry_voxel_size_and_a_report(reference):
+  out, summary = reference
+  probs, pvol = _read(os.path.join(out, "probabilities.zarr"))
+  labels, lvol = _read(os.path.join(out, "instances.zarr"))
+  assert probs.dtype == np.uint8 and probs.shape == (8, 64, 96, 2)
+  assert labels.dtype == np.uint32 and labels.max() == summary["instances"] > 0
+  assert lvol.voxel_size_nm == pvol.voxel_size_nm == (40.0, 5.0, 5.0)
+  with open(os.path.join(out, "segment.json")) as f:
+    assert json.load(f)["finished"]
+  for name in ("morphology.csv", "morphology_summary.json", "size_histogram.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  assert len(os.listdir(os.path.join(out, "previews"))) == 3
+  assert not os.path.exists(os.path.join(out, "scratch"))
+
+
+def test_a_finished_output_is_never_overwritten(reference, image_path):
+  out, _ = reference
+  before = os.path.getmtime(os.path.join(out, "segment.json"))
+  with pytest.raises(UserError, match="--overwrite"):
+    segment_job.run(image_path, out)
+  assert os.path.getmtime(os.path.join(out, "segment.json")) == before
+
+
+def test_an_unfinished_run_with_other_settings_is_refused(tmp_path, image_path):
+  out = str(tmp_path / "out")
+  blocks.open_output(out, {"input": "elsewhere"}, overwrite=False)
+  with pytest.raises(UserError, match="different input"):
+    segment_job.run(image_path, out)
+
+
+@pytest.mark.parametrize("stage", ["predict", "watershed"])
+def test_a_killed_run_rerun_equals_an_uninterrupted_one(tmp_path, image_path, reference,
+                                                        stage):
+  out = str(tmp_path / "out")
+  cmd = [sys.executable, os.path.join(ROOT, "tests/infer/segment_job.py"), image_path, out]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  marks = os.path.join(out, "progress", stage)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(marks) and len(os.listdir(marks)) >= 2:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.005)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  with open(os.path.join(out, "segment.json")) as f:
+    assert not json.load(f)["finished"]
+  summary = segment_job.run(image_path, out)
+  assert summary["resumed"]
+  ref_out, _ = reference
+  for name in ("probabilities.zarr", "instances.zarr"):
+    np.testing.assert_array_equal(_read(os.path.join(out, name))[0],
+                                  _read(os.path.join(ref_out, name))[0])
