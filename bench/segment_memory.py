@@ -5,7 +5,9 @@
 
 1. segment: the full `segment` path (read -> model -> blend -> uint8 zarr ->
    blockwise decode -> morphology -> previews) on two synthetic volumes, the
-   second 8x the first (2x per axis); peak RSS of each run.
+   second 8x the first (2x per axis), in 16x128x128 blocks so that the
+   smaller volume (3x3x3 blocks) already has an interior block; peak RSS of
+   each run.
 2. decode: probability maps made from ground-truth labels plus noise (no
    model) of --big_shape (>= 4 GB of uint8 probabilities), decoded blockwise
    with `--mode=decode`, then scored with `--mode=evaluate --labels`; peak RSS
@@ -57,7 +59,8 @@ def make_image(path: str, shape, tiles) -> None:
   for z in range(0, shape[0], TILE[0]):
     for y in range(0, shape[1], TILE[1]):
       for x in range(0, shape[2], TILE[2]):
-        vol.write([z, y, x], _tile_at(tiles, k)[0])
+        tile = _tile_at(tiles, k)[0][:shape[0] - z, :shape[1] - y, :shape[2] - x]
+        vol.write([z, y, x], np.ascontiguousarray(tile))
         k += 1
 
 
@@ -112,7 +115,7 @@ def _run(cmd: list[str]) -> dict:
 def bench_segment(work: str) -> dict:
   tiles = _tiles(2, with_labels=False)
   rows = {}
-  for name, shape in (("small", (32, 512, 512)), ("8x", (64, 1024, 1024))):
+  for name, shape in (("small", (48, 384, 384)), ("8x", (96, 768, 768))):
     image = os.path.join(work, f"image_{name}.zarr")
     make_image(image, shape, tiles)
     out = os.path.join(work, f"seg_{name}")

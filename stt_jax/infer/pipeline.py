@@ -104,10 +104,12 @@ def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
                           voxel_size_nm=voxel_size, quiet=quiet)
   t1 = time.perf_counter()
   rss = {"predict": _peak_rss_mb()}
+  blocks_lib.release_free_memory()
   instances, stats = decode(cfg, probabilities, out_dir, voxel_size_nm=voxel_size,
                             quiet=quiet)
   t2 = time.perf_counter()
   rss["decode"] = _peak_rss_mb()
+  blocks_lib.release_free_memory()
   summary = {"resumed": resumed, "volume_shape": list(image.shape),
              "voxel_size_nm": list(voxel_size), **stats,
              "predict_seconds": t1 - t0, "decode_seconds": t2 - t1,

@@ -87,11 +87,23 @@ def _read(volume, start, stop) -> np.ndarray:
   return volume.read(start, [b - a for a, b in zip(start, stop)])
 
 
-def _surface_um2(crop: np.ndarray, spacing_um) -> float:
-  """Marching-cubes area of a boolean crop holding the whole instance."""
-  padded = np.pad(crop, 1).astype(np.float32)
-  verts, faces, _, _ = measure.marching_cubes(padded, 0.5, spacing=spacing_um)
-  return float(measure.mesh_surface_area(verts, faces))
+def _surface_um2(crop: np.ndarray, spacing_um, slab: int = 8) -> float:
+  """Marching-cubes area of a boolean crop holding the whole instance.
+
+  Meshed in z-slabs sharing one plane: every cube lies in exactly one slab
+  and its triangles depend only on its own corners, so the summed area is the
+  whole mesh's, while memory stays that of one slab's mesh (a large, ragged
+  instance's full mesh is tens of MB)."""
+  padded = np.pad(np.asarray(crop, bool), 1)
+  area = 0.0
+  for z0 in range(0, padded.shape[0] - 1, slab):
+    part = padded[z0:z0 + slab + 1]
+    if part.all() or not part.any():  # no level crossing, no triangles
+      continue
+    verts, faces, _, _ = measure.marching_cubes(part.astype(np.float32), 0.5,
+                                                spacing=spacing_um)
+    area += measure.mesh_surface_area(verts, faces)
+  return float(area)
 
 
 def _surfaces(instances, grid, moments: "_Moments", spacing_um) -> np.ndarray:
@@ -119,6 +131,12 @@ def measure_instances(instances, voxel_size_nm: Sequence[float],
                       block: Sequence[int] = (64, 512, 512)) -> list[dict]:
   """One row (dict of COLUMNS) per instance id of `instances` (a numpy array
   or a data-layer Volume, [depth, height, width]), ids in increasing order."""
+  return list(iter_instances(instances, voxel_size_nm, block))
+
+
+def iter_instances(instances, voxel_size_nm: Sequence[float],
+                   block: Sequence[int] = (64, 512, 512)):
+  """`measure_instances` one row at a time (no list of rows in memory)."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   shape = tuple(instances.shape)
   moments = _Moments()
@@ -128,7 +146,6 @@ def measure_instances(instances, voxel_size_nm: Sequence[float],
   voxel = np.asarray(voxel_size_nm, np.float64)
   spacing_um = tuple(voxel / 1000.0)
   surface = _surfaces(instances, grid, moments, spacing_um)
-  rows = []
   for label in np.flatnonzero(moments.n):
     n = moments.n[label]
     cov = np.zeros((3, 3))
@@ -138,7 +155,7 @@ def measure_instances(instances, voxel_size_nm: Sequence[float],
     eig = np.linalg.eigvalsh(cov)
     lo, hi = moments.lo[label], moments.hi[label]
     centroid = moments.mean[label] * voxel
-    rows.append({
+    yield {
         "id": int(label), "voxels": int(n),
         "volume_um3": float(n * np.prod(voxel) / 1e9),
         **{f"bbox_{a}0": int(v) for a, v in zip("zyx", lo)},
@@ -146,29 +163,33 @@ def measure_instances(instances, voxel_size_nm: Sequence[float],
         **{f"centroid_{a}_nm": float(v) for a, v in zip("zyx", centroid)},
         "surface_um2": float(surface[label]),
         "elongation": float(np.sqrt(eig[-1] / eig[0])),
-    })
-  return rows
+    }
 
 
 def summarize(rows: list[dict]) -> dict:
-  volumes = np.array([r["volume_um3"] for r in rows])
+  return _summary(np.array([r["volume_um3"] for r in rows]),
+                  np.array([r["surface_um2"] for r in rows]),
+                  np.array([r["elongation"] for r in rows]))
+
+
+def _summary(volumes: np.ndarray, surfaces: np.ndarray, elongations: np.ndarray) -> dict:
   if not len(volumes):
     return {"instances": 0}
-  return {"instances": len(rows), "total_volume_um3": float(volumes.sum()),
+  return {"instances": len(volumes), "total_volume_um3": float(volumes.sum()),
           "volume_um3_mean": float(volumes.mean()),
           "volume_um3_median": float(np.median(volumes)),
           "volume_um3_p05": float(np.percentile(volumes, 5)),
           "volume_um3_p95": float(np.percentile(volumes, 95)),
-          "surface_um2_mean": float(np.mean([r["surface_um2"] for r in rows])),
-          "elongation_median": float(np.median([r["elongation"] for r in rows]))}
+          "surface_um2_mean": float(surfaces.mean()),
+          "elongation_median": float(np.median(elongations))}
 
 
-def size_histogram_png(rows: list[dict], path: str, bins: int = 30) -> None:
-  """Histogram of instance volumes (log10 µm³ bins) as a PNG."""
+def size_histogram_png(volumes: np.ndarray, path: str, bins: int = 30) -> None:
+  """Histogram of instance volumes (µm³, log10 bins) as a PNG."""
   width, height, margin = 720, 400, 60
   img = Image.new("RGB", (width, height), "white")
   draw = ImageDraw.Draw(img)
-  volumes = np.array([r["volume_um3"] for r in rows])
+  volumes = np.asarray(volumes, np.float64)
   draw.text((margin, 15), f"instance volumes (n = {len(volumes)})", fill="black")
   if len(volumes):
     logs = np.log10(volumes)
@@ -196,14 +217,18 @@ def write_report(instances, voxel_size_nm: Sequence[float], out_dir: str,
                  block: Sequence[int] = (64, 512, 512)) -> dict:
   """morphology.csv, morphology_summary.json and size_histogram.png in
   `out_dir`; returns the summary."""
-  rows = measure_instances(instances, voxel_size_nm, block)
+  columns = {"volume_um3": [], "surface_um2": [], "elongation": []}
   with open(os.path.join(out_dir, "morphology.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
-  summary = summarize(rows)
+    for row in iter_instances(instances, voxel_size_nm, block):
+      writer.writerow(row)
+      for key, values in columns.items():
+        values.append(row[key])
+  arrays = {k: np.array(v, np.float64) for k, v in columns.items()}
+  summary = _summary(arrays["volume_um3"], arrays["surface_um2"], arrays["elongation"])
   summary["voxel_size_nm"] = [float(v) for v in voxel_size_nm]
   with open(os.path.join(out_dir, "morphology_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  size_histogram_png(rows, os.path.join(out_dir, "size_histogram.png"))
+  size_histogram_png(arrays["volume_um3"], os.path.join(out_dir, "size_histogram.png"))
   return summary
