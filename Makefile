@@ -1,14 +1,16 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv and run the demo (train, segment, score)
 #   make test   set up .venv and run the whole test suite
-# and, once set up, the STT-UNET model on the same data:
+# and, once set up, the STT-UNET model on the same data, or the demo as two
+# JAX processes joined by jax.distributed:
 #   make demo-stt
+#   make demo-processes
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-stt test setup clean
+.PHONY: demo demo-stt demo-processes test setup clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ demo: $(STAMP)
 
 demo-stt: $(STAMP)
 	$(PY) -m stt_jax.main --config=configs/demo_stt.py --workdir=runs/demo_stt --overwrite
+
+# two JAX processes on this machine (CPU), joined by jax.distributed
+demo-processes: $(STAMP)
+	JAX_PLATFORMS=cpu bash launch/processes.sh 2 configs/demo.py runs/demo_2proc --overwrite
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \

@@ -26,12 +26,21 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
+  # How this run uses its machine (stt_jax/backend.py); none of it changes
+  # the model, so a run may resume under other values.
+  c.backend = ml_collections.ConfigDict()
+  c.backend.platform = "auto"          # auto | cpu | cuda | rocm | gpu | tpu
+  c.backend.xla_flags = ""             # added to XLA_FLAGS (after per-backend defaults)
+  c.backend.matmul_precision = "default"   # default | high | highest (float32 matmuls)
+
   c.model = ml_collections.ConfigDict()
   c.model.name = "res_unet"
   c.model.widths = (28, 36, 48, 64, 80)
   c.model.downsample_z = (False, False, False, False)
   c.model.conv_impl = "auto"           # auto | native | depth_as_batch
-  c.model.compute_dtype = "float32"    # float32 | bfloat16
+  # auto: bfloat16 on GPU/TPU, float32 on CPU (parameters and optimiser
+  # state stay float32 either way)
+  c.model.compute_dtype = "auto"       # auto | float32 | bfloat16
   # STT-UNET parts (paper Tables 3-5); design "none" is the baseline.
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.design = "none"    # none | split | spatial_then_temporal | temporal_then_spatial
@@ -42,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.decoder_levels = (3, 2, 1)
   c.model.attention.deform_groups = 4
   c.model.attention.deform_modulation = False   # eq. 3 has none
+  # auto: cuDNN's fused attention on NVIDIA GPUs for 16-bit inputs, XLA elsewhere
+  c.model.attention.implementation = "auto"     # auto | xla | cudnn
   c.model.denoise = ml_collections.ConfigDict()
   c.model.denoise.enabled = False
   c.model.denoise.kernel_size = 5        # per-pixel kernels k x k on each adjacent slice
@@ -156,8 +167,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"needs {len(m.widths) - 1} entries (one per down-sampling), got {len(m.downsample_z)}")
   _need(m.conv_impl in ("auto", "native", "depth_as_batch"), "model.conv_impl",
         f"must be auto, native or depth_as_batch, got {m.conv_impl!r}")
-  _need(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
-        f"must be float32 or bfloat16, got {m.compute_dtype!r}")
+  _need(m.compute_dtype in ("auto", "float32", "bfloat16"), "model.compute_dtype",
+        f"must be auto, float32 or bfloat16, got {m.compute_dtype!r}")
   from stt_jax.models import attention  # pylint: disable=g-import-not-at-top
   a = m.attention
   _need(a.design in attention.DESIGNS, "model.attention.design",
@@ -169,6 +180,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"levels must lie in 0..{len(m.widths) - 1}, got {tuple(a.encoder_levels)}")
   _need(all(l in levels[:-1] for l in a.decoder_levels), "model.attention.decoder_levels",
         f"levels must lie in 0..{len(m.widths) - 2}, got {tuple(a.decoder_levels)}")
+  _need(a.implementation in ("auto", "xla", "cudnn"), "model.attention.implementation",
+        f"must be auto, xla or cudnn, got {a.implementation!r}")
   _need(a.heads > 0 and a.kv_grid > 0 and a.deform_groups > 0, "model.attention",
         "heads, kv_grid and deform_groups must be positive")
   _need(m.denoise.features > 0, "model.denoise.features",

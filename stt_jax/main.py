@@ -99,6 +99,11 @@ def _require(value, flag: str, mode: str):
   return value
 
 
+def _is_main_process() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
 def _join_distributed() -> None:
   """jax.distributed.initialize from flags or the environment (before any
   other JAX call)."""
@@ -124,12 +129,20 @@ def run(argv) -> None:
   if len(argv) > 1:
     raise _UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  _join_distributed()
   # Heavy imports after flag parsing: --help and flag errors stay instant.
-  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from stt_jax import backend  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
+  backend.configure(cfg.backend)  # before any backend starts
+  _join_distributed()
+  backend.start(cfg.backend)
+  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(cfg)
   mode = _MODE.value
+  if mode in ("train", "evaluate", "segment", "export") and _is_main_process():
+    model_parallel = int(cfg.train.model_parallel) if mode == "train" else 1
+    from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+    mesh = step_lib.make_mesh(model_parallel=model_parallel)
+    print(backend.describe(mesh), flush=True)
   if mode == "convert":
     _convert(cfg)
     return
@@ -153,12 +166,7 @@ def run(argv) -> None:
 def _train(cfg, workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
-  main_process = jax.process_index() == 0
-  if main_process:
-    devices = jax.devices()
-    print(f"backend {jax.default_backend()}: {len(devices)} device(s) "
-          f"({devices[0].device_kind}) in {jax.process_count()} process(es)",
-          flush=True)
+  main_process = _is_main_process()
   t0 = time.perf_counter()
   result = loop.train(cfg, workdir, resume=_RESUME.value,
                       overwrite=_OVERWRITE.value, quiet=_QUIET.value)

@@ -19,8 +19,9 @@ Activations are [batch, time (= depth), height, width, channels].
 * the block is residual with a zero-initialised output projection, so a fresh
   STT-UNET computes exactly the baseline's function.
 
-Attention itself is `jax.nn.dot_product_attention`: cuDNN's fused kernel on
-NVIDIA GPUs where shapes and dtypes allow, XLA elsewhere.
+Attention itself is `jax.nn.dot_product_attention`; `implementation` "auto"
+picks cuDNN's fused kernel on NVIDIA GPUs for 16-bit inputs whose head width
+it supports (JAX's own default is always XLA), XLA elsewhere.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
   return max(1, math.ceil(max(h, w) / kv_grid))
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
+  """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
+  if implementation == "auto":
+    from stt_jax import backend  # pylint: disable=g-import-not-at-top
+    fits = (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128)
+    implementation = "cudnn" if fits and backend.is_cuda() else "xla"
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
@@ -71,6 +82,7 @@ class SpatialAttention(nn.Module):
   num_heads: int
   kv_grid: int = 16
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,7 +96,7 @@ class SpatialAttention(nn.Module):
     kv = pooled.reshape(b * t, -1, c)
     k = _heads(dense("key")(kv), self.num_heads)
     v = _heads(dense("value")(kv), self.num_heads)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attend(q, k, v, self.implementation)
     return dense("out")(out.reshape(b * t, h * w, c)).reshape(b, t, h, w, c)
 
 
@@ -92,6 +104,7 @@ class TemporalAttention(nn.Module):
   """Self-attention among the T tokens at each (h, w)."""
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -99,7 +112,7 @@ class TemporalAttention(nn.Module):
     dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
     seq = jnp.moveaxis(x, 1, 3).reshape(b * h * w, t, c)
     q, k, v = (_heads(dense(n)(seq), self.num_heads) for n in ("query", "key", "value"))
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b * h * w, t, c)
+    out = attend(q, k, v, self.implementation).reshape(b * h * w, t, c)
     out = dense("out")(out).reshape(b, h, w, t, c)
     return jnp.moveaxis(out, 3, 1)
 
@@ -113,6 +126,7 @@ class SSTBlock(nn.Module):
   deform_groups: int = 4
   deform_modulation: bool = False
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -120,8 +134,9 @@ class SSTBlock(nn.Module):
     heads = math.gcd(self.num_heads, c)
     y = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
     y = y + position_encoding(t, h, w, c).astype(y.dtype)
-    spatial = SpatialAttention(heads, self.kv_grid, self.dtype, name="spatial")
-    temporal = TemporalAttention(heads, self.dtype, name="temporal")
+    spatial = SpatialAttention(heads, self.kv_grid, self.dtype, self.implementation,
+                               name="spatial")
+    temporal = TemporalAttention(heads, self.dtype, self.implementation, name="temporal")
     if self.design == "split":
       fused = self._fuse(spatial(y), temporal(y))
     elif self.design == "spatial_then_temporal":

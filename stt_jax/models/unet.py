@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from stt_jax import backend
 from stt_jax.models.attention import SSTBlock
 from stt_jax.models.denoise import InterpolationDenoiser
 from stt_jax.models.layers import AnisotropicBlock, Conv, bilinear_upsample_2x
@@ -39,6 +40,7 @@ class ResUNet(nn.Module):
   attention_decoder_levels: Sequence[int] = (3, 2, 1)
   deform_groups: int = 4
   deform_modulation: bool = False
+  attention_impl: str = "auto"
   denoise: bool = False
   denoise_kernel: int = 5
   denoise_features: int = 16
@@ -48,6 +50,7 @@ class ResUNet(nn.Module):
                     num_heads=self.attention_heads, kv_grid=self.attention_kv_grid,
                     deform_groups=self.deform_groups,
                     deform_modulation=self.deform_modulation, dtype=self.dtype,
+                    implementation=self.attention_impl,
                     name=name)
 
   def setup(self):
@@ -106,7 +109,8 @@ def from_config(model_cfg) -> ResUNet:
   return ResUNet(widths=tuple(model_cfg.widths),
                  downsample_z=tuple(bool(v) for v in model_cfg.downsample_z),
                  out_channels=2, conv_impl=model_cfg.conv_impl,
-                 dtype=jnp.dtype(model_cfg.compute_dtype),
+                 dtype=backend.compute_dtype(model_cfg.compute_dtype),
+                 attention_impl=att.implementation,
                  attention_design=att.design, attention_fusion=att.fusion,
                  attention_heads=att.heads, attention_kv_grid=att.kv_grid,
                  attention_encoder_levels=tuple(att.encoder_levels),

@@ -23,10 +23,16 @@ RUN_MARKER = "stt_jax_run.json"
 EXPORT_MARKER = "stt_jax_export.json"
 
 
+# how the model is computed, not what it is: a run may resume under others
+EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation")
+
+
 def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]:
   keys = sorted(set(old) | set(new))
   out = []
   for k in keys:
+    if f"{prefix}.{k}" in EXECUTION_KEYS:
+      continue
     a, b = old.get(k), new.get(k)
     if isinstance(a, dict) and isinstance(b, dict):
       out += _model_differences(a, b, f"{prefix}.{k}")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stt_jax import backend
 from stt_jax.models.discriminator import Discriminator
 
 
@@ -74,7 +75,7 @@ def make_disc_optimizer(train_cfg) -> optax.GradientTransformation:
 
 def make_discriminator(model_cfg) -> Discriminator:
   return Discriminator(features=tuple(model_cfg.discriminator.features),
-                       impl=model_cfg.conv_impl, dtype=jnp.dtype(model_cfg.compute_dtype))
+                       impl=model_cfg.conv_impl, dtype=backend.compute_dtype(model_cfg.compute_dtype))
 
 
 def init_params(model, patch_shape, seed: int):

@@ -72,7 +72,7 @@ def _restore(cfg, workdir, step=None):
   return state
 
 
-def test_three_steps_stop_resume_three_equals_six(tmp_path):
+def test_stop_resume_equals_uninterrupted_on_2_1_and_1_2_devices(tmp_path):
   cfg = _cfg()
   full = loop.train(cfg, str(tmp_path / "full"), quiet=True)
   part = loop.train(cfg, str(tmp_path / "split"), quiet=True, stop_at=3)
@@ -82,11 +82,19 @@ def test_three_steps_stop_resume_three_equals_six(tmp_path):
   assert int(full.state.step) == int(resumed.state.step) == 6
   _assert_same_state(full.state, resumed.state)
   _assert_same_state(full.state, _restore(cfg, str(tmp_path / "split")))
-  if jax.device_count() >= 2:  # saved on 2 devices, resumed on 1
-    one = loop.train(cfg, str(tmp_path / "split_one_device"), quiet=True, resume=True,
-                     devices=jax.devices()[:1])
-    assert one.mesh.devices.size == 1 and int(one.state.step) == 6
-    _assert_same_state(full.state, one.state, exact=False)
+  assert jax.device_count() >= 2, "run with --xla_force_host_platform_device_count=2"
+  # saved on 2 devices, resumed on 1
+  one = loop.train(cfg, str(tmp_path / "split_one_device"), quiet=True, resume=True,
+                   devices=jax.devices()[:1])
+  assert one.mesh.devices.size == 1 and int(one.state.step) == 6
+  _assert_same_state(full.state, one.state, exact=False)
+  # and back: saved on 1 device, resumed on 2
+  part = loop.train(cfg, str(tmp_path / "one_then_two"), quiet=True, stop_at=3,
+                    devices=jax.devices()[:1])
+  assert part.mesh.devices.size == 1 and int(part.state.step) == 3
+  two = loop.train(cfg, str(tmp_path / "one_then_two"), quiet=True, resume=True)
+  assert two.mesh.devices.size == 2 and int(two.state.step) == 6
+  _assert_same_state(full.state, two.state, exact=False)
 
 
 def _env(devices):
@@ -127,23 +135,16 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path):
+  """launch/processes.sh starts the two processes (the README's command)."""
   extra = {"train.steps": 2, "train.checkpoint_every": 2, "train.log_every": 1}
-  common = ["--config=configs/demo.py", "--quiet", *_flags(**extra)]
-  port = _free_port()
   multi = str(tmp_path / "multi")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "stt_jax.main", *common, f"--workdir={multi}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert "in 2 process(es)" in outs[0][0]
+  env = dict(_env(1), PYTHON=sys.executable, PORT=str(_free_port()), DEVICES_PER_PROCESS="1")
+  out = subprocess.run(["bash", "launch/processes.sh", "2", "configs/demo.py", multi,
+                        "--quiet", *_flags(**extra)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  assert "[process 0] backend cpu: 2 device(s) (cpu) in 2 process(es), 1 local" in out.stdout
+  assert "[process 1] " in out.stdout  # process 1 runs, quietly
   # the same run in this process, on its 2 devices
   cfg = _cfg(**extra)
   single = loop.train(cfg, str(tmp_path / "single"), quiet=True)

@@ -1,0 +1,36 @@
+"""stt_jax (Flax) parameters -> a PyTorch peer's state_dict, by module name.
+
+Flax conv kernels are [kd, kh, kw, in, out]; PyTorch's are [out, in, kd, kh, kw].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def flax_to_state_dict(params) -> dict[str, torch.Tensor]:
+  out = {}
+
+  def walk(tree, prefix):
+    for name, value in tree.items():
+      key = f"{prefix}{name}"
+      if isinstance(value, dict) or hasattr(value, "items"):
+        walk(value, key + ".")
+      elif name == "kernel":
+        out[f"{prefix}weight"] = torch.from_numpy(
+            np.ascontiguousarray(np.transpose(np.asarray(value, np.float32), (4, 3, 0, 1, 2))))
+      elif name == "bias":
+        out[f"{prefix}bias"] = torch.from_numpy(np.asarray(value, np.float32).copy())
+      else:
+        raise ValueError(f"no PyTorch counterpart for parameter {key}")
+  walk(params, "")
+  return out
+
+
+def load_into(model: torch.nn.Module, params) -> None:
+  """Copies `params` into `model`; every trainable tensor must be covered."""
+  state = flax_to_state_dict(params)
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  if missing or unexpected:
+    raise ValueError(f"parameter mismatch: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,113 @@
+"""The Res-UNET-R baseline in PyTorch, built as the original is (see
+../shared/notes/reference-facts.md §2): replicate padding + unpadded convs,
+ELU, no normalisation, in-plane stride-2 1x3x3 down-sampling, additive skips,
+a fixed depthwise bilinear transposed conv (kernel 1x4x4, weights
+[.25, .75, .75, .25], stride (1, 2, 2), padding (0, 1, 1)) for up-sampling.
+
+Module names equal the Flax modules' names in stt_jax/models/unet.py so that
+`convert.py` maps our parameters onto it one to one. Input/output are
+[batch, channels, depth, height, width] (PyTorch's layout); outputs are
+logits (mask, contour).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def conv(cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1, 1)):
+  """Replicate padding to "same" size at stride 1, then an unpadded conv."""
+  return nn.Conv3d(cin, cout, tuple(kernel), tuple(stride),
+                   padding=tuple(k // 2 for k in kernel), padding_mode="replicate")
+
+
+class ResidualBlock(nn.Module):
+  def __init__(self, cin: int, cout: int):
+    super().__init__()
+    self.conv1 = conv(cin, cout, (3, 3, 3))
+    self.conv2 = conv(cout, cout, (3, 3, 3))
+    self.project = conv(cin, cout, (1, 1, 1)) if cin != cout else None
+
+  def forward(self, x):
+    skip = x if self.project is None else self.project(x)
+    return F.elu(self.conv2(F.elu(self.conv1(x))) + skip)
+
+
+class AnisotropicBlock(nn.Module):
+  def __init__(self, cin: int, cout: int):
+    super().__init__()
+    self.conv_1x3x3 = conv(cin, cout, (1, 3, 3))
+    self.residual = ResidualBlock(cout, cout)
+
+  def forward(self, x):
+    return self.residual(F.elu(self.conv_1x3x3(x)))
+
+
+class BilinearUp(nn.Module):
+  """The original's fixed (not trained) in-plane 2x up-sampling."""
+
+  def __init__(self, channels: int):
+    super().__init__()
+    taps = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    weight = torch.outer(taps, taps).reshape(1, 1, 1, 4, 4).repeat(channels, 1, 1, 1, 1)
+    self.register_buffer("weight", weight, persistent=False)
+    self.channels = channels
+
+  def forward(self, x):
+    return F.conv_transpose3d(x, self.weight.to(x.dtype), stride=(1, 2, 2),
+                              padding=(0, 1, 1), groups=self.channels)
+
+
+class ResUNet(nn.Module):
+  def __init__(self, widths: Sequence[int] = (28, 36, 48, 64, 80), out_channels: int = 2):
+    super().__init__()
+    w = list(widths)
+    self.embed = conv(1, w[0], (1, 5, 5))
+    self.enc0 = AnisotropicBlock(w[0], w[0])
+    for level in range(1, len(w)):
+      setattr(self, f"down{level}", conv(w[level - 1], w[level - 1], (1, 3, 3), (1, 2, 2)))
+      setattr(self, f"enc{level}", AnisotropicBlock(w[level - 1], w[level]))
+    for level in range(len(w) - 2, -1, -1):
+      setattr(self, f"reduce{level}", conv(w[level + 1], w[level], (1, 1, 1)))
+      setattr(self, f"up{level}", BilinearUp(w[level]))
+      setattr(self, f"dec{level}", AnisotropicBlock(w[level], w[level]))
+    self.skip0 = conv(w[0], w[0], (1, 3, 3))
+    self.head = conv(w[0], out_channels, (1, 5, 5))
+    self.levels = len(w)
+    for m in self.modules():  # the original's init
+      if isinstance(m, nn.Conv3d):
+        nn.init.orthogonal_(m.weight)
+        nn.init.zeros_(m.bias)
+
+  def forward(self, image):
+    x = self.enc0(F.elu(self.embed(image)))
+    skips = [x]
+    for level in range(1, self.levels):
+      x = getattr(self, f"enc{level}")(F.elu(getattr(self, f"down{level}")(x)))
+      skips.append(x)
+    x = skips.pop()
+    for level in range(self.levels - 2, -1, -1):
+      x = getattr(self, f"up{level}")(F.elu(getattr(self, f"reduce{level}")(x)))
+      skip = skips.pop()
+      if level == 0:
+        skip = F.elu(self.skip0(skip))
+      x = getattr(self, f"dec{level}")(x + skip)
+    return self.head(x)
+
+
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+  """The original's loss: BCE on both channels, per-sample per-channel class
+  weights from the positive fraction f (clipped to [0.05, 0.99]); a uniform
+  crop weighs 1."""
+  dims = tuple(range(2, target.ndim))
+  raw = target.mean(dim=dims, keepdim=True)
+  f = raw.clamp(0.05, 0.99)
+  w_pos = torch.where(f <= 0.5, (1 - f) / f, torch.ones_like(f))
+  w_neg = torch.where(f <= 0.5, torch.ones_like(f), f / (1 - f))
+  weight = torch.where(target > 0.5, w_pos, w_neg)
+  weight = torch.where((raw == 0) | (raw == 1), torch.ones_like(weight), weight)
+  return F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight)

@@ -1,0 +1,348 @@
+"""stt_jax against its PyTorch peer (bench/reference_torch) on this machine.
+
+  .venv/bin/python bench/vs_torch.py                 # train and inference, then ratios
+  .venv/bin/python bench/train_throughput.py         # train step only
+  .venv/bin/python bench/infer_throughput.py         # forward (inference windows) only
+  ... --cases=small                                  # small patch only (default on CPU)
+
+Each framework runs in its own subprocess (clean peak-memory counters, no
+allocator fighting the other). Rows: voxels/s, step time (median of
+--repeats), compile time (first call), peak device memory, and for ours the
+FLOPs per step from XLA's cost analysis of the lowered program and the model
+FLOPs utilisation (MFU) against the device's bf16 peak (spec sheet, and the
+8192^3 bf16 matmul rate measured in the same process). PyTorch runs eager and
+`torch.compile`d, channels-last, bf16 through autocast. Before timing, the
+peer's output on our converted weights is checked against ours (float32,
+highest precision). JSON goes to bench/results/vs_torch-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# the driver and both workers share one GPU: allocate on demand, not 75% up front
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+BASELINE = (28, 36, 48, 64, 80)
+# (name, patch, batch per device)
+CASES = {"train": {"paper": ((32, 320, 320), 2), "small": ((16, 128, 128), 2)},
+         "infer": {"paper": ((32, 256, 256), 2), "small": ((16, 128, 128), 2)}}
+# dense bf16 tensor-core peak of the spec sheet, FLOP/s
+BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "MI250X": 383e12}
+
+
+def _spec_peak(kind: str) -> float | None:
+  return next((v for k, v in BF16_PEAK.items() if k in kind), None)
+
+
+def _median_time(fn, sync, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return times[len(times) // 2]
+
+
+def _inputs(patch, batch, seed=0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  image = rng.random((batch, *patch, 1), dtype=np.float32)
+  target = (rng.random((batch, *patch, 2)) < 0.1).astype(np.float32)
+  return image, target
+
+
+# ----------------------------------------------------------------- ours (JAX)
+
+def _jax_worker(kind: str, cases, dtypes, repeats: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  n = jax.device_count()
+  matmul_peak = None
+  if device.platform != "cpu":
+    a = jnp.ones((8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    matmul_peak = 2 * 8192 ** 3 / _median_time(lambda: mm(a).block_until_ready(),
+                                               lambda: None, 10)
+  rows = []
+  for case in cases:
+    patch, per_device = CASES[kind][case]
+    for dtype in dtypes:
+      cfg = default_config()
+      cfg.model.widths = BASELINE
+      cfg.model.compute_dtype = dtype
+      cfg.data.patch_shape = patch
+      cfg.train.batch_size = per_device * n
+      cfg.loss.dice_weight = 0.0  # the original trains on weighted BCE alone
+      setup = loop.build(cfg)
+      image, target = _inputs(patch, per_device * n)
+      batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
+      if kind == "infer":
+        model = setup.model
+        fn = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
+        args = (setup.state.params, batch["image"])
+        flops = fn.lower(*args).cost_analysis()
+        t0 = time.perf_counter()
+        fn(*args).block_until_ready()
+        compile_s = time.perf_counter() - t0
+        step_s = _median_time(lambda: fn(*args).block_until_ready(), lambda: None, repeats)
+      else:
+        step_fn = setup.jit_step(cfg.loss)
+        key = jax.random.key_data(jax.random.key(0))
+        flops = step_fn.lower(setup.state, batch, key).cost_analysis()
+        holder = {"state": setup.state}
+
+        def one():
+          holder["state"], metrics = step_fn(holder["state"], batch, key)
+          return metrics["loss"]
+        t0 = time.perf_counter()
+        one().block_until_ready()
+        compile_s = time.perf_counter() - t0
+        step_s = _median_time(lambda: one().block_until_ready(), lambda: None, repeats)
+      flops = (flops[0] if isinstance(flops, (list, tuple)) else flops or {}).get("flops")
+      stats = device.memory_stats() or {}
+      voxels = per_device * n * int(__import__("numpy").prod(patch))
+      row = {"framework": "jax", "mode": "jit", "kind": kind, "case": case,
+             "patch": list(patch), "batch": per_device * n, "dtype": dtype,
+             "step_s": step_s, "voxels_per_s": voxels / step_s, "compile_s": compile_s,
+             "peak_device_bytes": stats.get("peak_bytes_in_use")}
+      if flops:
+        row["flops_per_step"] = float(flops)
+        row["flops_per_voxel"] = float(flops) / voxels
+        spec = _spec_peak(device.device_kind)
+        if spec:
+          row["mfu_spec"] = flops / step_s / (spec * n)
+        if matmul_peak:
+          row["mfu_measured_matmul"] = flops / step_s / (matmul_peak * n)
+      rows.append(row)
+      print(f"  jax {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step", flush=True)
+      del setup, batch
+  return {"device": device.device_kind, "platform": device.platform, "devices": n,
+          "jax": jax.__version__, "matmul_bf16_flops": matmul_peak, "rows": rows}
+
+
+# ------------------------------------------------------------ the PyTorch peer
+
+def _torch_worker(kind: str, cases, dtypes, repeats: int, modes) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from bench.reference_torch.res_unet import ResUNet, weighted_bce  # pylint: disable=g-import-not-at-top
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+  torch.backends.cudnn.benchmark = True
+  rows = []
+  for case in cases:
+    patch, batch = CASES[kind][case]
+    image, target = _inputs(patch, batch)
+    x = torch.from_numpy(image).permute(0, 4, 1, 2, 3).contiguous().to(dev)
+    y = torch.from_numpy(target).permute(0, 4, 1, 2, 3).contiguous().to(dev)
+    x = x.to(memory_format=torch.channels_last_3d)
+    y = y.to(memory_format=torch.channels_last_3d)
+    for dtype in dtypes:
+      for mode in modes:
+        torch.manual_seed(0)
+        model = ResUNet(BASELINE).to(dev).to(memory_format=torch.channels_last_3d)
+        net = torch.compile(model) if mode == "compile" else model
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        if kind == "train":
+          opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+
+          def one():
+            with autocast:
+              logits = net(x)
+            loss = weighted_bce(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+        else:
+          model.eval()
+
+          def one():
+            with torch.inference_mode(), autocast:
+              return torch.sigmoid(net(x))
+        if dev.type == "cuda":
+          torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        one()
+        sync()
+        compile_s = time.perf_counter() - t0
+        one()  # cudnn.benchmark picks algorithms on the first shapes it sees
+        sync()
+        step_s = _median_time(one, sync, repeats)
+        voxels = batch * int(__import__("numpy").prod(patch))
+        rows.append({"framework": "torch", "mode": mode, "kind": kind, "case": case,
+                     "patch": list(patch), "batch": batch, "dtype": dtype,
+                     "step_s": step_s, "voxels_per_s": voxels / step_s,
+                     "compile_s": compile_s,
+                     "peak_device_bytes": (torch.cuda.max_memory_allocated()
+                                           if dev.type == "cuda" else None)})
+        print(f"  torch {mode} {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step", flush=True)
+        del model, net
+        if dev.type == "cuda":
+          torch.cuda.empty_cache()
+  return {"torch": torch.__version__, "device": str(dev), "rows": rows}
+
+
+def _check_worker() -> dict:
+  """Our forward pass and the peer's on the same (converted) weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from bench.reference_torch import convert  # pylint: disable=g-import-not-at-top
+  from bench.reference_torch.res_unet import ResUNet, weighted_bce  # pylint: disable=g-import-not-at-top
+  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import losses, state as state_lib  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_default_matmul_precision", "highest")
+  torch.backends.cudnn.allow_tf32 = False
+  torch.backends.cuda.matmul.allow_tf32 = False
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  out = {}
+  for patch in ((8, 64, 64), (16, 128, 96)):
+    model = unet.ResUNet(widths=BASELINE, conv_impl="native", dtype=np.float32)
+    params = state_lib.init_params(model, patch, seed=3)
+    image, target = _inputs(patch, 2, seed=1)
+    ours = np.asarray(model.apply({"params": params}, image))
+    peer = ResUNet(BASELINE).to(dev)
+    convert.load_into(peer, jax.device_get(params))
+    with torch.no_grad():
+      theirs = peer(torch.from_numpy(image).permute(0, 4, 1, 2, 3).to(dev))
+      loss_t = float(weighted_bce(theirs, torch.from_numpy(target).permute(0, 4, 1, 2, 3).to(dev)))
+    theirs = theirs.permute(0, 2, 3, 4, 1).cpu().numpy()
+    loss_o = float(losses.weighted_bce(ours, target))
+    diff = float(np.abs(ours - theirs).max())
+    scale = float(np.abs(theirs).max())
+    out["x".join(map(str, patch))] = {"max_abs_diff": diff, "max_abs_logit": scale,
+                                      "relative": diff / scale, "loss_peer": loss_t,
+                                      "loss_ours": loss_o}
+  return out
+
+
+# ----------------------------------------------------------------------- driver
+
+def _spawn(args: list[str]) -> dict:
+  with subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=ROOT,
+                        stdout=subprocess.PIPE, text=True) as proc:
+    lines = []
+    for line in proc.stdout:
+      if line.startswith("RESULT "):
+        lines.append(line[len("RESULT "):])
+      else:
+        print(line, end="", flush=True)
+  if proc.returncode or not lines:
+    raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode})")
+  return json.loads(lines[-1])
+
+
+def _fmt_bytes(b) -> str:
+  return f"{b / 2**30:.2f}" if b else "-"
+
+
+def run(kinds, cases=None, dtypes=("float32", "bfloat16"), repeats=10,
+        modes=("eager", "compile")) -> dict:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  have_torch = importlib.util.find_spec("torch") is not None
+  import jax  # pylint: disable=g-import-not-at-top
+  on_cpu = jax.default_backend() == "cpu"
+  cases = list(cases or (["small"] if on_cpu else ["paper", "small"]))
+  result = {"kinds": list(kinds), "cases": cases, "dtypes": list(dtypes), "torch": None}
+  if have_torch:
+    print("checking the peer against ours (float32, highest precision) ...", flush=True)
+    result["equivalence"] = _spawn(["--worker=check"])
+    worst = max(v["relative"] for v in result["equivalence"].values())
+    print(f"  max |ours - peer| / max |logit| = {worst:.2e}")
+    if worst > 1e-4:
+      raise SystemExit(f"the PyTorch peer computes another function ({worst:.2e}); "
+                       "fix bench/reference_torch before timing it")
+  rows = []
+  for kind in kinds:
+    spec = json.dumps({"kind": kind, "cases": cases, "dtypes": list(dtypes),
+                       "repeats": repeats, "modes": list(modes)})
+    ours = _spawn(["--worker=jax", f"--spec={spec}"])
+    result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
+                                        "matmul_bf16_flops")})
+    rows += ours["rows"]
+    if have_torch:
+      peer = _spawn(["--worker=torch", f"--spec={spec}"])
+      result["torch"] = peer["torch"]
+      rows += peer["rows"]
+  result["rows"] = rows
+  _print(result, have_torch)
+  out_dir = os.path.join(ROOT, "bench", "results")
+  os.makedirs(out_dir, exist_ok=True)
+  name = result["device"].replace(" ", "_").lower()
+  path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}-{name}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {path}")
+  return result
+
+
+def _print(result: dict, have_torch: bool) -> None:
+  print(f"\ndevice: {result['device']} x {result['devices']}, jax {result['jax']}, "
+        f"torch {result['torch'] or 'not installed (pip install torch for the peer rows)'}")
+  if result.get("matmul_bf16_flops"):
+    print(f"measured bf16 matmul 8192^3: {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s")
+  print(f"{'kind':<6}{'case':<7}{'patch x batch':<17}{'dtype':<9}{'framework':<15}"
+        f"{'step ms':>9}{'voxels/s':>11}{'compile s':>10}{'peak GiB':>9}{'GFLOP/step':>11}"
+        f"{'MFU':>7}")
+  for r in result["rows"]:
+    mfu = f"{100 * r['mfu_spec']:.1f}%" if "mfu_spec" in r else "-"
+    gflop = f"{r['flops_per_step'] / 1e9:.0f}" if "flops_per_step" in r else "-"
+    print(f"{r['kind']:<6}{r['case']:<7}{'x'.join(map(str, r['patch'])) + ' x' + str(r['batch']):<17}"
+          f"{r['dtype']:<9}{r['framework'] + ' ' + r['mode']:<15}{r['step_s'] * 1e3:>9.1f}"
+          f"{r['voxels_per_s']:>11.3g}{r['compile_s']:>10.1f}"
+          f"{_fmt_bytes(r['peak_device_bytes']):>9}{gflop:>11}{mfu:>7}")
+  if not have_torch:
+    return
+  print("\nratios (ours / PyTorch peer, voxels/s; > 1: ours faster):")
+  ours = {(r["kind"], r["case"], r["dtype"]): r for r in result["rows"]
+          if r["framework"] == "jax"}
+  for r in result["rows"]:
+    if r["framework"] != "torch":
+      continue
+    o = ours.get((r["kind"], r["case"], r["dtype"]))
+    if o:
+      ratio = o["voxels_per_s"] / r["voxels_per_s"]
+      r["ours_over_this"] = ratio
+      print(f"  {r['kind']:<6}{r['case']:<7}{r['dtype']:<9} vs torch {r['mode']:<8} {ratio:6.2f}x")
+
+
+def main(kinds=("train", "infer")) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--worker", choices=["jax", "torch", "check"])
+  parser.add_argument("--spec", default="{}")
+  parser.add_argument("--cases", default="", help="comma list of: paper, small")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--modes", default="eager,compile", help="PyTorch modes")
+  args = parser.parse_args()
+  if args.worker:
+    spec = json.loads(args.spec)
+    if args.worker == "check":
+      out = _check_worker()
+    elif args.worker == "jax":
+      out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"])
+    else:
+      out = _torch_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
+                          spec["modes"])
+    print("RESULT " + json.dumps(out), flush=True)
+    return
+  run(kinds, [c for c in args.cases.split(",") if c] or None,
+      tuple(args.dtypes.split(",")), args.repeats, tuple(args.modes.split(",")))
+
+
+if __name__ == "__main__":
+  main()

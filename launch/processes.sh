@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# N JAX processes on this machine, joined by jax.distributed (the code path of
+# a multi-node run, on one host): process 0 is the coordinator on a free
+# local port. On a CPU each process gets DEVICES_PER_PROCESS host devices; on
+# a GPU machine set GPUS_PER_PROCESS=g to give process i GPUs [i*g, (i+1)*g).
+#   launch/processes.sh [--dry-run] N CONFIG WORKDIR [more stt_jax.main flags]
+#   launch/processes.sh 2 configs/demo.py runs/demo_2proc      # CPU, 2 x 1 device
+# Output lines are prefixed with the process index; Ctrl-C or SIGTERM is passed
+# to every process (each saves a checkpoint); if one process fails the others
+# are stopped. A WORKDIR that already holds a run is continued (--resume).
+set -euo pipefail
+dry_run=0
+if [[ ${1:-} == --dry-run ]]; then dry_run=1; shift; fi
+if [[ $# -lt 3 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [--dry-run] N CONFIG WORKDIR [more stt_jax.main flags]" >&2
+  exit 2
+fi
+n=$1; config=$2; workdir=$3; shift 3
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+port=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
+resume=()
+if [[ -f $workdir/stt_jax_run.json && " $* " != *" --overwrite "* ]]; then resume=(--resume); fi
+
+process_env() {  # the environment of process $1, as NAME=value words
+  local i=$1
+  if [[ -n ${GPUS_PER_PROCESS:-} ]]; then
+    local g=$GPUS_PER_PROCESS ids
+    ids=$(seq -s, $((i * g)) $((i * g + g - 1)))
+    echo "CUDA_VISIBLE_DEVICES=$ids HIP_VISIBLE_DEVICES=$ids"
+  else
+    echo "JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}"
+  fi
+}
+
+command_of() {  # the command line of process $1 (the rest: extra flags)
+  local i=$1; shift
+  echo "$PY -u -m stt_jax.main --config=$config --workdir=$workdir ${resume[*]} $* \
+--coordinator_address=localhost:$port --num_processes=$n --process_id=$i" | tr -s ' '
+}
+
+if (( dry_run )); then
+  for ((i = 0; i < n; i++)); do
+    echo "process $i of $n: $(process_env "$i") $(command_of "$i" "$@")"
+  done
+  exit 0
+fi
+
+pids=()
+stop_all() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
+trap 'stop_all' INT TERM
+for ((i = 0; i < n; i++)); do
+  # shellcheck disable=SC2046
+  env $(process_env "$i") "$PY" -u -m stt_jax.main --config="$config" --workdir="$workdir" \
+      "${resume[@]}" "$@" --coordinator_address="localhost:$port" --num_processes="$n" \
+      --process_id="$i" > >(sed -u "s/^/[process $i] /") 2>&1 &
+  pids+=($!)
+done
+status=0
+for ((left = n; left > 0; left--)); do
+  rc=0
+  wait -n "${pids[@]}" || rc=$?
+  if (( rc != 0 && status == 0 )); then
+    status=$rc
+    echo "a process exited with $rc; stopping the others" >&2
+    stop_all
+  fi
+done
+wait  # the output filters
+exit "$status"

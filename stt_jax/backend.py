@@ -1,0 +1,124 @@
+"""Backend settings of a run (config section `backend`) and its start-up log.
+
+`configure` must run before anything asks JAX for devices: the platform list
+and XLA_FLAGS are read once, when the first backend starts. The per-backend
+defaults ("auto") live here so that one config runs unchanged on a CPU, CUDA
+or ROCm GPUs and TPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from stt_jax.errors import UserError
+
+PLATFORMS = ("auto", "cpu", "cuda", "rocm", "gpu", "tpu")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+# XLA flags added on each backend unless the config gives its own. GPU: the
+# latency-hiding scheduler overlaps the gradient all-reduce of data parallel
+# training with the backward pass; the others need nothing by default.
+DEFAULT_XLA_FLAGS = {
+    "gpu": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
+    "cpu": (),
+    "tpu": (),
+}
+
+
+def _check(backend_cfg) -> None:
+  def need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+      raise UserError(f"config.backend.{key}: {message}")
+  need(backend_cfg.platform in PLATFORMS, "platform",
+       f"must be one of {PLATFORMS}, got {backend_cfg.platform!r}")
+  need(backend_cfg.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
+       f"must be one of {MATMUL_PRECISIONS}, got {backend_cfg.matmul_precision!r}")
+  need(isinstance(backend_cfg.xla_flags, str), "xla_flags",
+       f"must be a string of flags, got {backend_cfg.xla_flags!r}")
+
+
+def _family(platform: str) -> str:
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def merged_xla_flags(present: str, platforms: str, extra: str) -> str:
+  """XLA_FLAGS for a run on `platforms` (JAX_PLATFORMS syntax; "" or "auto":
+  not known yet, so every backend's defaults, which the others ignore): the
+  defaults, then `extra`; a flag already in `present` (the user's
+  environment) keeps its value there."""
+  families = {_family(p) for p in platforms.split(",") if p and p != "auto"}
+  families = families or set(DEFAULT_XLA_FLAGS)
+  flags = [f for fam in sorted(families) for f in DEFAULT_XLA_FLAGS.get(fam, ())]
+  flags += extra.split()
+  kept = present.split()
+  names = {f.split("=")[0] for f in kept}
+  for f in flags:
+    name = f.split("=")[0]
+    if name not in names:
+      kept.append(f)
+      names.add(name)
+  return " ".join(kept)
+
+
+def configure(backend_cfg) -> None:
+  """Applies config.backend to the process (before the first JAX backend
+  starts; raises UserError on a bad value or when it is too late)."""
+  _check(backend_cfg)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = xla_bridge.backends_are_initialized()
+  if backend_cfg.platform != "auto":
+    if started:
+      raise UserError("config.backend.platform must be set before JAX starts a backend")
+    jax.config.update("jax_platforms", backend_cfg.platform)
+  present = os.environ.get("XLA_FLAGS", "")
+  platforms = (backend_cfg.platform if backend_cfg.platform != "auto"
+               else os.environ.get("JAX_PLATFORMS", ""))
+  merged = merged_xla_flags(present, platforms, backend_cfg.xla_flags)
+  if merged != present:
+    if started:
+      raise UserError("config.backend.xla_flags must be set before JAX starts a backend")
+    os.environ["XLA_FLAGS"] = merged
+  if backend_cfg.matmul_precision != "default":
+    jax.config.update("jax_default_matmul_precision", backend_cfg.matmul_precision)
+
+
+def start(backend_cfg) -> None:
+  """Starts the backend now, turning a platform this machine lacks into one line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.devices()
+  except RuntimeError as e:
+    raise UserError(f"cannot start JAX backend (config.backend.platform="
+                    f"{backend_cfg.platform!r}, JAX_PLATFORMS="
+                    f"{os.environ.get('JAX_PLATFORMS', '')!r}): "
+                    f"{str(e).splitlines()[0]}") from e
+
+
+def compute_dtype(name: str):
+  """model.compute_dtype -> a jnp dtype; 'auto' is bfloat16 where the
+  hardware has fast bfloat16 matrix units (GPU, TPU) and float32 on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if name == "auto":
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+  return jnp.dtype(name)
+
+
+def is_cuda() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+
+
+def describe(mesh=None) -> str:
+  """One line: backend, device kinds, processes, local devices, mesh."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  text = (f"backend {jax.default_backend()}: {len(devices)} device(s) "
+          f"({', '.join(kinds)}) in {jax.process_count()} process(es), "
+          f"{jax.local_device_count()} local")
+  if mesh is not None:
+    text += f", mesh {dict(mesh.shape)}"
+  return text

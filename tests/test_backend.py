@@ -1,0 +1,81 @@
+"""config.backend: XLA flags per backend, dtype choice, bad values, start-up line."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from stt_jax import backend
+from stt_jax import config as config_lib
+from stt_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_FLAG = backend.DEFAULT_XLA_FLAGS["gpu"][0]
+
+
+def test_xla_flags_per_backend_and_the_environment_wins():
+  assert backend.merged_xla_flags("", "cpu", "") == ""
+  assert backend.merged_xla_flags("", "cuda", "") == GPU_FLAG
+  assert backend.merged_xla_flags("", "rocm", "--xla_dump_to=/tmp/d") == \
+      f"{GPU_FLAG} --xla_dump_to=/tmp/d"
+  # platform not known yet: every backend's defaults (XLA:CPU ignores GPU ones)
+  assert GPU_FLAG in backend.merged_xla_flags("", "", "")
+  # a flag the user exported keeps its value; others are appended once
+  name = GPU_FLAG.split("=")[0]
+  present = f"--xla_force_host_platform_device_count=2 {name}=false"
+  merged = backend.merged_xla_flags(present, "gpu", f"{name}=true --xla_dump_to=/x")
+  assert merged == f"{present} --xla_dump_to=/x"
+
+
+def test_compute_dtype_auto_is_float32_on_cpu():
+  assert backend.compute_dtype("auto") == jnp.float32
+  assert backend.compute_dtype("bfloat16") == jnp.bfloat16
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("platform", "cpus", "config.backend.platform"),
+    ("matmul_precision", "fast", "config.backend.matmul_precision"),
+    ("xla_flags", 3, "config.backend.xla_flags"),
+])
+def test_bad_backend_values_are_named(key, value, match):
+  cfg = config_lib.default_config()
+  with cfg.backend.ignore_type():
+    cfg.backend[key] = value
+  with pytest.raises(UserError, match=match):
+    backend.configure(cfg.backend)
+
+
+def test_bad_attention_implementation_is_named():
+  cfg = config_lib.default_config()
+  cfg.model.attention.implementation = "flash"
+  with pytest.raises(UserError, match="model.attention.implementation"):
+    config_lib.validate(cfg)
+
+
+def _main(*flags, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS="", **(env_extra or {}))
+  return subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+                         *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_a_platform_this_machine_lacks_is_one_line(tmp_path):
+  out = _main(f"--workdir={tmp_path / 'r'}", "--config.backend.platform=tpu")
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: cannot start JAX backend"), out.stderr
+  assert "platform='tpu'" in lines[0]
+  assert not os.path.exists(tmp_path / "r")
+
+
+def test_start_line_names_backend_devices_processes_and_mesh(tmp_path):
+  """export of a run that does not exist: the start-up line comes first, then
+  the one-line refusal."""
+  out = _main(f"--workdir={tmp_path}", "--mode=export",
+              env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  first = out.stdout.splitlines()[0]
+  assert first == ("backend cpu: 2 device(s) (cpu) in 1 process(es), 2 local, "
+                   "mesh {'data': 2, 'model': 1}"), out.stdout + out.stderr
+  assert out.returncode == 2 and "holds no checkpoints" in out.stderr
