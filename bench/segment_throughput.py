@@ -43,10 +43,12 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _config(path: str):
+  """configs/x.py or configs/x.py:preset, as --config takes it."""
+  path, _, preset = path.partition(":")
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(preset) if preset else module.get_config()
 
 
 def _volume(directory: str, shape) -> tuple[str, np.ndarray]:

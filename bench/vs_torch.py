@@ -128,10 +128,69 @@ def _jax_worker(kind: str, cases, dtypes, repeats: int) -> dict:
         if matmul_peak:
           row["mfu_measured_matmul"] = flops / step_s / (matmul_peak * n)
       rows.append(row)
-      print(f"  jax {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step", flush=True)
+      print(f"  jax {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step, "
+            f"{row.get('flops_per_step', 0) / 1e12:.2f} TFLOP/step, MFU "
+            f"{100 * row.get('mfu_spec', 0):.1f}% of spec, "
+            f"{100 * row.get('mfu_measured_matmul', 0):.1f}% of measured matmul", flush=True)
       del setup, batch
   return {"device": device.device_kind, "platform": device.platform, "devices": n,
           "jax": jax.__version__, "matmul_bf16_flops": matmul_peak, "rows": rows}
+
+
+def _program_flops(kind: str, patch, batch: int, dtype: str) -> float:
+  """FLOPs of our jitted program from XLA's cost analysis of the lowered
+  (unoptimised, backend-independent) HLO: on CPU it has convolutions as
+  convolutions; some GPU builds return no analysis for the lowered program."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = default_config()
+  cfg.model.widths = BASELINE
+  cfg.model.compute_dtype = dtype
+  cfg.model.conv_impl = "native"  # the GPU's program, not CPU's depth-as-batch one
+  cfg.data.patch_shape = tuple(patch)
+  cfg.train.batch_size = batch
+  cfg.loss.dice_weight = 0.0
+  setup = loop.build(cfg, devices=jax.devices()[:1])
+  image = jax.ShapeDtypeStruct((batch, *patch, 1), np.float32)
+  if kind == "infer":
+    fn = jax.jit(lambda p, x: jax.nn.sigmoid(setup.model.apply({"params": p}, x)))
+    analysis = fn.lower(setup.state.params, image).cost_analysis()
+  else:
+    target = jax.ShapeDtypeStruct((batch, *patch, 2), np.float32)
+    key = jax.ShapeDtypeStruct((2,), np.uint32)
+    analysis = setup.jit_step(cfg.loss).lower(
+        setup.state, {"image": image, "target": target}, key).cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"])
+
+
+def _flops_worker(rows) -> dict:
+  return {"flops": [_program_flops(r["kind"], r["patch"], r["batch"], r["dtype"])
+                    for r in rows]}
+
+
+def add_flops(result: dict) -> None:
+  """Fills FLOPs per step and MFU into our rows that lack them (lowered on
+  CPU in a subprocess: the program's FLOPs do not depend on the device)."""
+  todo = [r for r in result["rows"] if r["framework"] == "jax" and "flops_per_step" not in r]
+  if not todo:
+    return
+  spec = json.dumps([{k: r[k] for k in ("kind", "patch", "batch", "dtype")} for r in todo])
+  flops = _spawn(["--worker=flops", f"--spec={spec}"],
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))["flops"]
+  spec_peak = _spec_peak(result["device"])
+  for row, f in zip(todo, flops):
+    voxels = row["batch"] * int(__import__("numpy").prod(row["patch"]))
+    row["flops_per_step"] = f
+    row["flops_per_voxel"] = f / voxels
+    row["flops_source"] = "lowered HLO cost analysis on CPU"
+    if spec_peak:
+      row["mfu_spec"] = f / row["step_s"] / (spec_peak * result["devices"])
+    if result.get("matmul_bf16_flops"):
+      row["mfu_measured_matmul"] = f / row["step_s"] / (
+          result["matmul_bf16_flops"] * result["devices"])
 
 
 # ------------------------------------------------------------ the PyTorch peer
@@ -153,8 +212,9 @@ def _torch_worker(kind: str, cases, dtypes, repeats: int, modes) -> dict:
     for dtype in dtypes:
       for mode in modes:
         torch.manual_seed(0)
+        torch._dynamo.reset()  # pylint: disable=protected-access
         model = ResUNet(BASELINE).to(dev).to(memory_format=torch.channels_last_3d)
-        net = torch.compile(model) if mode == "compile" else model
+        net = torch.compile(model, dynamic=False) if mode == "compile" else model
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
         if kind == "train":
           opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -232,9 +292,9 @@ def _check_worker() -> dict:
 
 # ----------------------------------------------------------------------- driver
 
-def _spawn(args: list[str]) -> dict:
+def _spawn(args: list[str], env=None) -> dict:
   with subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=ROOT,
-                        stdout=subprocess.PIPE, text=True) as proc:
+                        stdout=subprocess.PIPE, text=True, env=env) as proc:
     lines = []
     for line in proc.stdout:
       if line.startswith("RESULT "):
@@ -266,26 +326,38 @@ def run(kinds, cases=None, dtypes=("float32", "bfloat16"), repeats=10,
     if worst > 1e-4:
       raise SystemExit(f"the PyTorch peer computes another function ({worst:.2e}); "
                        "fix bench/reference_torch before timing it")
+  out_dir = os.path.join(ROOT, "bench", "results")
+  os.makedirs(out_dir, exist_ok=True)
   rows = []
+  result["rows"] = rows
+  path = None
+
+  def save():  # after every worker: a run cut short keeps what it measured
+    nonlocal path
+    name = result.get("device", "unknown").replace(" ", "_").lower()
+    path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}-{name}.json")
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
   for kind in kinds:
     spec = json.dumps({"kind": kind, "cases": cases, "dtypes": list(dtypes),
                        "repeats": repeats, "modes": list(modes)})
-    ours = _spawn(["--worker=jax", f"--spec={spec}"])
-    result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
-                                        "matmul_bf16_flops")})
-    rows += ours["rows"]
+    for case in cases:  # one process per row: its peak-memory counter is its own
+      for dtype in dtypes:
+        one = json.dumps({"kind": kind, "cases": [case], "dtypes": [dtype],
+                          "repeats": repeats})
+        ours = _spawn(["--worker=jax", f"--spec={one}"])
+        result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
+                                            "matmul_bf16_flops")})
+        rows += ours["rows"]
+        save()
     if have_torch:
       peer = _spawn(["--worker=torch", f"--spec={spec}"])
       result["torch"] = peer["torch"]
       rows += peer["rows"]
-  result["rows"] = rows
+      save()
+  add_flops(result)
   _print(result, have_torch)
-  out_dir = os.path.join(ROOT, "bench", "results")
-  os.makedirs(out_dir, exist_ok=True)
-  name = result["device"].replace(" ", "_").lower()
-  path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}-{name}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  save()
   print(f"wrote {path}")
   return result
 
@@ -322,17 +394,29 @@ def _print(result: dict, have_torch: bool) -> None:
 
 def main(kinds=("train", "infer")) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--worker", choices=["jax", "torch", "check"])
+  parser.add_argument("--worker", choices=["jax", "torch", "check", "flops"])
   parser.add_argument("--spec", default="{}")
   parser.add_argument("--cases", default="", help="comma list of: paper, small")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--modes", default="eager,compile", help="PyTorch modes")
+  parser.add_argument("--add-flops", metavar="JSON",
+                      help="fill FLOPs/MFU into a results file measured elsewhere, reprint it")
   args = parser.parse_args()
+  if args.add_flops:
+    with open(args.add_flops) as f:
+      result = json.load(f)
+    add_flops(result)
+    _print(result, result.get("torch") is not None)
+    with open(args.add_flops, "w") as f:
+      json.dump(result, f, indent=2)
+    return
   if args.worker:
     spec = json.loads(args.spec)
     if args.worker == "check":
       out = _check_worker()
+    elif args.worker == "flops":
+      out = _flops_worker(spec)
     elif args.worker == "jax":
       out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"])
     else:

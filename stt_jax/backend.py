@@ -105,12 +105,6 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-def is_cuda() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
-  return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
-
-
 def describe(mesh=None) -> str:
   """One line: backend, device kinds, processes, local devices, mesh."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -20,8 +20,9 @@ Activations are [batch, time (= depth), height, width, channels].
   STT-UNET computes exactly the baseline's function.
 
 Attention itself is `jax.nn.dot_product_attention`; `implementation` "auto"
-picks cuDNN's fused kernel on NVIDIA GPUs for 16-bit inputs whose head width
-it supports (JAX's own default is always XLA), XLA elsewhere.
+is XLA's lowering everywhere: on an H100 cuDNN's fused kernel ("cudnn", opt-in)
+was no faster for these short sequences and its bf16 gradients disagreed with
+XLA's (bench/attention_impl.py; docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -65,12 +66,8 @@ def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
   """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
-  if implementation == "auto":
-    from stt_jax import backend  # pylint: disable=g-import-not-at-top
-    fits = (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 128)
-    implementation = "cudnn" if fits and backend.is_cuda() else "xla"
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  return jax.nn.dot_product_attention(
+      q, k, v, implementation="xla" if implementation == "auto" else implementation)
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
