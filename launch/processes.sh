@@ -5,7 +5,8 @@
 # a GPU machine set GPUS_PER_PROCESS=g to give process i GPUs [i*g, (i+1)*g).
 #   launch/processes.sh [--dry-run] N CONFIG WORKDIR [more stt_jax.main flags]
 #   launch/processes.sh 2 configs/demo.py runs/demo_2proc      # CPU, 2 x 1 device
-# Output lines are prefixed with the process index; Ctrl-C or SIGTERM is passed
+# Process 0 writes to the terminal, the others' lines are prefixed with their
+# index; Ctrl-C or SIGTERM is passed
 # to every process (each saves a checkpoint); if one process fails the others
 # are stopped. A WORKDIR that already holds a run is continued (--resume).
 set -euo pipefail
@@ -50,21 +51,27 @@ pids=()
 stop_all() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap 'stop_all' INT TERM
 for ((i = 0; i < n; i++)); do
+  args=("$PY" -u -m stt_jax.main --config="$config" --workdir="$workdir" "${resume[@]}" "$@"
+        --coordinator_address="localhost:$port" --num_processes="$n" --process_id="$i")
   # shellcheck disable=SC2046
-  env $(process_env "$i") "$PY" -u -m stt_jax.main --config="$config" --workdir="$workdir" \
-      "${resume[@]}" "$@" --coordinator_address="localhost:$port" --num_processes="$n" \
-      --process_id="$i" > >(sed -u "s/^/[process $i] /") 2>&1 &
+  if (( i == 0 )); then  # straight to the terminal: its progress bar stays one line
+    env $(process_env "$i") "${args[@]}" &
+  else
+    env $(process_env "$i") "${args[@]}" > >(sed -u "s/^/[process $i] /") 2>&1 &
+  fi
   pids+=($!)
 done
 status=0
-for ((left = n; left > 0; left--)); do
+running=("${pids[@]}")
+while (( ${#running[@]} )); do
   rc=0
-  wait -n "${pids[@]}" || rc=$?
+  wait -n -p finished "${running[@]}" || rc=$?
+  running=("${running[@]/$finished}")
+  read -ra running <<< "${running[*]}"
   if (( rc != 0 && status == 0 )); then
     status=$rc
-    echo "a process exited with $rc; stopping the others" >&2
+    echo "process exited with $rc; stopping the others" >&2
     stop_all
   fi
 done
-wait  # the output filters
 exit "$status"

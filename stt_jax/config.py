@@ -68,6 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.train = ml_collections.ConfigDict({"image": "", "label": "", "region": ()})
   c.data.val = ml_collections.ConfigDict({"image": "", "label": "", "region": ()})
   c.data.voxel_size_nm = (30.0, 8.0, 8.0)
+  # instances: label volumes hold instance ids; mask: binary masks, voxels >=
+  # mask_threshold are foreground and 3D connected components are instances
+  c.data.label_kind = "instances"      # instances | mask
+  c.data.mask_threshold = 128
   c.data.patch_shape = (32, 320, 320)
   c.data.contour_width = 2
   c.data.foreground_bias = 0.0         # share of patches redrawn until they hold foreground
@@ -158,6 +162,10 @@ def _need(condition: bool, key: str, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first bad key."""
+  _need(c.data.label_kind in ("instances", "mask"), "data.label_kind",
+        f"must be instances or mask, got {c.data.label_kind!r}")
+  _need(c.data.mask_threshold > 0, "data.mask_threshold",
+        f"must be > 0, got {c.data.mask_threshold}")
   from stt_jax.models.unet import input_multiple  # pylint: disable=g-import-not-at-top
   m = c.model
   _need(m.name == "res_unet", "model.name", f"must be 'res_unet', got {m.name!r}")

@@ -45,3 +45,30 @@ def pytest_sessionfinish(session, exitstatus):
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   if os.path.basename(cache).startswith("stt_jax_test_compile_cache_"):
     shutil.rmtree(cache, ignore_errors=True)
+
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                           "data"))
+
+
+def shared_data(*parts: str) -> str:
+  """A path under ../shared/data (real EM data, read in place, never
+  committed); skips the test, saying why, where that data is absent."""
+  path = os.path.join(SHARED_DATA, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f"real EM data not present: {path} (see ../shared/data/README.md)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def urocell_volumes():
+  """{name: instance labels [z, y, x] int} of the five UroCell sub-volumes."""
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  folder = shared_data("urocell", "mito", "instance")
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".nii.gz"):
+      vol = sources.open_volume(os.path.join(folder, name))
+      out[name[:-len(".nii.gz")]] = vol.read([0, 0, 0], vol.shape)
+  assert len(out) == 5, f"expected 5 UroCell volumes in {folder}, found {sorted(out)}"
+  return out

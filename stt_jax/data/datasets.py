@@ -44,6 +44,8 @@ def open_split(cfg, split: str, *, need_labels: bool = True):
     except UserError as e:
       raise UserError(f"config.data.{split}.{field}: {e}") from None
   image, labels = volumes
+  if labels is not None and cfg.data.label_kind == "mask":
+    labels = sources.MaskInstancesVolume(labels, cfg.data.mask_threshold)
   region = tuple(entry.get("region", ()) or ())
   if region:
     if len(region) != 2:

@@ -26,6 +26,7 @@ import concurrent.futures
 import json
 import os
 import re
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ from stt_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _READERS = concurrent.futures.ThreadPoolExecutor(max_workers=8,
                                                  thread_name_prefix="stt_jax_read")
 
@@ -76,6 +78,10 @@ class Volume:
   def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     return self.read_async(start, size).result()
 
+  def read_here(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """`read` without the shared reader pool (safe from inside a pool thread)."""
+    return self._read_box(self._check_box(start, size))
+
   def write(self, start: Sequence[int], array: np.ndarray) -> None:
     raise UserError(f"{self.path} is read-only ({type(self).__name__}); "
                     "write zarr (--mode=convert makes one)")
@@ -107,6 +113,9 @@ class TensorStoreVolume(Volume):
 
   def read_async(self, start: Sequence[int], size: Sequence[int]) -> ts.Future:
     return self._store[tuple(self._check_box(start, size))].read()
+
+  def read_here(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    return self.read(start, size)  # TensorStore's own threads, not the pool
 
   def write(self, start: Sequence[int], array: np.ndarray) -> None:
     self._store[tuple(self._check_box(start, array.shape))].write(array).result()
@@ -219,6 +228,89 @@ class HDF5Volume(Volume):
     return self._dataset[tuple(box)]
 
 
+class NiftiVolume(Volume):
+  """A NIfTI-1/2 file (.nii, .nii.gz) through nibabel; its (x, y, z) axes
+  read as our [z, y, x]. A .nii is memory-mapped; gzip cannot seek, so a
+  .nii.gz is decompressed into memory on the first read (convert large ones
+  with --mode=convert)."""
+
+  def __init__(self, path: str):
+    import nibabel  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self._image = nibabel.load(path)
+    self._array = None
+    header = self._image.header
+    if len(self._image.shape) != 3:
+      raise UserError(f"{path}: NIfTI volume must be 3D, got shape {self._image.shape}")
+    scale = {"meter": 1e9, "mm": 1e6, "micron": 1e3}.get(header.get_xyzt_units()[0])
+    zooms = ([round(float(z) * scale, 3) for z in header.get_zooms()[:3]] if scale
+             else None)  # zooms are float32: 0.03 um reads 29.999999 nm
+    # many EM NIfTIs carry a placeholder 1 mm: keep only plausible EM sizes
+    self._voxel_size = (tuple(zooms[::-1]) if zooms and all(0.1 <= z <= 1e4 for z in zooms)
+                        else None)
+
+  @property
+  def shape(self):
+    return tuple(int(s) for s in self._image.shape[::-1])
+
+  @property
+  def dtype(self):
+    return np.dtype(self._image.get_data_dtype())
+
+  @property
+  def voxel_size_nm(self):
+    return self._voxel_size
+
+  def _read_box(self, box):
+    if self._array is None:
+      proxy = self._image.dataobj
+      self._array = (np.asarray(proxy) if self.path.lower().endswith(".gz") else proxy)
+    z, y, x = box
+    return np.ascontiguousarray(np.asarray(self._array[x, y, z], self.dtype).transpose(2, 1, 0))
+
+
+class MaskInstancesVolume(Volume):
+  """Instance ids made from a binary mask volume (e.g. VNC III's 0/255 PNGs
+  with anti-aliased edges): voxels >= `threshold` are foreground and each 3D
+  6-connected component is one instance. Computed once, over the whole
+  volume, on the first read (so ids are global); hence bounded in size."""
+
+  MAX_VOXELS = 1 << 28  # 1 GiB of uint32 ids
+
+  def __init__(self, base: Volume, threshold: float):
+    voxels = int(np.prod(base.shape))
+    if voxels > self.MAX_VOXELS:
+      raise UserError(f"{base.path}: {base.shape} is too large to label as a mask in "
+                      f"memory ({voxels} > {self.MAX_VOXELS} voxels); label its connected "
+                      "components once into a zarr and use data.label_kind='instances'")
+    self._base, self._threshold = base, threshold
+    self.path = base.path
+    self._labels = None
+    self._lock = threading.Lock()
+
+  @property
+  def shape(self):
+    return self._base.shape
+
+  @property
+  def dtype(self):
+    return np.dtype(np.uint32)
+
+  @property
+  def voxel_size_nm(self):
+    return self._base.voxel_size_nm
+
+  def _read_box(self, box):
+    with self._lock:
+      if self._labels is None:
+        import cc3d  # pylint: disable=g-import-not-at-top
+        # not through the shared reader pool: waiting on it while its
+        # threads wait on this lock would deadlock
+        mask = self._base.read_here([0] * len(self.shape), self.shape) >= self._threshold
+        self._labels = cc3d.connected_components(mask, connectivity=6).astype(np.uint32)
+    return self._labels[tuple(box)].copy()
+
+
 class RegionVolume(Volume):
   """The box [start, stop) of another volume, as a volume of its own."""
 
@@ -248,6 +340,11 @@ class RegionVolume(Volume):
     self._check_box(start, size)
     shifted = [s + o for s, o in zip(start, self.start)] + list(start[3:])
     return self.base.read_async(shifted, size)
+
+  def read_here(self, start, size):
+    self._check_box(start, size)
+    shifted = [s + o for s, o in zip(start, self.start)] + list(start[3:])
+    return self.base.read_here(shifted, size)
 
 
 def _zarr_attributes(path: str) -> dict:
@@ -339,6 +436,8 @@ def open_volume(path: str) -> Volume:
                     "(N5), info (precomputed) or PNG/TIFF slices inside")
   if lower.endswith(IMAGE_SUFFIXES[1:]):
     return TiffStackVolume(path)
+  if lower.endswith(NIFTI_SUFFIXES):
+    return NiftiVolume(path)
   if lower.endswith(HDF5_SUFFIXES):
     import h5py  # pylint: disable=g-import-not-at-top
     with h5py.File(path, "r") as f:
@@ -353,7 +452,7 @@ def open_volume(path: str) -> Volume:
       raise UserError(f"{path} has no dataset {dataset!r}; it holds {', '.join(names[:8])}")
     return HDF5Volume(path, dataset.strip("/"))
   raise UserError(f"{path}: unknown volume format; use zarr, N5, neuroglancer "
-                  "precomputed, a TIFF stack, a folder of PNG/TIFF slices or HDF5")
+                  "precomputed, a TIFF stack, a folder of PNG/TIFF slices, HDF5 or NIfTI")
 
 
 def create_volume(path: str, shape: Sequence[int], dtype, *,

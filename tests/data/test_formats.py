@@ -77,6 +77,17 @@ def _hdf5(path, a):
   return path + ":volumes/raw"
 
 
+def _nifti(path, a, gz):
+  """NIfTI stores (x, y, z); voxel size 8 x 8 x 30 nm written in microns."""
+  import nibabel
+  image = nibabel.Nifti1Image(np.ascontiguousarray(a.transpose(2, 1, 0)), np.eye(4))
+  image.header.set_zooms((0.008, 0.008, 0.030))
+  image.header.set_xyzt_units("micron")
+  path += ".nii.gz" if gz else ".nii"
+  nibabel.save(image, path)
+  return path
+
+
 WRITERS = {
     "zarr3": lambda p, a: sources.write_array(p, a, voxel_size_nm=(30, 8, 8)) and p,
     "zarr2": lambda p, a: _zarr2(p, a) or p,
@@ -87,6 +98,8 @@ WRITERS = {
     "png_folder": lambda p, a: _slice_folder(p, a, ".png") or p,
     "tiff_folder": lambda p, a: _slice_folder(p, a, ".tif") or p,
     "hdf5": lambda p, a: _hdf5(p + ".h5", a),
+    "nifti": lambda p, a: _nifti(p, a, False),
+    "nifti_gz": lambda p, a: _nifti(p, a, True),
 }
 
 
@@ -97,7 +110,7 @@ def test_round_trip(tmp_path, volume, fmt):
   assert vol.shape == SHAPE and vol.dtype == np.uint8
   np.testing.assert_array_equal(vol.read([0, 0, 0], SHAPE), volume)
   np.testing.assert_array_equal(vol.read([1, 5, 7], [3, 10, 20]), volume[1:4, 5:15, 7:27])
-  if fmt in ("zarr3", "n5", "precomputed", "hdf5"):
+  if fmt in ("zarr3", "n5", "precomputed", "hdf5", "nifti", "nifti_gz"):
     assert vol.voxel_size_nm == (30.0, 8.0, 8.0)
   out = sources.convert_to_zarr(vol, str(tmp_path / "converted.zarr"), slab_depth=2)
   np.testing.assert_array_equal(sources.open_volume(out.path).read([0, 0, 0], SHAPE), volume)

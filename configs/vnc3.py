@@ -1,0 +1,51 @@
+"""Drosophila VNC III (ssTEM, Gerhard et al., figshare 856713; the volume
+DA-ISC calls VNC III): 16 labelled sections of 1024x1024 at 4.6 x 4.6 nm,
+45-50 nm thick (z ~10x coarser), binary mitochondria masks.
+
+Read in place from ../shared/data/vnc3 (never copied into the project):
+TIFF slices for the images, PNG masks thresholded at 128, instances = 3D
+connected components. Train on sections 0-11, validate on 12-15 (scored by
+foreground Jaccard/Dice and AP). Patch 8x256x256 (z never down-sampled: 8
+sections already span 400 nm); inference windows 4x256x256 so that the
+4-section validation block is covered without padding.
+
+  python -m stt_jax.main --config=configs/vnc3.py --workdir=runs/vnc3           # STT-UNET
+  python -m stt_jax.main --config=configs/vnc3.py:baseline --workdir=runs/vnc3_b
+  python -m stt_jax.main --config=configs/vnc3.py:stt_adv --workdir=runs/vnc3_adv
+  # the unlabelled stack: instances + previews
+  python -m stt_jax.main --config=configs/vnc3.py --workdir=runs/vnc3 --mode=segment \\
+      --input=../shared/data/vnc3/stack2/raw --output=runs/vnc3_stack2
+"""
+
+import os
+
+from stt_jax.config import default_config
+from stt_jax.presets import apply_preset
+
+DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                     "shared", "data", "vnc3"))
+
+
+def get_config(preset: str = "stt"):
+  """preset: a row of the paper's ablation tables (stt_jax/presets.py)."""
+  c = default_config()
+  stack = os.path.join(DATA, "stack1")
+  for split, region in (("train", ((0, 0, 0), (12, 1024, 1024))),
+                        ("val", ((12, 0, 0), (16, 1024, 1024)))):
+    c.data[split].image = os.path.join(stack, "raw")
+    c.data[split].label = os.path.join(stack, "mitochondria")
+    c.data[split].region = region
+  c.data.label_kind = "mask"
+  c.data.mask_threshold = 128
+  c.data.voxel_size_nm = (50.0, 4.6, 4.6)
+  c.data.patch_shape = (8, 256, 256)
+  c.data.foreground_bias = 0.5         # ~4.5 % foreground: half the patches hold some
+  c.infer.window = (4, 256, 256)
+  c.infer.block_shape = (16, 1024, 1024)
+  c.train.batch_size = 4
+  c.train.steps = 20_000
+  c.train.eval_every = 2_000
+  c.train.best_metric = "jaccard"
+  c.decode.min_size = 500
+  c.eval.min_gt_size = 500
+  return apply_preset(c, preset)

@@ -1,0 +1,58 @@
+"""configs/vnc3.py on the real VNC III sections (../shared/data/vnc3): a few
+training steps on CPU, then sections 12-15 segmented and scored end to end
+through the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from stt_jax.data import datasets, sources
+from tests.conftest import shared_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import vnc3  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_masks_become_global_connected_components():
+  folder = shared_data("vnc3", "stack1", "mitochondria")
+  cfg = vnc3.get_config("baseline")
+  _, train = datasets.open_split(cfg, "train")
+  _, val = datasets.open_split(cfg, "val")
+  assert train.shape == (12, 1024, 1024) and val.shape == (4, 1024, 1024)
+  raw = sources.open_volume(folder).read([0, 0, 0], (16, 1024, 1024))
+  labels = np.concatenate([train.read([0, 0, 0], train.shape), val.read([0, 0, 0], val.shape)])
+  np.testing.assert_array_equal(labels > 0, raw >= 128)
+  # ids are the 6-connected components of the whole stack (scipy as reference)
+  from scipy import ndimage
+  reference, count = ndimage.label(raw >= 128)
+  assert labels.max() == count and 50 < count < 400
+  pairs = np.unique(np.stack([labels[labels > 0], reference[reference > 0]], 1), axis=0)
+  assert len(pairs) == count
+
+
+def test_train_then_score_sections_12_to_15(tmp_path):
+  shared_data("vnc3", "stack1")
+  work = tmp_path / "run"
+  flags = {"model.widths": "(4,4,6,6,8)", "train.steps": 2, "train.batch_size": 2,
+           "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 0,
+           "train.warmup_steps": 1, "data.patch_shape": "(4,64,64)",
+           "infer.window": "(4,256,256)", "infer.overlap": 0.25, "infer.batch_size": 4,
+           "decode.block_shape": "(4,512,512)", "decode.halo": "(0,64,64)"}
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run(
+      [sys.executable, "-m", "stt_jax.main", "--config=configs/vnc3.py:baseline",
+       f"--workdir={work}", "--quiet", *[f"--config.{k}={v}" for k, v in flags.items()]],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  assert "trained 2 steps" in out.stdout
+  assert "(4, 1024, 1024)" in out.stdout  # the held-out sections 12-15
+  scores = json.load(open(work / "eval.json"))
+  assert tuple(scores["volume_shape"]) == (4, 1024, 1024)
+  for key in ("jaccard", "dice", "ap_75"):
+    assert 0.0 <= scores[key] <= 1.0
+  assert scores["num_gt"] > 10  # mitochondria of sections 12-15 with >= 500 voxels
