@@ -63,11 +63,32 @@ def _inputs(patch, batch, seed=0):
 
 # ----------------------------------------------------------------- ours (JAX)
 
+def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices=None):
+  """(cfg, loop.Setup) of the baseline at the paper's training settings; the
+  loss is the original's weighted BCE alone (dice weight 0), as the peer's."""
+  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = default_config()
+  cfg.model.widths = BASELINE
+  cfg.model.compute_dtype = dtype
+  cfg.model.conv_impl = conv_impl
+  cfg.data.patch_shape = tuple(patch)
+  cfg.train.batch_size = batch
+  cfg.loss.dice_weight = 0.0
+  return cfg, loop.build(cfg, devices=devices)
+
+
+def _forward_fn(setup):
+  """Jitted inference: (params, image) -> sigmoid probabilities."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model = setup.model
+  return jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
+
+
 def _jax_worker(kind: str, cases, dtypes, repeats: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
-  from stt_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   n = jax.device_count()
   matmul_peak = None
@@ -81,18 +102,11 @@ def _jax_worker(kind: str, cases, dtypes, repeats: int) -> dict:
   for case in cases:
     patch, per_device = CASES[kind][case]
     for dtype in dtypes:
-      cfg = default_config()
-      cfg.model.widths = BASELINE
-      cfg.model.compute_dtype = dtype
-      cfg.data.patch_shape = patch
-      cfg.train.batch_size = per_device * n
-      cfg.loss.dice_weight = 0.0  # the original trains on weighted BCE alone
-      setup = loop.build(cfg)
+      cfg, setup = _bench_setup(patch, per_device * n, dtype)
       image, target = _inputs(patch, per_device * n)
       batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
       if kind == "infer":
-        model = setup.model
-        fn = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
+        fn = _forward_fn(setup)
         args = (setup.state.params, batch["image"])
         flops = fn.lower(*args).cost_analysis()
         t0 = time.perf_counter()
@@ -143,20 +157,12 @@ def _program_flops(kind: str, patch, batch: int, dtype: str) -> float:
   convolutions; some GPU builds return no analysis for the lowered program."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
-  from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
-  cfg = default_config()
-  cfg.model.widths = BASELINE
-  cfg.model.compute_dtype = dtype
-  cfg.model.conv_impl = "native"  # the GPU's program, not CPU's depth-as-batch one
-  cfg.data.patch_shape = tuple(patch)
-  cfg.train.batch_size = batch
-  cfg.loss.dice_weight = 0.0
-  setup = loop.build(cfg, devices=jax.devices()[:1])
+  # native 3D convs: the GPU's program, not CPU's depth-as-batch one
+  cfg, setup = _bench_setup(patch, batch, dtype, conv_impl="native",
+                            devices=jax.devices()[:1])
   image = jax.ShapeDtypeStruct((batch, *patch, 1), np.float32)
   if kind == "infer":
-    fn = jax.jit(lambda p, x: jax.nn.sigmoid(setup.model.apply({"params": p}, x)))
-    analysis = fn.lower(setup.state.params, image).cost_analysis()
+    analysis = _forward_fn(setup).lower(setup.state.params, image).cost_analysis()
   else:
     target = jax.ShapeDtypeStruct((batch, *patch, 2), np.float32)
     key = jax.ShapeDtypeStruct((2,), np.uint32)

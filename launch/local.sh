@@ -15,8 +15,9 @@ fi
 config=$1; workdir=$2; shift 2
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-resume=()
-if [[ -f $workdir/stt_jax_run.json && " $* " != *" --overwrite "* ]]; then resume=(--resume); fi
+# shellcheck source=launch/common.sh
+source launch/common.sh
+read -ra resume <<< "$(resume_flag "$workdir" "$@")"
 cmd=("$PY" -m stt_jax.main --config="$config" --workdir="$workdir" "${resume[@]}" "$@")
 if (( dry_run )); then
   echo "process 0 of 1: ${cmd[*]}"

@@ -20,8 +20,9 @@ n=$1; config=$2; workdir=$3; shift 3
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 port=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
-resume=()
-if [[ -f $workdir/stt_jax_run.json && " $* " != *" --overwrite "* ]]; then resume=(--resume); fi
+# shellcheck source=launch/common.sh
+source launch/common.sh
+read -ra resume <<< "$(resume_flag "$workdir" "$@")"
 
 process_env() {  # the environment of process $1, as NAME=value words
   local i=$1
@@ -34,15 +35,17 @@ process_env() {  # the environment of process $1, as NAME=value words
   fi
 }
 
-command_of() {  # the command line of process $1 (the rest: extra flags)
-  local i=$1; shift
-  echo "$PY -u -m stt_jax.main --config=$config --workdir=$workdir ${resume[*]} $* \
---coordinator_address=localhost:$port --num_processes=$n --process_id=$i" | tr -s ' '
+process_args() {  # sets args: the command line of process $1 (the rest: extra flags)
+  local i=$1
+  shift
+  args=("$PY" -u -m stt_jax.main --config="$config" --workdir="$workdir" "${resume[@]}" "$@"
+        --coordinator_address="localhost:$port" --num_processes="$n" --process_id="$i")
 }
 
 if (( dry_run )); then
   for ((i = 0; i < n; i++)); do
-    echo "process $i of $n: $(process_env "$i") $(command_of "$i" "$@")"
+    process_args "$i" "$@"
+    echo "process $i of $n: $(process_env "$i") ${args[*]}"
   done
   exit 0
 fi
@@ -51,8 +54,7 @@ pids=()
 stop_all() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap 'stop_all' INT TERM
 for ((i = 0; i < n; i++)); do
-  args=("$PY" -u -m stt_jax.main --config="$config" --workdir="$workdir" "${resume[@]}" "$@"
-        --coordinator_address="localhost:$port" --num_processes="$n" --process_id="$i")
+  process_args "$i" "$@"
   # shellcheck disable=SC2046
   if (( i == 0 )); then  # straight to the terminal: its progress bar stays one line
     env $(process_env "$i") "${args[@]}" &

@@ -336,15 +336,16 @@ class RegionVolume(Volume):
   def voxel_size_nm(self):
     return self.base.voxel_size_nm
 
-  def read_async(self, start, size):
+  def _in_base(self, start, size) -> list[int]:
+    """`start` of a box of this region, checked, in the base's coordinates."""
     self._check_box(start, size)
-    shifted = [s + o for s, o in zip(start, self.start)] + list(start[3:])
-    return self.base.read_async(shifted, size)
+    return [s + o for s, o in zip(start, self.start)] + list(start[3:])
+
+  def read_async(self, start, size):
+    return self.base.read_async(self._in_base(start, size), size)
 
   def read_here(self, start, size):
-    self._check_box(start, size)
-    shifted = [s + o for s, o in zip(start, self.start)] + list(start[3:])
-    return self.base.read_here(shifted, size)
+    return self.base.read_here(self._in_base(start, size), size)
 
 
 def _zarr_attributes(path: str) -> dict:

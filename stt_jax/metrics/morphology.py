@@ -166,12 +166,6 @@ def iter_instances(instances, voxel_size_nm: Sequence[float],
     }
 
 
-def summarize(rows: list[dict]) -> dict:
-  return _summary(np.array([r["volume_um3"] for r in rows]),
-                  np.array([r["surface_um2"] for r in rows]),
-                  np.array([r["elongation"] for r in rows]))
-
-
 def _summary(volumes: np.ndarray, surfaces: np.ndarray, elongations: np.ndarray) -> dict:
   if not len(volumes):
     return {"instances": 0}
