@@ -2,10 +2,12 @@
 consumption rate on this machine.
 
   .venv/bin/python bench/data_throughput.py            # paper patch 32x320x320, batch 2
+  python3 bench/data_throughput.py --workers=1,2,4,8,16 # a GPU machine's cores
 
 Generates one synthetic EM volume (zarr, under --workdir), then times the
-sampler (TensorStore reads, all augmentations, targets) with 1 and 2 worker
-threads at the paper's patch, and one jitted train step of the baseline (demo
+sampler (TensorStore reads, all augmentations, targets) with each --workers
+count of threads (training's default, data.workers=0, is one per core) at the
+paper's patch, and one jitted train step of the baseline (demo
 widths and the paper's). On CPU the step runs at --step-patch (a 32x320x320
 batch-2 step needs more memory than a 24 GiB machine has: XLA plans 48 GiB of
 scratch for it), so compare voxels/s. Prints one table, writes
@@ -71,6 +73,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir", default="/tmp/stt_jax_bench_data")
   parser.add_argument("--batches", type=int, default=20)
+  parser.add_argument("--workers", default="1,2",
+                      help="comma-separated feeder thread counts to time")
   parser.add_argument("--skip-paper-step", action="store_true",
                       help="skip timing the paper-width step (slow on CPU)")
   parser.add_argument("--step-patch", type=int, nargs=3, default=None,
@@ -86,8 +90,8 @@ def main():
   labels = sources.open_volume(os.path.join(directory, "labels.zarr"))
   voxels = int(np.prod(patch))
   rows = []
-  for workers in (1, 2):
-    rate = feeder_rate(image, labels, patch, batch, workers, args.batches)
+  for workers in [int(w) for w in args.workers.split(",")]:
+    rate = feeder_rate(image, labels, patch, batch, workers, max(args.batches, 2 * workers))
     rows.append({"what": f"feeder, all augmentations, {workers} thread(s)",
                  "patches_per_s": rate, "voxels_per_s": rate * voxels})
   step_patch = tuple(args.step_patch or ((16, 160, 160) if jax.default_backend() == "cpu"

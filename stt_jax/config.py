@@ -41,6 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
   # auto: bfloat16 on GPU/TPU, float32 on CPU (parameters and optimiser
   # state stay float32 either way)
   c.model.compute_dtype = "auto"       # auto | float32 | bfloat16
+  # output channels: mask and contour (decoded by the seeded watershed), and
+  # optionally "distance", a normalised distance transform per instance
+  # (regressed; written to probabilities.zarr as a third channel)
+  c.model.outputs = ("mask", "contour")
   # STT-UNET parts (paper Tables 3-5); design "none" is the baseline.
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.design = "none"    # none | split | spatial_then_temporal | temporal_then_spatial
@@ -75,7 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.patch_shape = (32, 320, 320)
   c.data.contour_width = 2
   c.data.foreground_bias = 0.0         # share of patches redrawn until they hold foreground
-  c.data.prefetch = 4
+  c.data.prefetch = 4                  # batches ready ahead (at least `workers`)
+  # threads assembling batches (read, augment, targets); 0 = one per core this
+  # process may use, at least 2. Two starved an H100: 3.7 steps/s of VNC III
+  # batches while the model alone ran several times faster
+  c.data.workers = 0
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = True
   c.data.augment.flip_z = True
@@ -123,6 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.bce_weight = 1.0
   c.loss.dice_weight = 1.0
+  c.loss.distance_weight = 1.0         # MSE of the distance channel, when model.outputs has it
   # FG-BG adversarial loss (eq. 4): L = L_sup + adversarial_weight * L_fg-bg.
   c.loss.adversarial_weight = 0.0      # the paper's lambda = 0.5 when on
   c.loss.adversarial_lambda1 = 1.0
@@ -196,6 +205,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be positive, got {m.denoise.features}")
   _need(m.denoise.kernel_size % 2 == 1, "model.denoise.kernel_size",
         f"must be odd, got {m.denoise.kernel_size}")
+  _need(tuple(c.model.outputs) in (("mask", "contour"), ("mask", "contour", "distance")),
+        "model.outputs", f"must be (mask, contour) or (mask, contour, distance), "
+        f"got {tuple(c.model.outputs)}")
+  _need(c.loss.distance_weight >= 0.0, "loss.distance_weight",
+        f"must be >= 0, got {c.loss.distance_weight}")
   _need(c.loss.adversarial_weight >= 0.0, "loss.adversarial_weight",
         f"must be >= 0 (0 = off), got {c.loss.adversarial_weight}")
   _need(c.loss.adversarial_lambda1 >= 0.0, "loss.adversarial_lambda1",
@@ -237,6 +251,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(c.train.best_metric in ("ap_50", "ap_75", "ap_50_95", "jaccard", "dice"),
         "train.best_metric",
         f"must be ap_50, ap_75, ap_50_95, jaccard or dice, got {c.train.best_metric!r}")
+  _need(c.data.workers >= 0, "data.workers", f"must be >= 0 (0 = auto), got {c.data.workers}")
   _need(0.0 <= c.data.foreground_bias <= 1.0, "data.foreground_bias",
         f"must be in [0, 1], got {c.data.foreground_bias}")
   for key in AUGMENT_PROBABILITIES:

@@ -85,10 +85,13 @@ def test_nan_loss_stops_with_one_line(tmp_path):
 
 
 def test_train_evaluate_export_segment_end_to_end(tmp_path):
-  """With the adversarial loss and the EMA on: export holds the EMA weights."""
+  """With the adversarial loss and the EMA on: export holds the EMA weights.
+  With the optional distance output: a third channel all the way through
+  (trained, exported, segmented from the checkpoint and from the export)."""
   work = str(tmp_path / "run")
   adv = ["--config.loss.adversarial_weight=0.5", "--config.train.ema_decay=0.5",
-         "--config.model.discriminator.features=(4,8)", "--config.train.eval_every=4"]
+         "--config.model.discriminator.features=(4,8)", "--config.train.eval_every=4",
+         "--config.model.outputs=('mask','contour','distance')"]
   proc = _main(f"--workdir={work}", *TINY, *adv)
   assert "best validation ap_75" in proc.stdout and os.path.isdir(os.path.join(work, "best"))
   assert "AP-75" in proc.stdout and "foreground Jaccard" in proc.stdout
@@ -123,7 +126,7 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   read = lambda d, n: sources.open_volume(os.path.join(d, n)).read(
       [0, 0, 0], sources.open_volume(os.path.join(d, n)).shape)
   np.testing.assert_array_equal(read(seg_a, "instances.zarr"), read(seg_b, "instances.zarr"))
-  assert read(seg_a, "probabilities.zarr").shape == (8, 64, 64, 2)
+  assert read(seg_a, "probabilities.zarr").shape == (8, 64, 64, 3)
   assert os.path.exists(os.path.join(seg_a, "morphology.csv"))
 
   # decode the stored probabilities again (no model): the same instances

@@ -30,7 +30,7 @@ class PatchSampler:
 
   def __init__(self, image: Volume, labels: Volume, *,
                patch_shape: Sequence[int], batch_size: int, seed: int,
-               augment_config=None, contour_width: int = 2,
+               augment_config=None, contour_width: int = 2, distance_voxel_size=None,
                foreground_bias: float = 0.0, foreground_tries: int = 8,
                region: Sequence[Sequence[int]] | None = None,
                process_index: int = 0, process_count: int = 1,
@@ -58,6 +58,9 @@ class PatchSampler:
     self.seed = int(seed)
     self.augment_config = augment_config
     self.contour_width = int(contour_width)
+    # (z, y, x): also the normalised distance target, measured in these units
+    self.distance_voxel_size = (None if distance_voxel_size is None
+                                else tuple(float(v) for v in distance_voxel_size))
     self.foreground_bias = float(foreground_bias)
     self.foreground_tries = int(foreground_tries)
     if check_foreground:
@@ -99,7 +102,8 @@ class PatchSampler:
       image = image_future.result()
       image, labels = self._augment(image, labels, rng)
       images.append(image)
-      target_list.append(targets.make_targets(labels, self.contour_width))
+      target_list.append(targets.make_targets(labels, self.contour_width,
+                                              self.distance_voxel_size))
     return {"image": np.stack(images)[..., None], "target": np.stack(target_list)}
 
   def _draw_start(self, rng: np.random.Generator) -> np.ndarray:

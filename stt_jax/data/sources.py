@@ -126,12 +126,17 @@ def _natural_key(name: str):
 
 
 def _read_image_file(path: str) -> np.ndarray:
+  """One slice; a 1-bit (black/white) image reads as uint8 0/255, as 8-bit
+  tools show it: mask folders mix the two (VNC III sections 1 and 7 are 1-bit
+  PNGs among 8-bit ones; read as 0/1 they fell under any 8-bit threshold)."""
   if path.lower().endswith(IMAGE_SUFFIXES[1:]):
     import tifffile  # pylint: disable=g-import-not-at-top
-    return tifffile.imread(path)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as image:
-    return np.asarray(image)
+    image = tifffile.imread(path)
+  else:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as opened:
+      image = np.asarray(opened)
+  return image.astype(np.uint8) * 255 if image.dtype == bool else image
 
 
 class SliceFolderVolume(Volume):
@@ -158,6 +163,10 @@ class SliceFolderVolume(Volume):
       if image.shape != self._slice_shape:
         raise UserError(f"{self._files[z]} has shape {image.shape}, the first slice "
                         f"{self._files[0]} {self._slice_shape}; all slices must match")
+      if image.dtype != self._dtype:  # a cast would wrap or truncate values
+        raise UserError(f"{self._files[z]} holds {image.dtype}, the first slice "
+                        f"{self._files[0]} {np.dtype(self._dtype)}; convert the slices "
+                        "to one type")
       out[i] = image[tuple(box[1:])]
     return out
 

@@ -1,7 +1,8 @@
 """Res-UNet (the paper's Table 3 "Baseline", Res-UNET-R style) and STT-UNET.
 
 Input image [batch, depth, height, width, 1] in [0, 1]; output logits
-[batch, depth, height, width, 2]: (mitochondria mask, instance contour).
+[batch, depth, height, width, 2]: (mitochondria mask, instance contour), and a
+third channel, the normalised distance transform, when model.outputs names it.
 Down-sampling is in-plane only (stride 1x2x2) at stages where z is coarse;
 `downsample_z[i]` makes stage i stride 2 in z too (for isotropic data).
 
@@ -102,13 +103,22 @@ def input_multiple(downsample_z: Sequence[bool]) -> tuple[int, int, int]:
   return (2 ** sum(bool(v) for v in downsample_z), 2 ** n, 2 ** n)
 
 
+OUTPUTS = ("mask", "contour")  # always; "distance" may follow
+
+
+def outputs(model_cfg) -> tuple[str, ...]:
+  """The output channels' names (exports made before `model.outputs` existed
+  have mask and contour)."""
+  return tuple(model_cfg.get("outputs", OUTPUTS))
+
+
 def from_config(model_cfg) -> ResUNet:
   if model_cfg.name != "res_unet":
     raise ValueError(f"model.name must be 'res_unet', got {model_cfg.name!r}")
   att = model_cfg.attention
   return ResUNet(widths=tuple(model_cfg.widths),
                  downsample_z=tuple(bool(v) for v in model_cfg.downsample_z),
-                 out_channels=2, conv_impl=model_cfg.conv_impl,
+                 out_channels=len(outputs(model_cfg)), conv_impl=model_cfg.conv_impl,
                  dtype=backend.compute_dtype(model_cfg.compute_dtype),
                  attention_impl=att.implementation,
                  attention_design=att.design, attention_fusion=att.fusion,

@@ -25,6 +25,8 @@ EXPORT_MARKER = "stt_jax_export.json"
 
 # how the model is computed, not what it is: a run may resume under others
 EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation")
+# keys added after runs were made: a run without one had this value
+_ADDED_LATER = {"model.outputs": ["mask", "contour"]}
 
 
 def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]:
@@ -33,7 +35,7 @@ def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]
   for k in keys:
     if f"{prefix}.{k}" in EXECUTION_KEYS:
       continue
-    a, b = old.get(k), new.get(k)
+    a, b = old.get(k, _ADDED_LATER.get(f"{prefix}.{k}")), new.get(k)
     if isinstance(a, dict) and isinstance(b, dict):
       out += _model_differences(a, b, f"{prefix}.{k}")
     elif (list(a) if isinstance(a, (list, tuple)) else a) != (

@@ -101,6 +101,17 @@ class _StopOnSignal:
       signal.signal(sig, handler)
 
 
+def feeder_workers(configured: int) -> int:
+  """data.workers, 0 resolved to the cores this process may run on (>= 2)."""
+  if configured:
+    return int(configured)
+  try:
+    cores = len(os.sched_getaffinity(0))  # what SLURM / taskset grant, not the host's
+  except AttributeError:
+    cores = os.cpu_count() or 2
+  return max(2, cores)
+
+
 def prefetch_to_device(batches, mesh, depth: int = 2):
   """Yields (step, global batch on `mesh`) `depth` batches ahead: device_put
   is asynchronous, so the copies of the next batches overlap the current step."""
@@ -171,6 +182,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
                          batch_size=cfg.train.batch_size, seed=cfg.seed,
                          augment_config=cfg.data.augment,
                          contour_width=cfg.data.contour_width,
+                         distance_voxel_size=(cfg.data.voxel_size_nm
+                                              if "distance" in cfg.model.outputs else None),
                          foreground_bias=cfg.data.foreground_bias,
                          process_index=jax.process_index(),
                          process_count=jax.process_count())
@@ -205,14 +218,20 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   window_start, window_steps = time.perf_counter(), 0
   done = first
   try:
+    workers = feeder_workers(cfg.data.workers)
     batches = prefetch_to_device(
-        sampler.iterate(first, last, prefetch=cfg.data.prefetch), mesh)
+        sampler.iterate(first, last, prefetch=max(cfg.data.prefetch, workers),
+                        workers=workers), mesh)
     for step, batch in batches:
       rng = jax.random.key_data(jax.random.fold_in(base_key, step))
       state, metrics = step_fn(state, batch, rng)
       window_steps += 1
       done = step + 1
-      stopping = stop.received is not None or done == last
+      # read once: a signal landing later in this iteration (most land while
+      # waiting for the step's metrics below) must not skip this step's save;
+      # it stops the next step instead
+      signalled = stop.received is not None
+      stopping = signalled or done == last
       is_log = done % cfg.train.log_every == 0 or stopping
       is_ckpt = done % cfg.train.checkpoint_every == 0 or stopping
       is_eval = validating and (done % cfg.train.eval_every == 0 or done == total)
@@ -254,7 +273,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           postfix.update(ap75=f"{scores['ap_75']:.3f}", jac=f"{scores['jaccard']:.3f}")
         bar.set_postfix(postfix)
       bar.update(1)
-      if stop.received is not None:
+      if signalled:
         break
   finally:
     bar.close()

@@ -1,4 +1,5 @@
-"""Supervised losses on (mask, contour) logits: weighted BCE and soft Dice."""
+"""Supervised losses: weighted BCE and soft Dice on the (mask, contour)
+logits; mean squared error of the optional normalised-distance channel."""
 
 from __future__ import annotations
 
@@ -41,11 +42,20 @@ def soft_dice(logits: jax.Array, target: jax.Array, eps: float = 1.0) -> jax.Arr
 
 
 def supervised_loss(logits: jax.Array, target: jax.Array, *, bce_weight: float,
-                    dice_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  bce = weighted_bce(logits, target)
-  dice = soft_dice(logits, target)
+                    dice_weight: float, distance_weight: float = 1.0
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """logits, target [batch, depth, height, width, 2 or 3]: channels 0-1 are
+  binary (mask, contour); a third is the normalised distance in [0, 1],
+  regressed through a sigmoid (PyTC regresses its distance targets with MSE)."""
+  bce = weighted_bce(logits[..., :2], target[..., :2])
+  dice = soft_dice(logits[..., :2], target[..., :2])
   total = bce_weight * bce + dice_weight * dice
-  return total, {"loss": total, "bce": bce, "dice": dice}
+  metrics = {"bce": bce, "dice": dice}
+  if logits.shape[-1] == 3:
+    distance = jnp.mean(jnp.square(jax.nn.sigmoid(logits[..., 2]) - target[..., 2]))
+    total = total + distance_weight * distance
+    metrics["distance"] = distance
+  return total, {"loss": total, **metrics}
 
 
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,

@@ -67,7 +67,7 @@ def generator_loss_fn(model, discriminator, loss_cfg, batch: dict, disc_params):
     logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
     supervised, metrics = losses.supervised_loss(
         logits, batch["target"], bce_weight=loss_cfg.bce_weight,
-        dice_weight=loss_cfg.dice_weight)
+        dice_weight=loss_cfg.dice_weight, distance_weight=loss_cfg.distance_weight)
     pred_mask = jax.nn.sigmoid(logits[..., :1])
     total = supervised
     metrics["supervised"] = supervised
@@ -88,7 +88,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                discriminator=None, disc_optimizer=None, ema_decay: float = 0.0):
   """One update of G (and D). Returns (new_state, scalar metrics).
 
-  batch: image [b, d, h, w, 1], target [b, d, h, w, 2] (mask, contour).
+  batch: image [b, d, h, w, 1], target [b, d, h, w, 2 or 3] (mask, contour
+  and, with model.outputs' "distance", the normalised distance).
   `rng` (key data from the run's base key and the step) is for stochastic
   layers; the models have none today.
   """

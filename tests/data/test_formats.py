@@ -151,6 +151,38 @@ def test_bad_paths_are_one_line_errors(tmp_path, volume):
     sources.open_volume(str(tmp_path / "two.h5") + ":b").write([0, 0, 0], volume)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_one_bit_mask_slices_read_as_0_255(tmp_path, suffix):
+  """Mask folders mix 8-bit and 1-bit images (VNC III sections 1 and 7): a
+  1-bit slice must read as 0/255 like its neighbours, or a threshold of 128
+  empties it; a slice of another type is an error, not a silent cast."""
+  from PIL import Image
+  import tifffile
+  rng = np.random.default_rng(1)
+  masks = rng.random((3, 16, 16)) < 0.3
+  folder = tmp_path / "masks"
+  folder.mkdir()
+  for z, mask in enumerate(masks):
+    path = str(folder / f"{z:02d}{suffix}")
+    if z == 1:  # 1-bit
+      if suffix == ".png":
+        Image.fromarray(mask).convert("1").save(path)
+      else:
+        tifffile.imwrite(path, mask)
+    else:  # 8-bit, 0/255
+      Image.fromarray(mask.astype(np.uint8) * 255).save(path) if suffix == ".png" else \
+          tifffile.imwrite(path, mask.astype(np.uint8) * 255)
+  vol = sources.open_volume(str(folder))
+  got = vol.read([0, 0, 0], vol.shape)
+  assert got.dtype == np.uint8
+  np.testing.assert_array_equal(got, np.where(masks, 255, 0))
+  tifffile.imwrite(str(folder / f"{1:02d}{suffix}").replace(suffix, ".tif"),
+                   masks[1].astype(np.uint16) * 1000)
+  if suffix == ".tif":
+    with pytest.raises(UserError, match="holds uint16, the first slice"):
+      vol.read([0, 0, 0], vol.shape)
+
+
 def test_convert_on_the_command_line(tmp_path, volume):
   import subprocess
   import sys

@@ -89,3 +89,16 @@ def test_resume_refuses_another_models_run(tmp_path):
                                overwrite=False)
   checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=True,
                              overwrite=False)
+
+
+def test_runs_made_before_model_outputs_resume_as_mask_and_contour(tmp_path):
+  work = str(tmp_path / "run")
+  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=False,
+                             overwrite=False)
+  checkpoint.prepare_workdir(
+      work, '{"model": {"widths": [4, 8], "outputs": ["mask", "contour"]}}', resume=True,
+      overwrite=False)
+  with pytest.raises(UserError, match=r"model.outputs: run has \['mask', 'contour'\]"):
+    checkpoint.prepare_workdir(
+        work, '{"model": {"widths": [4, 8], "outputs": ["mask", "contour", "distance"]}}',
+        resume=True, overwrite=False)

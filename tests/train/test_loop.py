@@ -72,7 +72,7 @@ def _restore(cfg, workdir, step=None):
   return state
 
 
-def test_stop_resume_equals_uninterrupted_on_2_1_and_1_2_devices(tmp_path):
+def test_stop_resume_equals_uninterrupted_also_across_2_1_2_devices(tmp_path):
   cfg = _cfg()
   full = loop.train(cfg, str(tmp_path / "full"), quiet=True)
   part = loop.train(cfg, str(tmp_path / "split"), quiet=True, stop_at=3)
@@ -83,16 +83,11 @@ def test_stop_resume_equals_uninterrupted_on_2_1_and_1_2_devices(tmp_path):
   _assert_same_state(full.state, resumed.state)
   _assert_same_state(full.state, _restore(cfg, str(tmp_path / "split")))
   assert jax.device_count() >= 2, "run with --xla_force_host_platform_device_count=2"
-  # saved on 2 devices, resumed on 1
+  # saved on 2 devices, resumed on 1 to step 5, then on 2 again to the end
   one = loop.train(cfg, str(tmp_path / "split_one_device"), quiet=True, resume=True,
-                   devices=jax.devices()[:1])
-  assert one.mesh.devices.size == 1 and int(one.state.step) == 6
-  _assert_same_state(full.state, one.state, exact=False)
-  # and back: saved on 1 device, resumed on 2
-  part = loop.train(cfg, str(tmp_path / "one_then_two"), quiet=True, stop_at=3,
-                    devices=jax.devices()[:1])
-  assert part.mesh.devices.size == 1 and int(part.state.step) == 3
-  two = loop.train(cfg, str(tmp_path / "one_then_two"), quiet=True, resume=True)
+                   stop_at=5, devices=jax.devices()[:1])
+  assert one.mesh.devices.size == 1 and int(one.state.step) == 5
+  two = loop.train(cfg, str(tmp_path / "split_one_device"), quiet=True, resume=True)
   assert two.mesh.devices.size == 2 and int(two.state.step) == 6
   _assert_same_state(full.state, two.state, exact=False)
 
@@ -126,6 +121,33 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   state = _restore(cfg, work)
   assert int(state.step) == steps[0]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_signal_during_the_metrics_wait_still_saves(tmp_path, monkeypatch):
+  """Most of a step's wall time is spent waiting for its metrics (to_host):
+  a SIGTERM landing there must still end with a checkpoint of the step the
+  run stopped at (it used to break out unsaved, and --resume went back to
+  the last periodic checkpoint)."""
+  # the same program as the resume test's (compilation cache)
+  cfg = _cfg(**{"train.log_every": 2, "train.checkpoint_every": 100})
+  real_to_host = loop.step_lib.to_host
+  calls = []
+
+  def to_host_then_signal(tree):
+    out = real_to_host(tree)
+    if isinstance(tree, dict) and "loss" in tree and not calls:  # the first metrics wait
+      calls.append(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(loop.step_lib, "to_host", to_host_then_signal)
+  work = str(tmp_path / "run")
+  result = loop.train(cfg, work, quiet=True)
+  assert result.stopped_by == "SIGTERM"
+  stopped = int(result.state.step)
+  assert stopped == 3  # the signal arrived while step 2's metrics were read
+  steps = sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
+  assert steps == [stopped]
 
 
 def _free_port():

@@ -44,3 +44,18 @@ def test_soft_dice():
   # prediction 0.5 everywhere: inter 1, total 2 + 2 -> 1 - (2+1)/(4+1)
   half = np.zeros(target.shape, np.float32)
   assert float(losses.soft_dice(half, target)) == pytest.approx(1 - 3 / 5, rel=1e-6)
+
+
+def test_distance_channel_adds_its_mean_squared_error():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 3, 8, 8, 3)).astype(np.float32)
+  target = np.concatenate([(rng.random((2, 3, 8, 8, 2)) < 0.3),
+                           rng.random((2, 3, 8, 8, 1))], -1).astype(np.float32)
+  two, m2 = losses.supervised_loss(logits[..., :2], target[..., :2], bce_weight=1.0,
+                                   dice_weight=1.0)
+  three, m3 = losses.supervised_loss(logits, target, bce_weight=1.0, dice_weight=1.0,
+                                     distance_weight=0.5)
+  mse = np.mean((1 / (1 + np.exp(-logits[..., 2])) - target[..., 2]) ** 2)
+  np.testing.assert_allclose(float(m3["distance"]), mse, rtol=1e-5)
+  np.testing.assert_allclose(float(three), float(two) + 0.5 * mse, rtol=1e-5)
+  assert "distance" not in m2
