@@ -3,6 +3,7 @@ memory and compile time, from XLA's own analyses of the compiled programs.
 
   .venv/bin/python bench/model_cost.py                 # demo patch + paper patch
   .venv/bin/python bench/model_cost.py --skip-paper    # demo patch only (fast)
+  .venv/bin/python bench/model_cost.py --chunks=1,4,16 # STT-UNET memory by model.attention.chunks
 
 Two settings: the paper's (widths 28-80, SST at encoder stages 1-4 and
 decoder stages 3-1, patch 32x320x320, batch 2 per device) and the CPU demo's
@@ -131,6 +132,24 @@ def stage_rows(batch: int) -> list[dict]:
   return rows
 
 
+def chunk_rows(batch: int, chunks: list[int]) -> list[dict]:
+  """The paper-setting STT-UNET at each model.attention.chunks value."""
+  rows = []
+  for n in chunks:
+    cfg = mitoem_r.get_config("stt")
+    cfg.model.attention.chunks = n
+    x = jax.ShapeDtypeStruct((batch, *cfg.data.patch_shape, 1), jnp.float32)
+    model = unet.from_config(cfg.model)
+    params = _abstract_params(model, x)
+    row = _analyse(lambda p, v, m=model: m.apply(p, v), params, x)
+    rows.append(dict(row, setting="paper", preset="stt", chunks=n, batch=batch,
+                     patch=list(cfg.data.patch_shape), params=_count(params)))
+    print(f"chunks {n:>4}: train temp {row['train_temp_bytes'] / GIB:8.2f} GiB, fwd temp "
+          f"{row['fwd_temp_bytes'] / GIB:7.2f} GiB, train GFLOP/voxel "
+          f"{row['train_flops_per_voxel'] / 1e9:.4f}, compile {row['compile_s']:.0f} s", flush=True)
+  return rows
+
+
 def _print_presets(rows):
   print(f"{'setting':<7}{'preset':<23}{'params':>10}{'fwd GF/vox':>11}{'train GF/vox':>13}"
         f"{'fwd tmp GiB':>12}{'train tmp GiB':>14}{'compile s':>10}")
@@ -156,9 +175,22 @@ def main() -> None:
   parser.add_argument("--skip-paper", action="store_true",
                       help="only the demo setting (the 32x320x320 compiles take minutes on CPU)")
   parser.add_argument("--batch", type=int, default=2, help="batch per device")
+  parser.add_argument("--chunks", default="",
+                      help="only the paper STT-UNET at these model.attention.chunks values")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+  if args.chunks:
+    rows = chunk_rows(args.batch, [int(v) for v in args.chunks.split(",")])
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model_cost_chunks-"
+                        f"{device.device_kind.replace(' ', '_').lower()}.json")
+    with open(path, "w") as f:
+      json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
+                indent=2, default=float)
+    print(f"wrote {path}")
+    return
   rows = preset_rows("demo", demo_stt.get_config, args.batch)
   stages = []
   if not args.skip_paper:

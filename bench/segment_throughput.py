@@ -10,7 +10,17 @@ the speed does not depend on them), timed after a one-block warm-up run that
 compiles. Also timed alone: the model on one batch of windows, so the table
 shows how much of the path is the model. decoding: `blockwise.decode` of
 probability maps made from synthetic labels plus noise. Peak host RSS and
-(on GPU) peak device memory. Writes bench/results/segment_throughput-<platform>.json.
+(on GPU) peak device memory.
+
+peer (when PyTorch is installed; --peer=off skips it): the PyTorch
+sliding-window inference of bench/reference_torch/sliding_window.py, in its
+own process, with the same network (bench/reference_torch, our initial weights
+converted), volume, windows, overlap, batch and dtype: read the volume ->
+windows -> model -> Gaussian blend -> uint8 zarr write, timed after a warm-up
+on one block, for each PyTorch mode (eager, torch.compile). Its probabilities
+are compared with ours (max |difference| in uint8 levels), and the ratio of
+our voxels/s to its voxels/s is printed last.
+Writes bench/results/segment_throughput-<platform>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +77,79 @@ def _device_peak_mb() -> float | None:
   return round(peak / 2 ** 20, 1) if peak else None
 
 
+def _save_params(path: str, params) -> None:
+  flat = {"/".join(str(k.key) for k in keys): np.asarray(v)
+          for keys, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
+  np.savez(path, **flat)
+
+
+def _load_params(path: str) -> dict:
+  tree: dict = {}
+  with np.load(path) as f:
+    for key in f.files:
+      node = tree
+      *parents, leaf = key.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = f[key]
+  return tree
+
+
+def _peer_worker(args, cfg) -> dict:
+  """The PyTorch sliding-window peer on args.image (see the module docstring)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from bench.reference_torch import build, convert, sliding_window as peer_sw  # pylint: disable=g-import-not-at-top
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  torch.backends.cudnn.benchmark = True
+  model = build.from_config(cfg.model)
+  convert.load_into(model, _load_params(args.params))
+  model = build.channels_last(model.to(device).eval())
+  net = torch.compile(model, dynamic=False) if args.peer_worker == "compile" else model
+  window = tuple(cfg.infer.window)
+  volume = sources.open_volume(args.image)
+  shape = volume.shape[:3]
+  # warm-up on one block (compilation, cuDNN's algorithm search)
+  warm = volume.read([0, 0, 0], [min(b, s) for b, s in zip(cfg.infer.block_shape, shape)])
+  t0 = time.perf_counter()
+  peer_sw.predict(net, np.asarray(warm)[..., 0] if warm.ndim == 4 else np.asarray(warm),
+                  window, cfg.infer.overlap, args.batch, args.dtype, device)
+  warm_s = time.perf_counter() - t0
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  t0 = time.perf_counter()
+  image = np.asarray(volume.read([0, 0, 0], list(shape)))
+  image = image[..., 0] if image.ndim == 4 else image
+  read_s = time.perf_counter() - t0
+  probs, times = peer_sw.predict(net, image, window, cfg.infer.overlap, args.batch,
+                                 args.dtype, device)
+  t1 = time.perf_counter()
+  sources.write_array(args.out, probs)
+  write_s = time.perf_counter() - t1
+  total_s = time.perf_counter() - t0
+  ours = np.asarray(sources.open_volume(args.ours).read([0, 0, 0, 0], list(probs.shape)))
+  diff = np.abs(ours.astype(np.int16) - probs.astype(np.int16))
+  return {"mode": args.peer_worker, "torch": torch.__version__, "warmup_s": round(warm_s, 2),
+          "read_s": round(read_s, 2), "write_s": round(write_s, 2),
+          **{f"{k}_s": round(v, 2) for k, v in times.items() if k != "windows"},
+          "windows": times["windows"], "total_s": round(total_s, 2),
+          "voxels_per_s": round(int(np.prod(shape)) / total_s),
+          "max_abs_diff_uint8": int(diff.max()),
+          "fraction_differing": float((diff > 0).mean()),
+          "peak_device_mb": (round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+                             if device.type == "cuda" else None)}
+
+
+def _run_peer(args, mode: str, image: str, params: str, ours: str, out: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), f"--peer-worker={mode}", f"--image={image}",
+         f"--params={params}", f"--ours={ours}", f"--out={out}",
+         *(a for a in sys.argv[1:] if not a.startswith("--peer"))]
+  proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"the PyTorch peer ({mode}) failed (exit {proc.returncode})")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=os.path.join(ROOT, "configs/demo.py"))
@@ -75,6 +159,11 @@ def main() -> None:
   parser.add_argument("--overlap", type=float, default=0.5)
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--peer", default="auto",
+                      help="PyTorch peer modes: eager,compile | off | auto (eager on CPU, "
+                           "eager,compile on a GPU; off without PyTorch)")
+  for hidden in ("--peer-worker", "--image", "--params", "--ours", "--out"):
+    parser.add_argument(hidden, help=argparse.SUPPRESS)
   args = parser.parse_args()
   cfg = _config(args.config)
   shape, window, block = _ints(args.shape), _ints(args.window), _ints(args.block)
@@ -82,7 +171,16 @@ def main() -> None:
     cfg.infer.window, cfg.infer.block_shape = window, block
     cfg.infer.overlap, cfg.infer.batch_size = args.overlap, args.batch
     cfg.model.compute_dtype = args.dtype
+  if args.peer_worker:
+    print("RESULT " + json.dumps(_peer_worker(args, cfg)), flush=True)
+    return
   platform = jax.devices()[0].platform
+  peer_modes = args.peer.split(",")
+  if args.peer == "auto":
+    has_torch = importlib.util.find_spec("torch") is not None
+    peer_modes = [] if not has_torch else ["eager"] if platform == "cpu" else ["eager", "compile"]
+  elif args.peer == "off":
+    peer_modes = []
   work = tempfile.mkdtemp(prefix="stt_seg_bench_")
   try:
     image_path, labels = _volume(work, shape)
@@ -136,6 +234,15 @@ def main() -> None:
     _, stats = blockwise.decode(gt_probs, os.path.join(work, "decoded"), settings)
     decode_s = time.perf_counter() - t0
     voxels = int(np.prod(shape))
+    peers = []
+    if peer_modes:
+      params_path = os.path.join(work, "params.npz")
+      _save_params(params_path, params)
+      for mode in peer_modes:
+        print(f"PyTorch peer ({mode}) ...", flush=True)
+        peers.append(_run_peer(args, mode, image_path, params_path,
+                               os.path.join(out, "probabilities.zarr"),
+                               os.path.join(work, f"peer_{mode}.zarr")))
     result = {
         "device": jax.devices()[0].device_kind, "platform": platform,
         "devices": jax.device_count(), "cpu_cores": os.cpu_count(),
@@ -154,7 +261,10 @@ def main() -> None:
         "peak_host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_device_mb": _device_peak_mb(),
         "probabilities_channels": probs.shape[-1],
+        "peers": peers,
     }
+    for peer in peers:
+      peer["ours_over_this"] = round(result["infer_voxels_per_s"] / peer["voxels_per_s"], 3)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   rows = [("device", f"{result['device']} x{result['devices']}"),
@@ -167,8 +277,16 @@ def main() -> None:
           ("decoding (blockwise watershed)", f"{result['decode_voxels_per_s']:.3g} voxels/s"),
           ("peak host RSS", f"{result['peak_host_rss_mb']:.0f} MB"),
           ("peak device memory", f"{result['peak_device_mb']} MB")]
+  for peer in result["peers"]:
+    rows.append((f"PyTorch peer {peer['mode']} (read-model-blend-write)",
+                 f"{peer['voxels_per_s']:.3g} voxels/s (model {peer['model_s']} s, blend "
+                 f"{peer['blend_s']} s, read {peer['read_s']} s, write {peer['write_s']} s)"))
+    rows.append((f"  its output vs ours", f"max {peer['max_abs_diff_uint8']} uint8 levels, "
+                 f"{peer['fraction_differing']:.4%} of values differ"))
+  for peer in result["peers"]:
+    rows.append((f"ours / PyTorch {peer['mode']}", f"{peer['ours_over_this']:.2f}x"))
   for name, value in rows:
-    print(f"{name:<38}{value}")
+    print(f"{name:<46}{value}")
   os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
   path = os.path.join(ROOT, "bench/results", f"segment_throughput-{platform}.json")
   with open(path, "w") as f:

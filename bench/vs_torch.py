@@ -3,7 +3,10 @@
   .venv/bin/python bench/vs_torch.py                 # train and inference, then ratios
   .venv/bin/python bench/train_throughput.py         # train step only
   .venv/bin/python bench/infer_throughput.py         # forward (inference windows) only
-  ... --cases=small                                  # small patch only (default on CPU)
+  ... --cases=small                                  # small patch only
+  (defaults: paper and small on a GPU; tiny, 8x64x64, and float32 on a CPU,
+  where a paper-width train step at 16x128x128 takes ~45 s)
+  ... --models=baseline,stt                          # which networks (both by default)
 
 Each framework runs in its own subprocess (clean peak-memory counters, no
 allocator fighting the other). Rows: voxels/s, step time (median of
@@ -13,7 +16,12 @@ FLOPs utilisation (MFU) against the device's bf16 peak (spec sheet, and the
 8192^3 bf16 matmul rate measured in the same process). PyTorch runs eager and
 `torch.compile`d, channels-last, bf16 through autocast. Before timing, the
 peer's output on our converted weights is checked against ours (float32,
-highest precision). JSON goes to bench/results/vs_torch-<device>.json.
+highest precision). Models: "baseline" (Res-UNET-R, bench/reference_torch/
+res_unet.py) and "stt" (the STT-UNET preset: SST blocks with deformable fusion
+and the denoiser, bench/reference_torch/stt_unet.py); both train on the
+original's weighted BCE alone. A row that runs out of device memory is
+recorded as such and the others go on. JSON goes to
+bench/results/vs_torch-<kinds>[-<models>]-<device>.json.
 """
 
 from __future__ import annotations
@@ -31,9 +39,15 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 BASELINE = (28, 36, 48, 64, 80)
+MODELS = ("baseline", "stt")  # stt_jax presets; the peer builds the same network
+# model.attention.chunks of our timed programs (--attention-chunks); FLOPs are
+# always counted on the unchunked program (same function, no recompute)
+ATTENTION_CHUNKS = 1
 # (name, patch, batch per device)
-CASES = {"train": {"paper": ((32, 320, 320), 2), "small": ((16, 128, 128), 2)},
-         "infer": {"paper": ((32, 256, 256), 2), "small": ((16, 128, 128), 2)}}
+CASES = {"train": {"paper": ((32, 320, 320), 2), "small": ((16, 128, 128), 2),
+                   "tiny": ((8, 64, 64), 2)},
+         "infer": {"paper": ((32, 256, 256), 2), "small": ((16, 128, 128), 2),
+                   "tiny": ((8, 64, 64), 2)}}
 # dense bf16 tensor-core peak of the spec sheet, FLOP/s
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "MI250X": 383e12}
 
@@ -63,19 +77,23 @@ def _inputs(patch, batch, seed=0):
 
 # ----------------------------------------------------------------- ours (JAX)
 
-def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices=None):
-  """(cfg, loop.Setup) of the baseline at the paper's training settings; the
-  loss is the original's weighted BCE alone (dice weight 0), as the peer's."""
+def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices=None,
+                 model: str = "baseline", build: bool = True, chunks: int = 1):
+  """(cfg, loop.Setup or None) of `model` (a preset) at the paper's training
+  settings; the loss is the original's weighted BCE alone (dice weight 0), as
+  the peer's."""
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from stt_jax.presets import apply_preset  # pylint: disable=g-import-not-at-top
   from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
-  cfg = default_config()
+  cfg = apply_preset(default_config(), model)
   cfg.model.widths = BASELINE
   cfg.model.compute_dtype = dtype
   cfg.model.conv_impl = conv_impl
   cfg.data.patch_shape = tuple(patch)
   cfg.train.batch_size = batch
   cfg.loss.dice_weight = 0.0
-  return cfg, loop.build(cfg, devices=devices)
+  cfg.model.attention.chunks = chunks
+  return cfg, (loop.build(cfg, devices=devices) if build else None)
 
 
 def _forward_fn(setup):
@@ -85,10 +103,21 @@ def _forward_fn(setup):
   return jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
 
 
-def _jax_worker(kind: str, cases, dtypes, repeats: int) -> dict:
+def _out_of_memory(error: Exception) -> bool:
+  text = f"{type(error).__name__} {error}"
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory"))
+
+
+def _oom_row(framework, mode, kind, case, patch, batch, dtype, model, error) -> dict:
+  print(f"  {framework} {mode} {model} {kind} {case} {dtype}: out of device memory", flush=True)
+  return {"framework": framework, "mode": mode, "model": model, "kind": kind, "case": case,
+          "patch": list(patch), "batch": batch, "dtype": dtype, "error": "out of memory",
+          "detail": str(error).splitlines()[0][:300]}
+
+
+def _jax_worker(kind: str, cases, dtypes, repeats: int, model: str = "baseline") -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   n = jax.device_count()
   matmul_peak = None
@@ -102,56 +131,73 @@ def _jax_worker(kind: str, cases, dtypes, repeats: int) -> dict:
   for case in cases:
     patch, per_device = CASES[kind][case]
     for dtype in dtypes:
-      cfg, setup = _bench_setup(patch, per_device * n, dtype)
-      image, target = _inputs(patch, per_device * n)
-      batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
-      if kind == "infer":
-        fn = _forward_fn(setup)
-        args = (setup.state.params, batch["image"])
-        flops = fn.lower(*args).cost_analysis()
-        t0 = time.perf_counter()
-        fn(*args).block_until_ready()
-        compile_s = time.perf_counter() - t0
-        step_s = _median_time(lambda: fn(*args).block_until_ready(), lambda: None, repeats)
-      else:
-        step_fn = setup.jit_step(cfg.loss)
-        key = jax.random.key_data(jax.random.key(0))
-        flops = step_fn.lower(setup.state, batch, key).cost_analysis()
-        holder = {"state": setup.state}
-
-        def one():
-          holder["state"], metrics = step_fn(holder["state"], batch, key)
-          return metrics["loss"]
-        t0 = time.perf_counter()
-        one().block_until_ready()
-        compile_s = time.perf_counter() - t0
-        step_s = _median_time(lambda: one().block_until_ready(), lambda: None, repeats)
-      flops = (flops[0] if isinstance(flops, (list, tuple)) else flops or {}).get("flops")
-      stats = device.memory_stats() or {}
-      voxels = per_device * n * int(__import__("numpy").prod(patch))
-      row = {"framework": "jax", "mode": "jit", "kind": kind, "case": case,
-             "patch": list(patch), "batch": per_device * n, "dtype": dtype,
-             "step_s": step_s, "voxels_per_s": voxels / step_s, "compile_s": compile_s,
-             "peak_device_bytes": stats.get("peak_bytes_in_use")}
-      if flops:
-        row["flops_per_step"] = float(flops)
-        row["flops_per_voxel"] = float(flops) / voxels
-        spec = _spec_peak(device.device_kind)
-        if spec:
-          row["mfu_spec"] = flops / step_s / (spec * n)
-        if matmul_peak:
-          row["mfu_measured_matmul"] = flops / step_s / (matmul_peak * n)
+      try:
+        row = _jax_row(kind, case, patch, per_device, n, dtype, model, repeats,
+                       device, matmul_peak)
+      except Exception as e:  # pylint: disable=broad-except
+        if not _out_of_memory(e):
+          raise
+        row = _oom_row("jax", "jit", kind, case, patch, per_device * n, dtype, model, e)
       rows.append(row)
-      print(f"  jax {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step, "
-            f"{row.get('flops_per_step', 0) / 1e12:.2f} TFLOP/step, MFU "
-            f"{100 * row.get('mfu_spec', 0):.1f}% of spec, "
-            f"{100 * row.get('mfu_measured_matmul', 0):.1f}% of measured matmul", flush=True)
-      del setup, batch
   return {"device": device.device_kind, "platform": device.platform, "devices": n,
           "jax": jax.__version__, "matmul_bf16_flops": matmul_peak, "rows": rows}
 
 
-def _program_flops(kind: str, patch, batch: int, dtype: str) -> float:
+def _jax_row(kind, case, patch, per_device, n, dtype, model, repeats, device,
+             matmul_peak) -> dict:
+  """One timed row of ours (its setup is released when it returns)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  cfg, setup = _bench_setup(patch, per_device * n, dtype, model=model, chunks=ATTENTION_CHUNKS)
+  image, target = _inputs(patch, per_device * n)
+  batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
+  if kind == "infer":
+    fn = _forward_fn(setup)
+    args = (setup.state.params, batch["image"])
+    flops = fn.lower(*args).cost_analysis()
+    t0 = time.perf_counter()
+    fn(*args).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    step_s = _median_time(lambda: fn(*args).block_until_ready(), lambda: None, repeats)
+  else:
+    step_fn = setup.jit_step(cfg.loss)
+    key = jax.random.key_data(jax.random.key(0))
+    flops = step_fn.lower(setup.state, batch, key).cost_analysis()
+    holder = {"state": setup.state}
+
+    def one():
+      holder["state"], metrics = step_fn(holder["state"], batch, key)
+      return metrics["loss"]
+    t0 = time.perf_counter()
+    one().block_until_ready()
+    compile_s = time.perf_counter() - t0
+    step_s = _median_time(lambda: one().block_until_ready(), lambda: None, repeats)
+  flops = (flops[0] if isinstance(flops, (list, tuple)) else flops or {}).get("flops")
+  if ATTENTION_CHUNKS > 1:  # a scan's body is counted once: recount unchunked (add_flops)
+    flops = None
+  stats = device.memory_stats() or {}
+  voxels = per_device * n * int(__import__("numpy").prod(patch))
+  row = {"framework": "jax", "mode": "jit", "model": model, "kind": kind, "case": case,
+         "patch": list(patch), "batch": per_device * n, "dtype": dtype,
+         "step_s": step_s, "voxels_per_s": voxels / step_s, "compile_s": compile_s,
+         "peak_device_bytes": stats.get("peak_bytes_in_use"),
+         "attention_chunks": ATTENTION_CHUNKS}
+  if flops:
+    row["flops_per_step"] = float(flops)
+    row["flops_per_voxel"] = float(flops) / voxels
+    spec = _spec_peak(device.device_kind)
+    if spec:
+      row["mfu_spec"] = flops / step_s / (spec * n)
+    if matmul_peak:
+      row["mfu_measured_matmul"] = flops / step_s / (matmul_peak * n)
+  print(f"  jax {model} {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step, "
+        f"{row.get('flops_per_step', 0) / 1e12:.2f} TFLOP/step, MFU "
+        f"{100 * row.get('mfu_spec', 0):.1f}% of spec, "
+        f"{100 * row.get('mfu_measured_matmul', 0):.1f}% of measured matmul", flush=True)
+  return row
+
+
+def _program_flops(kind: str, patch, batch: int, dtype: str, model: str = "baseline") -> float:
   """FLOPs of our jitted program from XLA's cost analysis of the lowered
   (unoptimised, backend-independent) HLO: on CPU it has convolutions as
   convolutions; some GPU builds return no analysis for the lowered program."""
@@ -159,7 +205,7 @@ def _program_flops(kind: str, patch, batch: int, dtype: str) -> float:
   import numpy as np  # pylint: disable=g-import-not-at-top
   # native 3D convs: the GPU's program, not CPU's depth-as-batch one
   cfg, setup = _bench_setup(patch, batch, dtype, conv_impl="native",
-                            devices=jax.devices()[:1])
+                            devices=jax.devices()[:1], model=model)
   image = jax.ShapeDtypeStruct((batch, *patch, 1), np.float32)
   if kind == "infer":
     analysis = _forward_fn(setup).lower(setup.state.params, image).cost_analysis()
@@ -173,17 +219,19 @@ def _program_flops(kind: str, patch, batch: int, dtype: str) -> float:
 
 
 def _flops_worker(rows) -> dict:
-  return {"flops": [_program_flops(r["kind"], r["patch"], r["batch"], r["dtype"])
-                    for r in rows]}
+  return {"flops": [_program_flops(r["kind"], r["patch"], r["batch"], r["dtype"],
+                                   r.get("model", "baseline")) for r in rows]}
 
 
 def add_flops(result: dict) -> None:
   """Fills FLOPs per step and MFU into our rows that lack them (lowered on
   CPU in a subprocess: the program's FLOPs do not depend on the device)."""
-  todo = [r for r in result["rows"] if r["framework"] == "jax" and "flops_per_step" not in r]
+  todo = [r for r in result["rows"] if r["framework"] == "jax" and "flops_per_step" not in r
+          and "error" not in r]
   if not todo:
     return
-  spec = json.dumps([{k: r[k] for k in ("kind", "patch", "batch", "dtype")} for r in todo])
+  spec = json.dumps([{k: r.get(k, "baseline") for k in ("kind", "patch", "batch", "dtype", "model")}
+                     for r in todo])
   flops = _spawn(["--worker=flops", f"--spec={spec}"],
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))["flops"]
   spec_peak = _spec_peak(result["device"])
@@ -201,11 +249,16 @@ def add_flops(result: dict) -> None:
 
 # ------------------------------------------------------------ the PyTorch peer
 
-def _torch_worker(kind: str, cases, dtypes, repeats: int, modes) -> dict:
+def _peer(model: str):
+  """The PyTorch network of preset `model` at the benchmark's widths."""
+  from bench.reference_torch import build  # pylint: disable=g-import-not-at-top
+  cfg, _ = _bench_setup((16, 128, 128), 2, "float32", model=model, build=False)
+  return build.from_config(cfg.model)
+
+
+def _torch_worker(kind: str, cases, dtypes, repeats: int, modes, model: str = "baseline") -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  from bench.reference_torch.res_unet import ResUNet, weighted_bce  # pylint: disable=g-import-not-at-top
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
   torch.backends.cudnn.benchmark = True
   rows = []
   for case in cases:
@@ -217,58 +270,77 @@ def _torch_worker(kind: str, cases, dtypes, repeats: int, modes) -> dict:
     y = y.to(memory_format=torch.channels_last_3d)
     for dtype in dtypes:
       for mode in modes:
-        torch.manual_seed(0)
-        torch._dynamo.reset()  # pylint: disable=protected-access
-        model = ResUNet(BASELINE).to(dev).to(memory_format=torch.channels_last_3d)
-        net = torch.compile(model, dynamic=False) if mode == "compile" else model
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-        if kind == "train":
-          opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
-
-          def one():
-            with autocast:
-              logits = net(x)
-            loss = weighted_bce(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-        else:
-          model.eval()
-
-          def one():
-            with torch.inference_mode(), autocast:
-              return torch.sigmoid(net(x))
-        if dev.type == "cuda":
-          torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        one()
-        sync()
-        compile_s = time.perf_counter() - t0
-        one()  # cudnn.benchmark picks algorithms on the first shapes it sees
-        sync()
-        step_s = _median_time(one, sync, repeats)
-        voxels = batch * int(__import__("numpy").prod(patch))
-        rows.append({"framework": "torch", "mode": mode, "kind": kind, "case": case,
-                     "patch": list(patch), "batch": batch, "dtype": dtype,
-                     "step_s": step_s, "voxels_per_s": voxels / step_s,
-                     "compile_s": compile_s,
-                     "peak_device_bytes": (torch.cuda.max_memory_allocated()
-                                           if dev.type == "cuda" else None)})
-        print(f"  torch {mode} {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step", flush=True)
-        del model, net
+        try:
+          rows.append(_torch_row(kind, case, model, mode, dtype, x, y, repeats))
+        except Exception as e:  # pylint: disable=broad-except
+          if not _out_of_memory(e):
+            raise
+          rows.append(_oom_row("torch", mode, kind, case, patch, batch, dtype, model, e))
         if dev.type == "cuda":
           torch.cuda.empty_cache()
   return {"torch": torch.__version__, "device": str(dev), "rows": rows}
 
 
-def _check_worker() -> dict:
-  """Our forward pass and the peer's on the same (converted) weights."""
+def _torch_row(kind: str, case: str, model_name: str, mode: str, dtype: str, x, y,
+               repeats: int) -> dict:
+  """One timed row of the peer: x [batch, 1, d, h, w], y [batch, 2, d, h, w]."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from bench.reference_torch.res_unet import weighted_bce  # pylint: disable=g-import-not-at-top
+  dev = x.device
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+  torch.manual_seed(0)
+  torch._dynamo.reset()  # pylint: disable=protected-access
+  from bench.reference_torch import build  # pylint: disable=g-import-not-at-top
+  model = build.channels_last(_peer(model_name).to(dev))
+  net = torch.compile(model, dynamic=False) if mode == "compile" else model
+  autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+  if kind == "train":
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+
+    def one():
+      with autocast:
+        logits = net(x)
+      loss = weighted_bce(logits, y)
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      return loss
+  else:
+    model.eval()
+
+    def one():
+      with torch.inference_mode(), autocast:
+        return torch.sigmoid(net(x))
+  if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  t0 = time.perf_counter()
+  one()
+  sync()
+  compile_s = time.perf_counter() - t0
+  one()  # cudnn.benchmark picks algorithms on the first shapes it sees
+  sync()
+  step_s = _median_time(one, sync, repeats)
+  batch, patch = x.shape[0], list(x.shape[2:])
+  voxels = batch * int(__import__("numpy").prod(patch))
+  print(f"  torch {mode} {model_name} {kind} {case} {dtype}: {step_s * 1e3:.1f} ms/step",
+        flush=True)
+  return {"framework": "torch", "mode": mode, "model": model_name, "kind": kind, "case": case,
+          "patch": patch, "batch": batch, "dtype": dtype, "step_s": step_s,
+          "voxels_per_s": voxels / step_s, "compile_s": compile_s,
+          "peak_device_bytes": (torch.cuda.max_memory_allocated()
+                                if dev.type == "cuda" else None)}
+
+
+def _check_worker(models=MODELS) -> dict:
+  """Our forward pass and the peer's on the same (converted) weights. For the
+  STT-UNET the zero-initialised leaves (SST output projections, offset
+  predictors, denoiser head) get random values first: at init they make the
+  attention, the offsets and the denoiser no-ops, and the check must see them."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from bench.reference_torch import convert  # pylint: disable=g-import-not-at-top
-  from bench.reference_torch.res_unet import ResUNet, weighted_bce  # pylint: disable=g-import-not-at-top
+  from bench.reference_torch.res_unet import weighted_bce  # pylint: disable=g-import-not-at-top
   from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
   from stt_jax.train import losses, state as state_lib  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -276,23 +348,30 @@ def _check_worker() -> dict:
   torch.backends.cuda.matmul.allow_tf32 = False
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   out = {}
-  for patch in ((8, 64, 64), (16, 128, 96)):
-    model = unet.ResUNet(widths=BASELINE, conv_impl="native", dtype=np.float32)
-    params = state_lib.init_params(model, patch, seed=3)
-    image, target = _inputs(patch, 2, seed=1)
-    ours = np.asarray(model.apply({"params": params}, image))
-    peer = ResUNet(BASELINE).to(dev)
-    convert.load_into(peer, jax.device_get(params))
-    with torch.no_grad():
-      theirs = peer(torch.from_numpy(image).permute(0, 4, 1, 2, 3).to(dev))
-      loss_t = float(weighted_bce(theirs, torch.from_numpy(target).permute(0, 4, 1, 2, 3).to(dev)))
-    theirs = theirs.permute(0, 2, 3, 4, 1).cpu().numpy()
-    loss_o = float(losses.weighted_bce(ours, target))
-    diff = float(np.abs(ours - theirs).max())
-    scale = float(np.abs(theirs).max())
-    out["x".join(map(str, patch))] = {"max_abs_diff": diff, "max_abs_logit": scale,
-                                      "relative": diff / scale, "loss_peer": loss_t,
-                                      "loss_ours": loss_o}
+  for name in models:
+    cfg, _ = _bench_setup((8, 64, 64), 2, "float32", conv_impl="native", model=name,
+                          build=False)
+    model = unet.from_config(cfg.model)
+    for patch in ((8, 64, 64), (16, 128, 96)):
+      params = state_lib.init_params(model, patch, seed=3)
+      rng = np.random.default_rng(4)
+      params = jax.tree_util.tree_map(
+          lambda p: p if np.any(p) else 0.2 * rng.standard_normal(p.shape).astype(np.float32),
+          jax.device_get(params))
+      image, target = _inputs(patch, 2, seed=1)
+      ours = np.asarray(model.apply({"params": params}, image))
+      peer = _peer(name).to(dev)
+      convert.load_into(peer, params)
+      with torch.no_grad():
+        theirs = peer(torch.from_numpy(image).permute(0, 4, 1, 2, 3).to(dev))
+        loss_t = float(weighted_bce(theirs, torch.from_numpy(target).permute(0, 4, 1, 2, 3).to(dev)))
+      theirs = theirs.permute(0, 2, 3, 4, 1).cpu().numpy()
+      loss_o = float(losses.weighted_bce(ours, target))
+      diff = float(np.abs(ours - theirs).max())
+      scale = float(np.abs(theirs).max())
+      out[f"{name} {'x'.join(map(str, patch))}"] = {
+          "max_abs_diff": diff, "max_abs_logit": scale, "relative": diff / scale,
+          "loss_peer": loss_t, "loss_ours": loss_o}
   return out
 
 
@@ -316,19 +395,22 @@ def _fmt_bytes(b) -> str:
   return f"{b / 2**30:.2f}" if b else "-"
 
 
-def run(kinds, cases=None, dtypes=("float32", "bfloat16"), repeats=10,
-        modes=("eager", "compile")) -> dict:
+def run(kinds, cases=None, dtypes=None, repeats=10,
+        modes=("eager", "compile"), models=MODELS, chunks: int = 1) -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   have_torch = importlib.util.find_spec("torch") is not None
   import jax  # pylint: disable=g-import-not-at-top
   on_cpu = jax.default_backend() == "cpu"
-  cases = list(cases or (["small"] if on_cpu else ["paper", "small"]))
-  result = {"kinds": list(kinds), "cases": cases, "dtypes": list(dtypes), "torch": None}
+  cases = list(cases or (["tiny"] if on_cpu else ["paper", "small"]))
+  dtypes = tuple(dtypes or (("float32",) if on_cpu else ("float32", "bfloat16")))
+  result = {"kinds": list(kinds), "models": list(models), "cases": cases,
+            "dtypes": list(dtypes), "torch": None}
   if have_torch:
     print("checking the peer against ours (float32, highest precision) ...", flush=True)
-    result["equivalence"] = _spawn(["--worker=check"])
+    result["equivalence"] = _spawn(["--worker=check", f"--spec={json.dumps(list(models))}"])
+    for key, v in result["equivalence"].items():
+      print(f"  {key}: max |ours - peer| / max |logit| = {v['relative']:.2e}")
     worst = max(v["relative"] for v in result["equivalence"].values())
-    print(f"  max |ours - peer| / max |logit| = {worst:.2e}")
     if worst > 1e-4:
       raise SystemExit(f"the PyTorch peer computes another function ({worst:.2e}); "
                        "fix bench/reference_torch before timing it")
@@ -341,26 +423,28 @@ def run(kinds, cases=None, dtypes=("float32", "bfloat16"), repeats=10,
   def save():  # after every worker: a run cut short keeps what it measured
     nonlocal path
     name = result.get("device", "unknown").replace(" ", "_").lower()
-    path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}-{name}.json")
+    tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
+    path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}{tag}-{name}.json")
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
   for kind in kinds:
-    spec = json.dumps({"kind": kind, "cases": cases, "dtypes": list(dtypes),
-                       "repeats": repeats, "modes": list(modes)})
-    for case in cases:  # one process per row: its peak-memory counter is its own
-      for dtype in dtypes:
-        one = json.dumps({"kind": kind, "cases": [case], "dtypes": [dtype],
-                          "repeats": repeats})
-        ours = _spawn(["--worker=jax", f"--spec={one}"])
-        result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
-                                            "matmul_bf16_flops")})
-        rows += ours["rows"]
+    for model in models:
+      spec = json.dumps({"kind": kind, "cases": cases, "dtypes": list(dtypes),
+                         "repeats": repeats, "modes": list(modes), "model": model})
+      for case in cases:  # one process per row: its peak-memory counter is its own
+        for dtype in dtypes:
+          one = json.dumps({"kind": kind, "cases": [case], "dtypes": [dtype],
+                            "repeats": repeats, "model": model, "chunks": chunks})
+          ours = _spawn(["--worker=jax", f"--spec={one}"])
+          result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
+                                              "matmul_bf16_flops")})
+          rows += ours["rows"]
+          save()
+      if have_torch:
+        peer = _spawn(["--worker=torch", f"--spec={spec}"])
+        result["torch"] = peer["torch"]
+        rows += peer["rows"]
         save()
-    if have_torch:
-      peer = _spawn(["--worker=torch", f"--spec={spec}"])
-      result["torch"] = peer["torch"]
-      rows += peer["rows"]
-      save()
   add_flops(result)
   _print(result, have_torch)
   save()
@@ -373,39 +457,55 @@ def _print(result: dict, have_torch: bool) -> None:
         f"torch {result['torch'] or 'not installed (pip install torch for the peer rows)'}")
   if result.get("matmul_bf16_flops"):
     print(f"measured bf16 matmul 8192^3: {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s")
-  print(f"{'kind':<6}{'case':<7}{'patch x batch':<17}{'dtype':<9}{'framework':<15}"
+  print(f"{'model':<10}{'kind':<6}{'case':<7}{'patch x batch':<17}{'dtype':<9}{'framework':<15}"
         f"{'step ms':>9}{'voxels/s':>11}{'compile s':>10}{'peak GiB':>9}{'GFLOP/step':>11}"
         f"{'MFU':>7}")
   for r in result["rows"]:
+    head = (f"{r.get('model', 'baseline'):<10}{r['kind']:<6}{r['case']:<7}"
+            f"{'x'.join(map(str, r['patch'])) + ' x' + str(r['batch']):<17}"
+            f"{r['dtype']:<9}{r['framework'] + ' ' + r['mode']:<15}")
+    if "error" in r:
+      print(f"{head}{r['error']:>9}")
+      continue
     mfu = f"{100 * r['mfu_spec']:.1f}%" if "mfu_spec" in r else "-"
     gflop = f"{r['flops_per_step'] / 1e9:.0f}" if "flops_per_step" in r else "-"
-    print(f"{r['kind']:<6}{r['case']:<7}{'x'.join(map(str, r['patch'])) + ' x' + str(r['batch']):<17}"
-          f"{r['dtype']:<9}{r['framework'] + ' ' + r['mode']:<15}{r['step_s'] * 1e3:>9.1f}"
+    print(f"{head}{r['step_s'] * 1e3:>9.1f}"
           f"{r['voxels_per_s']:>11.3g}{r['compile_s']:>10.1f}"
           f"{_fmt_bytes(r['peak_device_bytes']):>9}{gflop:>11}{mfu:>7}")
   if not have_torch:
     return
   print("\nratios (ours / PyTorch peer, voxels/s; > 1: ours faster):")
-  ours = {(r["kind"], r["case"], r["dtype"]): r for r in result["rows"]
-          if r["framework"] == "jax"}
+  key = lambda r: (r.get("model", "baseline"), r["kind"], r["case"], r["dtype"])
+  ours = {key(r): r for r in result["rows"] if r["framework"] == "jax"}
   for r in result["rows"]:
     if r["framework"] != "torch":
       continue
-    o = ours.get((r["kind"], r["case"], r["dtype"]))
-    if o:
-      ratio = o["voxels_per_s"] / r["voxels_per_s"]
-      r["ours_over_this"] = ratio
-      print(f"  {r['kind']:<6}{r['case']:<7}{r['dtype']:<9} vs torch {r['mode']:<8} {ratio:6.2f}x")
+    o = ours.get(key(r))
+    if not o:
+      continue
+    if "error" in o or "error" in r:
+      ratio = "ours: " + o.get("error", "ok") + ", peer: " + r.get("error", "ok")
+    else:
+      r["ours_over_this"] = o["voxels_per_s"] / r["voxels_per_s"]
+      ratio = f"{r['ours_over_this']:6.2f}x"
+    print(f"  {key(r)[0]:<10}{r['kind']:<6}{r['case']:<7}{r['dtype']:<9} "
+          f"vs torch {r['mode']:<8} {ratio}")
 
 
 def main(kinds=("train", "infer")) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--worker", choices=["jax", "torch", "check", "flops"])
   parser.add_argument("--spec", default="{}")
-  parser.add_argument("--cases", default="", help="comma list of: paper, small")
-  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--cases", default="", help="comma list of: paper, small, tiny")
+  parser.add_argument("--dtypes", default="", help="float32,bfloat16 (default: both on a "
+                      "GPU, float32 on a CPU)")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--modes", default="eager,compile", help="PyTorch modes")
+  parser.add_argument("--attention-chunks", type=int, default=1,
+                      help="model.attention.chunks of our programs (less memory; the peer "
+                           "is unchanged)")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help="comma list of stt_jax presets, e.g. baseline,stt")
   parser.add_argument("--add-flops", metavar="JSON",
                       help="fill FLOPs/MFU into a results file measured elsewhere, reprint it")
   args = parser.parse_args()
@@ -420,18 +520,23 @@ def main(kinds=("train", "infer")) -> None:
   if args.worker:
     spec = json.loads(args.spec)
     if args.worker == "check":
-      out = _check_worker()
+      out = _check_worker(spec or MODELS)
     elif args.worker == "flops":
       out = _flops_worker(spec)
     elif args.worker == "jax":
-      out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"])
+      global ATTENTION_CHUNKS  # pylint: disable=global-statement
+      ATTENTION_CHUNKS = int(spec.get("chunks", 1))
+      out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
+                        spec.get("model", "baseline"))
     else:
       out = _torch_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
-                          spec["modes"])
+                          spec["modes"], spec.get("model", "baseline"))
     print("RESULT " + json.dumps(out), flush=True)
     return
   run(kinds, [c for c in args.cases.split(",") if c] or None,
-      tuple(args.dtypes.split(",")), args.repeats, tuple(args.modes.split(",")))
+      tuple(d for d in args.dtypes.split(",") if d) or None, args.repeats,
+      tuple(args.modes.split(",")),
+      tuple(m for m in args.models.split(",") if m), args.attention_chunks)
 
 
 if __name__ == "__main__":

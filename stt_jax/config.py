@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.deform_modulation = False   # eq. 3 has none
   # auto = xla (measured on an H100: cudnn no faster here, gradients disagree)
   c.model.attention.implementation = "auto"     # auto | xla | cudnn
+  # > 1: each SST block runs its streams in this many sequential pieces, each
+  # recomputed in the backward pass (less memory, same function and parameters)
+  c.model.attention.chunks = 1
   c.model.denoise = ml_collections.ConfigDict()
   c.model.denoise.enabled = False
   c.model.denoise.kernel_size = 5        # per-pixel kernels k x k on each adjacent slice
@@ -201,6 +204,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be auto, xla or cudnn, got {a.implementation!r}")
   _need(a.heads > 0 and a.kv_grid > 0 and a.deform_groups > 0, "model.attention",
         "heads, kv_grid and deform_groups must be positive")
+  _need(a.chunks >= 1, "model.attention.chunks", f"must be 1 or more, got {a.chunks}")
   _need(m.denoise.features > 0, "model.denoise.features",
         f"must be positive, got {m.denoise.features}")
   _need(m.denoise.kernel_size % 2 == 1, "model.denoise.kernel_size",

@@ -242,6 +242,11 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None) -> None:
   scores, path, out_dir = validation
   print(report.format_table(scores, f"held-out volume {path} {tuple(scores['volume_shape'])}"))
   print(f"segmented in {scores['segment_seconds']:.1f} s; instances in {out_dir}")
+  at = scores["mask_threshold_sweep"].get(f"{cfg.decode.foreground:.2f}")
+  print(f"voxel Jaccard of mask > t: best {scores['best_mask_threshold_jaccard']:.4f} at "
+        f"t = {scores['best_mask_threshold']:.2f}"
+        + (f", {at['jaccard']:.4f} at decode.foreground = {cfg.decode.foreground:.2f}"
+           if at else "") + " (eval.json: mask_threshold_sweep)")
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(scores, f, indent=2)
 

@@ -52,6 +52,10 @@ def test_bad_attention_implementation_is_named():
   cfg.model.attention.implementation = "flash"
   with pytest.raises(UserError, match="model.attention.implementation"):
     config_lib.validate(cfg)
+  cfg.model.attention.implementation = "auto"
+  cfg.model.attention.chunks = 0
+  with pytest.raises(UserError, match="model.attention.chunks"):
+    config_lib.validate(cfg)
 
 
 def _main(*flags, env_extra=None):

@@ -58,3 +58,6 @@ def test_train_then_score_sections_12_to_15(tmp_path):
   for key in ("jaccard", "dice", "ap_75"):
     assert 0.0 <= scores[key] <= 1.0
   assert scores["num_gt"] > 10  # mitochondria of sections 12-15 with >= 500 voxels
+  # recall at t = 0.05 can only fall as t grows
+  recalls = [v["recall"] for v in scores["mask_threshold_sweep"].values()]
+  assert recalls == sorted(recalls, reverse=True)

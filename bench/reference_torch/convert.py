@@ -1,12 +1,17 @@
 """stt_jax (Flax) parameters -> a PyTorch peer's state_dict, by module name.
 
-Flax conv kernels are [kd, kh, kw, in, out]; PyTorch's are [out, in, kd, kh, kw].
+Flax kernels: 3D conv [kd, kh, kw, in, out], 2D conv (also the deformable
+conv's) [kh, kw, in, out], Dense [in, out]; PyTorch's are [out, in, kd, kh, kw],
+[out, in, kh, kw] and [out, in]. LayerNorm's scale is PyTorch's weight.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+_KERNEL_ORDER = {5: (4, 3, 0, 1, 2), 4: (3, 2, 0, 1), 2: (1, 0)}
 
 
 def flax_to_state_dict(params) -> dict[str, torch.Tensor]:
@@ -18,8 +23,14 @@ def flax_to_state_dict(params) -> dict[str, torch.Tensor]:
       if isinstance(value, dict) or hasattr(value, "items"):
         walk(value, key + ".")
       elif name == "kernel":
+        value = np.asarray(value, np.float32)
+        order = _KERNEL_ORDER.get(value.ndim)
+        if order is None:
+          raise ValueError(f"no PyTorch layout for {value.ndim}-d kernel {key}")
         out[f"{prefix}weight"] = torch.from_numpy(
-            np.ascontiguousarray(np.transpose(np.asarray(value, np.float32), (4, 3, 0, 1, 2))))
+            np.ascontiguousarray(np.transpose(value, order)))
+      elif name == "scale":
+        out[f"{prefix}weight"] = torch.from_numpy(np.asarray(value, np.float32).copy())
       elif name == "bias":
         out[f"{prefix}bias"] = torch.from_numpy(np.asarray(value, np.float32).copy())
       else:

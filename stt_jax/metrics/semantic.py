@@ -51,3 +51,50 @@ def foreground_scores(gt_foreground: np.ndarray,
   counter = ConfusionCounter()
   counter.add(gt_foreground, pred_foreground)
   return counter.scores()
+
+
+class ThresholdSweep:
+  """Voxel Jaccard/Dice of `mask > t` for every threshold t at once.
+
+  Adds uint8 mask probabilities (x 255) block by block into two 256-bin
+  histograms, one over ground-truth foreground voxels and one over background;
+  the count above any level is a cumulative sum. A network trained on
+  class-balanced BCE is not calibrated (positives weigh up to 19x), so 0.5 is
+  not its natural threshold: this shows where it is, without re-decoding.
+  """
+
+  def __init__(self):
+    self.fg = np.zeros(256, np.int64)
+    self.bg = np.zeros(256, np.int64)
+
+  def add(self, gt_foreground: np.ndarray, mask_u8: np.ndarray) -> None:
+    gt = np.asarray(gt_foreground, bool)
+    mask = np.asarray(mask_u8)
+    if gt.shape != mask.shape or mask.dtype != np.uint8:
+      raise ValueError(f"need a uint8 mask of the ground truth's shape {gt.shape}, "
+                       f"got {mask.dtype} {mask.shape}")
+    self.fg += np.bincount(mask[gt], minlength=256)
+    self.bg += np.bincount(mask[~gt], minlength=256)
+
+  def scores(self, thresholds) -> dict[str, dict[str, float]]:
+    """{f"{t:.2f}": {"jaccard", "dice", "precision", "recall"}} for each t,
+    the prediction being mask_u8 > floor(t * 255), the decoder's rule
+    (infer/postprocess.level): probability > t."""
+    # above[k] = voxels with value > k
+    above_fg = self.fg.sum() - np.cumsum(self.fg)
+    above_bg = self.bg.sum() - np.cumsum(self.bg)
+    n_gt = int(self.fg.sum())
+    out = {}
+    for t in thresholds:
+      k = int(np.floor(float(t) * 255.0))
+      tp, fp = int(above_fg[k]), int(above_bg[k])
+      fn = n_gt - tp
+      union = tp + fp + fn
+      jaccard = tp / union if union else 1.0
+      out[f"{float(t):.2f}"] = {"jaccard": jaccard, "dice": 2 * jaccard / (1 + jaccard),
+                                "precision": tp / (tp + fp) if tp + fp else 1.0,
+                                "recall": tp / n_gt if n_gt else 1.0}
+    return out
+
+
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))

@@ -19,6 +19,12 @@ Activations are [batch, time (= depth), height, width, channels].
 * the block is residual with a zero-initialised output projection, so a fresh
   STT-UNET computes exactly the baseline's function.
 
+Memory: `chunks` > 1 runs the spatial stream and the deformable fusion over
+the B*T slices, and the temporal stream over the B*H pixel rows, in that many
+sequential pieces (`nn.scan`), each rematerialised in the backward pass, so
+only one piece's scores, probabilities and gathered columns are alive at a
+time. Same parameters, same function; a schedule, not a model change.
+
 Attention itself is `jax.nn.dot_product_attention`; `implementation` "auto"
 is XLA's lowering everywhere: on an H100 cuDNN's fused kernel ("cudnn", opt-in)
 was no faster for these short sequences and its bf16 gradients disagreed with
@@ -68,6 +74,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto
   """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
   return jax.nn.dot_product_attention(
       q, k, v, implementation="xla" if implementation == "auto" else implementation)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def chunked_apply(module: nn.Module, chunks: int, *inputs: jax.Array) -> jax.Array:
+  """module(*inputs) with the inputs' leading axis cut into (at most) `chunks`
+  equal pieces run one after another, each recomputed in the backward pass.
+
+  The module must act on each leading index independently; its parameters are
+  shared by the pieces (broadcast), so the parameter tree is module(*inputs)'s.
+  """
+  n = inputs[0].shape[0]
+  pieces = _largest_divisor(n, chunks)
+  if pieces == 1:
+    return module(*inputs)
+
+  def body(mdl, carry, xs):
+    return carry, mdl(*xs)
+
+  scan = nn.scan(nn.remat(body), variable_broadcast="params",
+                 split_rngs={"params": False}, length=pieces)
+  xs = tuple(x.reshape(pieces, n // pieces, *x.shape[1:]) for x in inputs)
+  _, y = scan(module, None, xs)
+  return y.reshape(n, *y.shape[2:])
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -124,6 +156,7 @@ class SSTBlock(nn.Module):
   deform_modulation: bool = False
   dtype: jnp.dtype = jnp.float32
   implementation: str = "auto"
+  chunks: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,9 +164,22 @@ class SSTBlock(nn.Module):
     heads = math.gcd(self.num_heads, c)
     y = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
     y = y + position_encoding(t, h, w, c).astype(y.dtype)
-    spatial = SpatialAttention(heads, self.kv_grid, self.dtype, self.implementation,
-                               name="spatial")
-    temporal = TemporalAttention(heads, self.dtype, self.implementation, name="temporal")
+    spatial_module = SpatialAttention(heads, self.kv_grid, self.dtype, self.implementation,
+                                      name="spatial")
+    temporal_module = TemporalAttention(heads, self.dtype, self.implementation,
+                                        name="temporal")
+
+    def spatial(v):  # slices one by one: [b*t, 1, h, w, c]
+      out = chunked_apply(spatial_module, self.chunks, v.reshape(b * t, 1, h, w, c))
+      return out.reshape(b, t, h, w, c)
+
+    def temporal(v):  # rows of pixels: [h*b, t, 1, w, c]
+      if self.chunks <= 1:
+        return temporal_module(v)
+      rows = jnp.transpose(v, (2, 0, 1, 3, 4)).reshape(h * b, t, 1, w, c)
+      out = chunked_apply(temporal_module, self.chunks, rows).reshape(h, b, t, w, c)
+      return jnp.transpose(out, (1, 2, 0, 3, 4))
+
     if self.design == "split":
       fused = self._fuse(spatial(y), temporal(y))
     elif self.design == "spatial_then_temporal":
@@ -155,8 +201,9 @@ class SSTBlock(nn.Module):
           jnp.concatenate([xs, xt], axis=-1))
     if self.fusion == "deform":
       groups = math.gcd(self.deform_groups, c)
-      out = DeformableConv(c, (3, 3), groups, self.deform_modulation, self.dtype,
-                           name="deform_fuse")(xs.reshape(b * t, h, w, c),
-                                               xt.reshape(b * t, h, w, c))
+      fuse = DeformableConv(c, (3, 3), groups, self.deform_modulation, self.dtype,
+                            name="deform_fuse")
+      out = chunked_apply(fuse, self.chunks, xs.reshape(b * t, h, w, c),
+                          xt.reshape(b * t, h, w, c))
       return out.reshape(b, t, h, w, c)
     raise ValueError(f"unknown fusion {self.fusion!r}")

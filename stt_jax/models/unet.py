@@ -42,6 +42,7 @@ class ResUNet(nn.Module):
   deform_groups: int = 4
   deform_modulation: bool = False
   attention_impl: str = "auto"
+  attention_chunks: int = 1
   denoise: bool = False
   denoise_kernel: int = 5
   denoise_features: int = 16
@@ -52,7 +53,7 @@ class ResUNet(nn.Module):
                     deform_groups=self.deform_groups,
                     deform_modulation=self.deform_modulation, dtype=self.dtype,
                     implementation=self.attention_impl,
-                    name=name)
+                    chunks=self.attention_chunks, name=name)
 
   def setup(self):
     if len(self.downsample_z) != len(self.widths) - 1:
@@ -121,6 +122,7 @@ def from_config(model_cfg) -> ResUNet:
                  out_channels=len(outputs(model_cfg)), conv_impl=model_cfg.conv_impl,
                  dtype=backend.compute_dtype(model_cfg.compute_dtype),
                  attention_impl=att.implementation,
+                 attention_chunks=att.get("chunks", 1),
                  attention_design=att.design, attention_fusion=att.fusion,
                  attention_heads=att.heads, attention_kv_grid=att.kv_grid,
                  attention_encoder_levels=tuple(att.encoder_levels),

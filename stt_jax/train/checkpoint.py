@@ -24,7 +24,8 @@ EXPORT_MARKER = "stt_jax_export.json"
 
 
 # how the model is computed, not what it is: a run may resume under others
-EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation")
+EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation",
+                  "model.attention.chunks")
 # keys added after runs were made: a run without one had this value
 _ADDED_LATER = {"model.outputs": ["mask", "contour"]}
 

@@ -44,3 +44,25 @@ def test_blockwise_counts_equal_one_pass_and_mcc_formula():
   assert s["mcc"] == pytest.approx(_mcc_reference(gt, pred))
   assert s["f1"] == pytest.approx(s["dice"])
   assert counter.tp + counter.fp + counter.fn + counter.tn == gt.size
+
+
+def test_threshold_sweep_equals_thresholding_each_level_blockwise():
+  from stt_jax.infer.postprocess import level
+  from stt_jax.metrics.semantic import SWEEP_THRESHOLDS, ThresholdSweep
+  rng = np.random.default_rng(0)
+  gt = rng.random((6, 20, 30)) < 0.2
+  mask = np.clip(rng.normal(100 + 90 * gt, 60), 0, 255).astype(np.uint8)
+  sweep = ThresholdSweep()
+  for z in range(0, 6, 4):  # two uneven blocks
+    sweep.add(gt[z:z + 4], mask[z:z + 4])
+  table = sweep.scores(SWEEP_THRESHOLDS)
+  assert list(table) == [f"{t:.2f}" for t in SWEEP_THRESHOLDS]
+  for t in SWEEP_THRESHOLDS:
+    pred = mask > level(t)  # the decoder's foreground rule
+    tp = np.sum(gt & pred)
+    union = np.sum(gt | pred)
+    assert table[f"{t:.2f}"]["jaccard"] == pytest.approx(tp / union, abs=1e-12)
+    assert table[f"{t:.2f}"]["precision"] == pytest.approx(tp / pred.sum(), abs=1e-12)
+    assert table[f"{t:.2f}"]["recall"] == pytest.approx(tp / gt.sum(), abs=1e-12)
+  with pytest.raises(ValueError, match="uint8"):
+    sweep.add(gt, mask.astype(np.float32))

@@ -86,11 +86,12 @@ def _perturbed(params, seed=0):
                                    for l, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("fusion", ["add", "concat", "deform"])
-def test_split_block_streams_are_independent_and_odd_shapes_work(fusion):
+@pytest.mark.parametrize("fusion,chunks", [("add", 1), ("concat", 1), ("deform", 1),
+                                          ("add", 3), ("deform", 3)])
+def test_split_block_streams_are_independent_and_odd_shapes_work(fusion, chunks):
   x = np.random.default_rng(2).standard_normal((1, 5, 7, 9, 8)).astype(np.float32)
   block = attention.SSTBlock(design="split", fusion=fusion, num_heads=2, kv_grid=4,
-                             deform_groups=2)
+                             deform_groups=2, chunks=chunks)
   params = _perturbed(block.init(jax.random.key(0), x))
   out = block.apply(params, x)
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
@@ -137,3 +138,35 @@ def test_fresh_block_is_the_identity():
     block = attention.SSTBlock(design=design, fusion="deform", num_heads=2, kv_grid=4)
     params = block.init(jax.random.key(0), x)
     np.testing.assert_array_equal(np.asarray(block.apply(params, x)), x)
+
+
+@pytest.mark.parametrize("design", ["split", "temporal_then_spatial"])
+def test_chunked_block_has_the_same_parameters_function_and_gradients(design):
+  x = np.random.default_rng(5).standard_normal((2, 4, 12, 10, 8)).astype(np.float32)
+  whole = attention.SSTBlock(design=design, fusion="deform", num_heads=2, kv_grid=4,
+                             deform_groups=2)
+  pieces = attention.SSTBlock(design=design, fusion="deform", num_heads=2, kv_grid=4,
+                              deform_groups=2, chunks=4)
+  params = _perturbed(whole.init(jax.random.key(0), x))
+  shapes = lambda t: jax.tree_util.tree_map(lambda v: v.shape, t)
+  assert shapes(pieces.init(jax.random.key(0), x)) == shapes(params)
+  np.testing.assert_allclose(np.asarray(pieces.apply(params, x)),
+                             np.asarray(whole.apply(params, x)), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))
+  g_whole = jax.tree_util.tree_leaves(jax.grad(loss(whole))(params))
+  g_pieces = jax.tree_util.tree_leaves(jax.grad(loss(pieces))(params))
+  scale = max(float(np.abs(g).max()) for g in g_whole)
+  for a, b in zip(g_whole, g_pieces):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6 * scale)
+
+
+def test_chunks_cut_the_gradients_planned_scratch():
+  x = jax.ShapeDtypeStruct((2, 8, 32, 32, 8), jnp.float32)
+
+  def scratch(chunks):
+    block = attention.SSTBlock(fusion="deform", num_heads=2, kv_grid=8, chunks=chunks)
+    params = jax.eval_shape(lambda v: block.init(jax.random.key(0), v), x)
+    grad = jax.jit(jax.grad(lambda p, v: jnp.sum(block.apply(p, v) ** 2)))
+    return grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+  assert scratch(8) < 0.6 * scratch(1)
