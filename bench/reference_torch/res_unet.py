@@ -83,11 +83,18 @@ class ResUNet(nn.Module):
         nn.init.orthogonal_(m.weight)
         nn.init.zeros_(m.bias)
 
+  def after_encoder(self, level: int, x):  # subclasses add blocks after a stage
+    return x
+
+  def after_decoder(self, level: int, x):
+    return x
+
   def forward(self, image):
-    x = self.enc0(F.elu(self.embed(image)))
+    x = self.after_encoder(0, self.enc0(F.elu(self.embed(image))))
     skips = [x]
     for level in range(1, self.levels):
       x = getattr(self, f"enc{level}")(F.elu(getattr(self, f"down{level}")(x)))
+      x = self.after_encoder(level, x)
       skips.append(x)
     x = skips.pop()
     for level in range(self.levels - 2, -1, -1):
@@ -95,7 +102,7 @@ class ResUNet(nn.Module):
       skip = skips.pop()
       if level == 0:
         skip = F.elu(self.skip0(skip))
-      x = getattr(self, f"dec{level}")(x + skip)
+      x = self.after_decoder(level, getattr(self, f"dec{level}")(x + skip))
     return self.head(x)
 
 

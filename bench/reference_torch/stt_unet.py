@@ -223,25 +223,11 @@ class STTUNet(ResUNet):
       setattr(self, f"sst_dec{level}", block(widths[level]))
     self.denoise = InterpolationDenoiser(denoise_kernel, denoise_features) if denoise else None
 
+  def after_encoder(self, level: int, x):
+    return getattr(self, f"sst_enc{level}")(x) if level in self.encoder_levels else x
+
+  def after_decoder(self, level: int, x):
+    return getattr(self, f"sst_dec{level}")(x) if level in self.decoder_levels else x
+
   def forward(self, image):
-    if self.denoise is not None:
-      image = self.denoise(image)
-    x = self.enc0(F.elu(self.embed(image)))
-    if 0 in self.encoder_levels:
-      x = self.sst_enc0(x)
-    skips = [x]
-    for level in range(1, self.levels):
-      x = getattr(self, f"enc{level}")(F.elu(getattr(self, f"down{level}")(x)))
-      if level in self.encoder_levels:
-        x = getattr(self, f"sst_enc{level}")(x)
-      skips.append(x)
-    x = skips.pop()
-    for level in range(self.levels - 2, -1, -1):
-      x = getattr(self, f"up{level}")(F.elu(getattr(self, f"reduce{level}")(x)))
-      skip = skips.pop()
-      if level == 0:
-        skip = F.elu(self.skip0(skip))
-      x = getattr(self, f"dec{level}")(x + skip)
-      if level in self.decoder_levels:
-        x = getattr(self, f"sst_dec{level}")(x)
-    return self.head(x)
+    return super().forward(image if self.denoise is None else self.denoise(image))

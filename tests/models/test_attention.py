@@ -147,14 +147,14 @@ def test_chunked_block_has_the_same_parameters_function_and_gradients(design):
                              deform_groups=2)
   pieces = attention.SSTBlock(design=design, fusion="deform", num_heads=2, kv_grid=4,
                               deform_groups=2, chunks=4)
-  params = _perturbed(whole.init(jax.random.key(0), x))
+  params = _perturbed(jax.jit(whole.init)(jax.random.key(0), x))
   shapes = lambda t: jax.tree_util.tree_map(lambda v: v.shape, t)
-  assert shapes(pieces.init(jax.random.key(0), x)) == shapes(params)
-  np.testing.assert_allclose(np.asarray(pieces.apply(params, x)),
-                             np.asarray(whole.apply(params, x)), rtol=1e-5, atol=1e-5)
+  assert shapes(jax.eval_shape(pieces.init, jax.random.key(0), x)) == shapes(params)
+  np.testing.assert_allclose(np.asarray(jax.jit(pieces.apply)(params, x)),
+                             np.asarray(jax.jit(whole.apply)(params, x)), rtol=1e-5, atol=1e-5)
   loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))
-  g_whole = jax.tree_util.tree_leaves(jax.grad(loss(whole))(params))
-  g_pieces = jax.tree_util.tree_leaves(jax.grad(loss(pieces))(params))
+  g_whole = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss(whole)))(params))
+  g_pieces = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss(pieces)))(params))
   scale = max(float(np.abs(g).max()) for g in g_whole)
   for a, b in zip(g_whole, g_pieces):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6 * scale)
