@@ -1,0 +1,199 @@
+"""Where a train step (or forward pass) spends its time: the top operations.
+
+  .venv/bin/python bench/profile_step.py                          # baseline train step, CPU
+  python bench/profile_step.py --model=stt --patch=32,320,320 --dtype=bfloat16   # on a GPU
+
+Runs the program of bench/vs_torch.py (same model presets, loss and inputs)
+under `jax.profiler.trace` (Perfetto trace), sums the device-side events by
+the XLA instruction that ran them, and names each instruction by what JAX
+lowered into it (the `op_name` metadata of the compiled HLO: module path and
+primitive, e.g. `.../enc1/residual/conv1/conv_general_dilated`). Prints the top
+operations and the time per primitive (convolution, attention, gather, ...)
+and writes bench/results/profile-<model>-<kind>-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# events that wrap others (would count the same time twice)
+_WRAPPERS = re.compile(r"ThunkExecutor|Execute|wait for|^\$|PjRt|XlaModule|jit_")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_HEAVY = ("convolution", "dot", "custom-call", "gather", "scatter", "reduce-window")
+
+
+def instruction_names(hlo_text: str) -> dict[str, dict]:
+  """{instruction: {"opcode", "op_name"}} of a compiled module's text. A
+  fusion without metadata of its own is named by the heaviest instruction it
+  calls (a convolution, dot, custom call, ...), else by its first named one."""
+  out, calls, bodies, current = {}, {}, collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    c = _COMPUTATION.match(line)
+    if c and " = " not in line:
+      current = c.group(1)
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    op = _OP_NAME.search(line)
+    out[m.group(1)] = {"opcode": m.group(2), "op_name": op.group(1) if op else ""}
+    bodies[current].append(out[m.group(1)])
+    called = _CALLS.search(line)
+    if called:
+      calls[m.group(1)] = called.group(1)
+  for name, info in out.items():
+    if not info["op_name"] and name in calls:
+      body = bodies.get(calls[name], [])
+      named = [i for i in body if i["op_name"]]
+      heavy = [i for i in named if i["opcode"] in _HEAVY]
+      if heavy or named:
+        info["op_name"] = (heavy or named)[0]["op_name"]
+      else:  # e.g. a weight-gradient convolution: XLA kept no metadata
+        unnamed = [i["opcode"] for i in body if i["opcode"] in _HEAVY]
+        if unnamed:
+          info["op_name"] = f"({unnamed[0]} without metadata, in {calls[name]})"
+          info["opcode"] = unnamed[0]
+  return out
+
+
+_ALIASES = {"conv_general_dilated": "convolution", "dot_general": "dot",
+            "dot_product_attention": "attention"}
+
+
+def primitive(op_name: str, opcode: str) -> str:
+  """The JAX primitive an instruction came from (the op_name's last part)."""
+  last = "" if not op_name or op_name.startswith("(") else op_name.rsplit("/", 1)[-1]
+  last = re.sub(r"\[.*$", "", last) or opcode
+  return _ALIASES.get(last, last)
+
+
+def device_events(trace: dict) -> list[dict]:
+  """Complete events of the device tracks: GPU/TPU streams where there are
+  any, else the host threads that run XLA:CPU's kernels."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {e["pid"]: e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  tids = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device = {p for p, n in pids.items() if "/device:" in n and "CPU" not in n}
+  keep = []
+  for e in events:
+    if e.get("ph") != "X" or _WRAPPERS.search(e.get("name", "")):
+      continue
+    if device:
+      if e["pid"] in device:
+        keep.append(e)
+    elif "XLAEigen" in tids.get((e["pid"], e["tid"]), ""):
+      keep.append(e)
+  return keep
+
+
+def summarize(events: list[dict], names: dict[str, dict], steps: int, top: int) -> dict:
+  by_op = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    key = (e.get("args") or {}).get("hlo_op") or e["name"]
+    by_op[key][0] += e.get("dur", 0.0) / 1e3
+    by_op[key][1] += 1
+  total = sum(v[0] for v in by_op.values()) or 1.0
+  rows = []
+  for op, (ms, calls) in sorted(by_op.items(), key=lambda kv: -kv[1][0]):
+    info = names.get(op, {"opcode": "?", "op_name": ""})
+    rows.append({"instruction": op, "opcode": info["opcode"], "op_name": info["op_name"],
+                 "primitive": primitive(info["op_name"], info["opcode"]),
+                 "ms_per_step": ms / steps, "share": ms / total, "calls_per_step": calls / steps})
+  by_primitive = collections.Counter()
+  for r in rows:
+    by_primitive[r["primitive"]] += r["ms_per_step"]
+  return {"device_ms_per_step": total / steps, "top": rows[:top],
+          "by_primitive": [{"primitive": p, "ms_per_step": ms, "share": ms * steps / total}
+                           for p, ms in by_primitive.most_common()]}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="baseline", help="a preset: baseline, stt, ...")
+  parser.add_argument("--kind", default="train", choices=["train", "infer"])
+  parser.add_argument("--patch", default="8,64,64")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--attention-chunks", type=int, default=1)
+  parser.add_argument("--steps", type=int, default=3, help="steps traced")
+  parser.add_argument("--top", type=int, default=15)
+  args = parser.parse_args()
+  patch = tuple(int(v) for v in args.patch.split(","))
+  from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  cfg, setup = vs_torch._bench_setup(patch, args.batch, args.dtype, model=args.model,  # pylint: disable=protected-access
+                                     chunks=args.attention_chunks)
+  image, target = vs_torch._inputs(patch, args.batch)  # pylint: disable=protected-access
+  batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
+  if args.kind == "train":
+    fn = setup.jit_step(cfg.loss)
+    key = jax.random.key_data(jax.random.key(0))
+    holder = {"state": setup.state}
+    hlo = fn.lower(setup.state, batch, key).compile().as_text()
+
+    def one():
+      holder["state"], metrics = fn(holder["state"], batch, key)
+      return metrics["loss"]
+  else:
+    fn = vs_torch._forward_fn(setup)  # pylint: disable=protected-access
+    hlo = fn.lower(setup.state.params, batch["image"]).compile().as_text()
+
+    def one():
+      return fn(setup.state.params, batch["image"])
+  jax.block_until_ready(one())
+  jax.block_until_ready(one())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(args.steps):
+        jax.block_until_ready(one())
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not paths:
+      raise SystemExit("the profiler wrote no Perfetto trace")
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  result = summarize(device_events(trace), instruction_names(hlo), args.steps, args.top)
+  device = jax.devices()[0]
+  result.update(device=device.device_kind, jax=jax.__version__, model=args.model, kind=args.kind,
+                patch=list(patch), batch=args.batch, dtype=args.dtype,
+                attention_chunks=args.attention_chunks)
+  print(f"{device.device_kind}: {args.model} {args.kind} {args.patch} x{args.batch} {args.dtype}, "
+        f"{result['device_ms_per_step']:.1f} ms of device events per step")
+  print(f"{'ms/step':>9}{'share':>7}{'calls':>6}  {'instruction':<28}op (module path / primitive)")
+  for r in result["top"]:
+    print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}{r['calls_per_step']:>6.0f}  "
+          f"{r['instruction'][:27]:<28}{r['op_name'][-70:] or r['opcode']}")
+  print("\nby primitive:")
+  for r in result["by_primitive"][:10]:
+    print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['primitive']}")
+  out = os.path.join(ROOT, "bench", "results",
+                     f"profile-{args.model}-{args.kind}-{device.device_kind.replace(' ', '_').lower()}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {os.path.relpath(out, ROOT)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,55 @@
+"""bench/profile_step.py's trace and HLO parsing, on a small program."""
+
+import glob
+import gzip
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import profile_step  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _program():
+  def f(x, k):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y * y)
+  x = jnp.asarray(np.random.default_rng(0).random((4, 96, 96, 48)), jnp.float32)
+  k = jnp.asarray(np.random.default_rng(1).random((3, 3, 48, 48)), jnp.float32)
+  return jax.jit(jax.grad(f, argnums=1)), x, k
+
+
+def test_instructions_are_named_by_what_jax_lowered_into_them():
+  fn, x, k = _program()
+  names = profile_step.instruction_names(fn.lower(x, k).compile().as_text())
+  convs = [v for v in names.values() if v["opcode"] == "convolution"]
+  assert convs, "no convolution instruction parsed"
+  assert any("conv_general_dilated" in v["op_name"] for v in names.values())
+  assert profile_step.primitive("jit(f)/enc1/conv_general_dilated", "fusion") == "convolution"
+  assert profile_step.primitive("", "fusion") == "fusion"
+
+
+def test_summary_adds_device_time_by_instruction(tmp_path):
+  fn, x, k = _program()
+  fn(x, k).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(2):
+      fn(x, k).block_until_ready()
+  path = glob.glob(str(tmp_path / "**" / "*.trace.json.gz"), recursive=True)[0]
+  with gzip.open(path) as f:
+    events = profile_step.device_events(json.load(f))
+  assert events and not any("ThunkExecutor" in e["name"] for e in events)
+  names = profile_step.instruction_names(fn.lower(x, k).compile().as_text())
+  result = profile_step.summarize(events, names, steps=2, top=50)
+  total = sum(e["dur"] for e in events) / 1e3 / 2
+  assert result["device_ms_per_step"] == pytest.approx(total)
+  assert sum(r["share"] for r in result["top"]) == pytest.approx(1.0)
+  assert sum(r["share"] for r in result["by_primitive"]) == pytest.approx(1.0)
+  assert result["by_primitive"][0]["primitive"] == "convolution"  # the work here
