@@ -14,7 +14,7 @@ import torch
 _KERNEL_ORDER = {5: (4, 3, 0, 1, 2), 4: (3, 2, 0, 1), 2: (1, 0)}
 
 
-def flax_to_state_dict(params) -> dict[str, torch.Tensor]:
+def flax_to_state_dict(params, dtype=np.float32) -> dict[str, torch.Tensor]:
   out = {}
 
   def walk(tree, prefix):
@@ -23,16 +23,16 @@ def flax_to_state_dict(params) -> dict[str, torch.Tensor]:
       if isinstance(value, dict) or hasattr(value, "items"):
         walk(value, key + ".")
       elif name == "kernel":
-        value = np.asarray(value, np.float32)
+        value = np.asarray(value, dtype)
         order = _KERNEL_ORDER.get(value.ndim)
         if order is None:
           raise ValueError(f"no PyTorch layout for {value.ndim}-d kernel {key}")
         out[f"{prefix}weight"] = torch.from_numpy(
             np.ascontiguousarray(np.transpose(value, order)))
       elif name == "scale":
-        out[f"{prefix}weight"] = torch.from_numpy(np.asarray(value, np.float32).copy())
+        out[f"{prefix}weight"] = torch.from_numpy(np.asarray(value, dtype).copy())
       elif name == "bias":
-        out[f"{prefix}bias"] = torch.from_numpy(np.asarray(value, np.float32).copy())
+        out[f"{prefix}bias"] = torch.from_numpy(np.asarray(value, dtype).copy())
       else:
         raise ValueError(f"no PyTorch counterpart for parameter {key}")
   walk(params, "")
