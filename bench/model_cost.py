@@ -170,6 +170,18 @@ def _print_stages(rows):
           f"{r['full_attention_score_bytes'] / GIB:>21.1f}")
 
 
+def _write(name: str, payload: dict) -> None:
+  """bench/results/<name>-<device>.json, with the device and jax version."""
+  device = jax.devices()[0]
+  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}-{device.device_kind.replace(' ', '_').lower()}.json")
+  with open(path, "w") as f:
+    json.dump({"device": device.device_kind, "platform": device.platform,
+               "jax": jax.__version__, **payload}, f, indent=2, default=float)
+  print(f"wrote {path}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--skip-paper", action="store_true",
@@ -181,15 +193,8 @@ def main() -> None:
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
   if args.chunks:
-    rows = chunk_rows(args.batch, [int(v) for v in args.chunks.split(",")])
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "model_cost_chunks-"
-                        f"{device.device_kind.replace(' ', '_').lower()}.json")
-    with open(path, "w") as f:
-      json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
-                indent=2, default=float)
-    print(f"wrote {path}")
+    _write("model_cost_chunks",
+           {"rows": chunk_rows(args.batch, [int(v) for v in args.chunks.split(",")])})
     return
   rows = preset_rows("demo", demo_stt.get_config, args.batch)
   stages = []
@@ -200,13 +205,7 @@ def main() -> None:
   if stages:
     print()
     _print_stages(stages)
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"model_cost-{device.device_kind.replace(' ', '_').lower()}.json")
-  with open(path, "w") as f:
-    json.dump({"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-               "presets": rows, "sst_stages": stages}, f, indent=2, default=float)
-  print(f"wrote {path}")
+  _write("model_cost", {"presets": rows, "sst_stages": stages})
 
 
 if __name__ == "__main__":

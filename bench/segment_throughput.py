@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from stt_jax.data import sources, synthetic  # noqa: E402
 from stt_jax.data.targets import instance_contour  # noqa: E402
@@ -78,21 +79,12 @@ def _device_peak_mb() -> float | None:
 
 
 def _save_params(path: str, params) -> None:
-  flat = {"/".join(str(k.key) for k in keys): np.asarray(v)
-          for keys, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
-  np.savez(path, **flat)
+  np.savez(path, **traverse_util.flatten_dict(jax.device_get(params), sep="/"))
 
 
 def _load_params(path: str) -> dict:
-  tree: dict = {}
   with np.load(path) as f:
-    for key in f.files:
-      node = tree
-      *parents, leaf = key.split("/")
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = f[key]
-  return tree
+    return traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
 
 
 def _peer_worker(args, cfg) -> dict:
@@ -107,18 +99,17 @@ def _peer_worker(args, cfg) -> dict:
   net = torch.compile(model, dynamic=False) if args.peer_worker == "compile" else model
   window = tuple(cfg.infer.window)
   volume = sources.open_volume(args.image)
-  shape = volume.shape[:3]
+  shape = volume.shape
   # warm-up on one block (compilation, cuDNN's algorithm search)
   warm = volume.read([0, 0, 0], [min(b, s) for b, s in zip(cfg.infer.block_shape, shape)])
   t0 = time.perf_counter()
-  peer_sw.predict(net, np.asarray(warm)[..., 0] if warm.ndim == 4 else np.asarray(warm),
-                  window, cfg.infer.overlap, args.batch, args.dtype, device)
+  peer_sw.predict(net, np.asarray(warm), window, cfg.infer.overlap, args.batch, args.dtype,
+                  device)
   warm_s = time.perf_counter() - t0
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
   t0 = time.perf_counter()
   image = np.asarray(volume.read([0, 0, 0], list(shape)))
-  image = image[..., 0] if image.ndim == 4 else image
   read_s = time.perf_counter() - t0
   probs, times = peer_sw.predict(net, image, window, cfg.infer.overlap, args.batch,
                                  args.dtype, device)

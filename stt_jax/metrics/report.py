@@ -28,24 +28,40 @@ def _read(volume, start, stop) -> np.ndarray:
 
 
 def score_volumes(gt_labels, instances, *, min_gt_size: int,
-                  block: Sequence[int] = (64, 512, 512)) -> dict[str, float]:
+                  block: Sequence[int] = (64, 512, 512),
+                  probabilities=None) -> dict:
   """AP-50/75/50:95 (MitoEM), foreground Jaccard/Dice (Lucchi), voxel
   precision/recall/F1/MCC (DA-ISC), for label volumes (numpy arrays or
-  data-layer Volumes) read one block at a time."""
+  data-layer Volumes) read one block at a time.
+
+  With `probabilities` (the [z, y, x, channels] uint8 maps the instances were
+  decoded from), the same pass also scores mask > t for t = 0.05 ... 0.95
+  (`semantic.ThresholdSweep`): "mask_threshold_sweep" and the best t by
+  Jaccard. Voxelwise, before instance decoding and size filtering, so at
+  t = decode.foreground it is close to, not equal to, the Jaccard above."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   if _shape(gt_labels)[:3] != _shape(instances)[:3]:
     raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
                     f"{_shape(instances)} differ in shape")
   overlaps = instance_ap.OverlapCounter()
   confusion = semantic.ConfusionCounter()
+  sweep = semantic.ThresholdSweep() if probabilities is not None else None
   for b in blocks.iterate(_shape(gt_labels)[:3], block):
     g, p = _read(gt_labels, b.start, b.stop), _read(instances, b.start, b.stop)
     overlaps.add(g, p)
     confusion.add(g > 0, p > 0)
+    if sweep is not None:
+      sweep.add(g > 0, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0])
   ap = instance_ap.ap_from_counts(overlaps.counts(), min_gt_size=min_gt_size)
   fg = confusion.scores()
-  return {"ap_50": ap["ap_50"], "ap_75": ap["ap_75"], "ap_50_95": ap["ap"], **fg,
-          "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
+  out = {"ap_50": ap["ap_50"], "ap_75": ap["ap_75"], "ap_50_95": ap["ap"], **fg,
+         "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
+  if sweep is not None:
+    table = sweep.scores(semantic.SWEEP_THRESHOLDS)
+    best = max(table, key=lambda t: table[t]["jaccard"])
+    out.update(mask_threshold_sweep=table, best_mask_threshold=float(best),
+               best_mask_threshold_jaccard=table[best]["jaccard"])
+  return out
 
 
 def score(gt_labels: np.ndarray, instances: np.ndarray, *,

@@ -145,31 +145,11 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
   seconds = time.perf_counter() - t0
   scores = report.score_volumes(labels, sources.open_volume(summary["instances_path"]),
                                 min_gt_size=cfg.eval.min_gt_size,
-                                block=tuple(cfg.decode.block_shape))
+                                block=tuple(cfg.decode.block_shape),
+                                probabilities=sources.open_volume(summary["probabilities_path"]))
   scores["segment_seconds"] = seconds
   scores["volume_shape"] = list(image.shape)
-  scores.update(_mask_threshold_sweep(cfg, labels, sources.open_volume(
-      os.path.join(out_dir, "probabilities.zarr"))))
   return scores, image.path, out_dir
-
-
-def _mask_threshold_sweep(cfg, labels, probabilities) -> dict:
-  """Voxel Jaccard/Dice of mask > t for t = 0.05 ... 0.95 (metrics.semantic.
-  ThresholdSweep), and the best t by Jaccard: where decode.foreground belongs
-  for this network. Voxelwise, before instance decoding and size filtering,
-  so at t = decode.foreground it is close to, not equal to, the Jaccard above."""
-  from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
-  from stt_jax.metrics import semantic  # pylint: disable=g-import-not-at-top
-  sweep = semantic.ThresholdSweep()
-  for b in blocks.iterate(tuple(labels.shape)[:3], tuple(cfg.decode.block_shape)):
-    size = [e - s for s, e in zip(b.start, b.stop)]
-    gt = (labels[tuple(slice(s, e) for s, e in zip(b.start, b.stop))]
-          if isinstance(labels, np.ndarray) else np.asarray(labels.read(b.start, size))) > 0
-    sweep.add(gt, np.asarray(probabilities.read((*b.start, 0), (*size, 1)))[..., 0])
-  table = sweep.scores(semantic.SWEEP_THRESHOLDS)
-  best = max(table, key=lambda t: table[t]["jaccard"])
-  return {"mask_threshold_sweep": table, "best_mask_threshold": float(best),
-          "best_mask_threshold_jaccard": table[best]["jaccard"]}
 
 
 def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
