@@ -77,25 +77,34 @@ def instruction_names(hlo_text: str) -> dict[str, dict]:
   return out
 
 
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute")
 _ALIASES = {"conv_general_dilated": "convolution", "dot_general": "dot",
             "dot_product_attention": "attention"}
 
 
 def primitive(op_name: str, opcode: str) -> str:
-  """The JAX primitive an instruction came from (the op_name's last part)."""
+  """The JAX primitive an instruction came from (the op_name's last part); a
+  collective by its opcode (XLA merges the gradients' all-reduces into one
+  whose op_name lists every primitive it came from)."""
+  if opcode in _COLLECTIVES:
+    return opcode
   last = "" if not op_name or op_name.startswith("(") else op_name.rsplit("/", 1)[-1]
-  last = re.sub(r"\[.*$", "", last) or opcode
+  last = re.sub(r"\[.*$", "", last)
+  last = re.sub(r"^p?jit\((\w+)\)$", r"\1", last).rstrip(")") or opcode
   return _ALIASES.get(last, last)
 
 
 def device_events(trace: dict) -> list[dict]:
   """Complete events of the device tracks: GPU/TPU streams where there are
-  any, else the host threads that run XLA:CPU's kernels."""
+  any, else the host events XLA:CPU tags with the instruction they ran
+  (`args.hlo_op`), on whichever thread ran them: the PjRt client threads run
+  kernels as well as the Eigen pool. Each event's `dur` becomes its self time
+  (its own time less that of events nested in it on the same thread, e.g. a
+  while loop's body), so nothing is counted twice."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   pids = {e["pid"]: e["args"]["name"] for e in events
           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  tids = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-          if e.get("ph") == "M" and e.get("name") == "thread_name"}
   device = {p for p, n in pids.items() if "/device:" in n and "CPU" not in n}
   keep = []
   for e in events:
@@ -103,10 +112,30 @@ def device_events(trace: dict) -> list[dict]:
       continue
     if device:
       if e["pid"] in device:
-        keep.append(e)
-    elif "XLAEigen" in tids.get((e["pid"], e["tid"]), ""):
-      keep.append(e)
-  return keep
+        keep.append(dict(e))
+    elif (e.get("args") or {}).get("hlo_op"):
+      keep.append(dict(e))
+  return _self_times(keep)
+
+
+def _self_times(events: list[dict]) -> list[dict]:
+  """Sets each event's `dur` to its time outside the events nested in it."""
+  by_track = collections.defaultdict(list)
+  for e in events:
+    by_track[(e["pid"], e["tid"])].append(e)
+  for track in by_track.values():
+    track.sort(key=lambda e: (e["ts"], -e.get("dur", 0.0)))
+    stack: list[dict] = []
+    for e in track:
+      while stack and e["ts"] >= stack[-1]["ts"] + stack[-1]["_total"]:
+        stack.pop()
+      e["_total"] = e.get("dur", 0.0)
+      if stack:
+        stack[-1]["dur"] = stack[-1].get("dur", 0.0) - e["_total"]
+      stack.append(e)
+  for e in events:
+    e.pop("_total", None)
+  return events
 
 
 def summarize(events: list[dict], names: dict[str, dict], steps: int, top: int) -> dict:

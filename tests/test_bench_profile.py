@@ -34,6 +34,10 @@ def test_instructions_are_named_by_what_jax_lowered_into_them():
   assert any("conv_general_dilated" in v["op_name"] for v in names.values())
   assert profile_step.primitive("jit(f)/enc1/conv_general_dilated", "fusion") == "convolution"
   assert profile_step.primitive("", "fusion") == "fusion"
+  merged = "jit(step)/(transpose(jvp(M))/a/conv_general_dilated:jvp()/reduce_sum)"
+  assert profile_step.primitive(merged, "all-reduce") == "all-reduce"
+  assert profile_step.primitive("jit(f)/(x/reduce_sum)", "fusion") == "reduce_sum"
+  assert profile_step.primitive("jit(f)/enc/jit(elu)", "fusion") == "elu"
 
 
 def test_summary_adds_device_time_by_instruction(tmp_path):
@@ -44,12 +48,36 @@ def test_summary_adds_device_time_by_instruction(tmp_path):
       fn(x, k).block_until_ready()
   path = glob.glob(str(tmp_path / "**" / "*.trace.json.gz"), recursive=True)[0]
   with gzip.open(path) as f:
-    events = profile_step.device_events(json.load(f))
+    trace = json.load(f)
+  events = profile_step.device_events(trace)
   assert events and not any("ThunkExecutor" in e["name"] for e in events)
+  # every kernel XLA:CPU ran is counted, whichever thread ran it (the CI
+  # machine ran the convolutions on PjRt client threads, not the Eigen pool)
+  tagged = [e for e in trace["traceEvents"]
+            if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")]
+  assert len(events) == len(tagged)
+  assert sum(e["dur"] for e in events) == pytest.approx(sum(e["dur"] for e in tagged))
   names = profile_step.instruction_names(fn.lower(x, k).compile().as_text())
+  assert {e["args"]["hlo_op"] for e in events} <= set(names)
   result = profile_step.summarize(events, names, steps=2, top=50)
   total = sum(e["dur"] for e in events) / 1e3 / 2
   assert result["device_ms_per_step"] == pytest.approx(total)
   assert sum(r["share"] for r in result["top"]) == pytest.approx(1.0)
   assert sum(r["share"] for r in result["by_primitive"]) == pytest.approx(1.0)
   assert result["by_primitive"][0]["primitive"] == "convolution"  # the work here
+
+
+def test_nested_events_count_their_own_time_only():
+  def event(name, ts, dur, tid=1):
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+            "args": {"hlo_op": name}}
+  trace = {"traceEvents": [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+      event("while", 0, 100), event("body.conv", 10, 30), event("body.add", 50, 20),
+      event("body.inner", 55, 5), event("other", 0, 40, tid=2),
+      event("next", 100, 10),  # starts where the loop ends: not nested in it
+      {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 500, "name": "ThunkExecutor::Execute"},
+  ]}
+  dur = {e["name"]: e["dur"] for e in profile_step.device_events(trace)}
+  assert dur == {"while": 50, "body.conv": 30, "body.add": 15, "body.inner": 5,
+                 "other": 40, "next": 10}
