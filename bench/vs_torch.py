@@ -415,7 +415,8 @@ def _fmt_bytes(b) -> str:
 
 
 def run(kinds, cases=None, dtypes=None, repeats=10,
-        modes=("eager", "compile"), models=MODELS, chunks: int = 1) -> dict:
+        modes=("eager", "compile"), models=MODELS, chunks: int = 1,
+        check: str = "first") -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   have_torch = importlib.util.find_spec("torch") is not None
   import jax  # pylint: disable=g-import-not-at-top
@@ -424,7 +425,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   dtypes = tuple(dtypes or (("float32",) if on_cpu else ("float32", "bfloat16")))
   result = {"kinds": list(kinds), "models": list(models), "cases": cases,
             "dtypes": list(dtypes), "torch": None}
-  if have_torch:
+  if have_torch and check != "skip":
     print("checking the peer against ours (float32, highest precision) ...", flush=True)
     result["equivalence"] = {}
     for model in models:  # one process each: the float64 STT gradient is large
@@ -437,6 +438,10 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
     if worst > 1e-4:
       raise SystemExit(f"the PyTorch peer computes another function ({worst:.2e}); "
                        "fix bench/reference_torch before timing it")
+    if check == "only":
+      return result
+  elif check == "only":
+    raise SystemExit("--check=only needs PyTorch (and torchvision) importable")
   out_dir = os.path.join(ROOT, "bench", "results")
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -527,6 +532,10 @@ def main(kinds=("train", "infer")) -> None:
   parser.add_argument("--attention-chunks", type=int, default=1,
                       help="model.attention.chunks of our programs (less memory; the peer "
                            "is unchanged)")
+  parser.add_argument("--check", default="first", choices=["first", "skip", "only"],
+                      help="the peer-equivalence check (float32 outputs, float64 "
+                      "gradients): before timing, not at all, or alone (it takes "
+                      "~20 min on a 2-core CPU, for a GPU call split it off)")
   parser.add_argument("--models", default=",".join(MODELS),
                       help="comma list of stt_jax presets, e.g. baseline,stt")
   parser.add_argument("--add-flops", metavar="JSON",
@@ -559,7 +568,7 @@ def main(kinds=("train", "infer")) -> None:
   run(kinds, [c for c in args.cases.split(",") if c] or None,
       tuple(d for d in args.dtypes.split(",") if d) or None, args.repeats,
       tuple(args.modes.split(",")),
-      tuple(m for m in args.models.split(",") if m), args.attention_chunks)
+      tuple(m for m in args.models.split(",") if m), args.attention_chunks, args.check)
 
 
 if __name__ == "__main__":
