@@ -122,19 +122,17 @@ def _self_times(events: list[dict]) -> list[dict]:
   """Sets each event's `dur` to its time outside the events nested in it."""
   by_track = collections.defaultdict(list)
   for e in events:
+    e.setdefault("dur", 0.0)
     by_track[(e["pid"], e["tid"])].append(e)
   for track in by_track.values():
-    track.sort(key=lambda e: (e["ts"], -e.get("dur", 0.0)))
-    stack: list[dict] = []
+    track.sort(key=lambda e: (e["ts"], -e["dur"]))
+    enclosing: list[tuple[float, dict]] = []  # (end, event), innermost last
     for e in track:
-      while stack and e["ts"] >= stack[-1]["ts"] + stack[-1]["_total"]:
-        stack.pop()
-      e["_total"] = e.get("dur", 0.0)
-      if stack:
-        stack[-1]["dur"] = stack[-1].get("dur", 0.0) - e["_total"]
-      stack.append(e)
-  for e in events:
-    e.pop("_total", None)
+      while enclosing and e["ts"] >= enclosing[-1][0]:
+        enclosing.pop()
+      if enclosing:  # e's whole time is inside its parent's
+        enclosing[-1][1]["dur"] -= e["dur"]
+      enclosing.append((e["ts"] + e["dur"], e))
   return events
 
 

@@ -425,6 +425,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   dtypes = tuple(dtypes or (("float32",) if on_cpu else ("float32", "bfloat16")))
   result = {"kinds": list(kinds), "models": list(models), "cases": cases,
             "dtypes": list(dtypes), "torch": None}
+  if check == "only" and not have_torch:
+    raise SystemExit("--check=only needs PyTorch (and torchvision) importable")
   if have_torch and check != "skip":
     print("checking the peer against ours (float32, highest precision) ...", flush=True)
     result["equivalence"] = {}
@@ -440,8 +442,6 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
                        "fix bench/reference_torch before timing it")
     if check == "only":
       return result
-  elif check == "only":
-    raise SystemExit("--check=only needs PyTorch (and torchvision) importable")
   out_dir = os.path.join(ROOT, "bench", "results")
   os.makedirs(out_dir, exist_ok=True)
   rows = []
