@@ -134,6 +134,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.bce_weight = 1.0
   c.loss.dice_weight = 1.0
+  # the original's per-sample class weights in the BCE (positives x (1-f)/f):
+  # recall first, so its maps over-cover at 0.5 and are decoded at 0.85-0.9;
+  # False = plain BCE, whose p estimates the posterior (semantic p > 0.5 protocols)
+  c.loss.class_balance = True
   c.loss.distance_weight = 1.0         # MSE of the distance channel, when model.outputs has it
   # FG-BG adversarial loss (eq. 4): L = L_sup + adversarial_weight * L_fg-bg.
   c.loss.adversarial_weight = 0.0      # the paper's lambda = 0.5 when on

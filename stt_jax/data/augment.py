@@ -15,6 +15,108 @@ import numpy as np
 from scipy import ndimage
 
 
+def intensity(image: np.ndarray, rng: np.random.Generator, *,
+              contrast: float = 0.3, brightness: float = 0.3,
+              gamma_log2: float = 1.0) -> np.ndarray:
+  """Random contrast/brightness/gamma on a float image in [0, 1] (3D, whole
+  patch), in the ELEKTRONN/pytorch_connectomics convention: a factor f moves
+  its quantity by up to +-f/2 (x(1 +- 0.15), +-0.15 grey at the defaults)."""
+  image = image * (1 + rng.uniform(-contrast, contrast) * 0.5)
+  image = image + rng.uniform(-brightness, brightness) * 0.5
+  image = np.clip(image, 0, 1) ** (2.0 ** rng.uniform(-gamma_log2, gamma_log2))
+  return image.astype(np.float32)
+
+
+# --- geometric: one coordinate map per slice, shared by image and labels -----
+#
+# The sampler reads each patch with `in_plane_margin` extra pixels on every
+# in-plane side; the map sends the patch's pixels into that larger read, so a
+# zoom-out, the elastic field and a misalignment shift pull in the tissue that
+# really lies beyond the patch (no mirrored or wrapped-around content), and the
+# three transforms cost one interpolation per slice instead of one each.
+
+
+def elastic_rms(alpha: float, sigma: float) -> float:
+  """RMS displacement (pixels) of `elastic_field`: uniform noise on [-1, 1]
+  (std 1/sqrt(3)) smoothed by a 2D Gaussian, which divides a white field's
+  spread by 2*sqrt(pi)*sigma, times alpha (0.65 px at alpha 16, sigma 4)."""
+  return alpha * np.sqrt(1 / 3) / (2 * np.sqrt(np.pi) * sigma)
+
+
+def in_plane_margin(cfg, patch_height_width) -> int:
+  """Pixels to read beyond each in-plane side of a patch for the geometric
+  transforms `cfg` (config.data.augment) can draw: half the extra extent of the
+  strongest zoom-out, 4x the elastic RMS, the largest misalignment shift."""
+  if cfg is None or not cfg.enabled:
+    return 0
+  margin = 0.0
+  if cfg.get("rescale_prob", 0.0) > 0 and cfg.rescale_range[0] < 1:
+    margin += max(patch_height_width) * (1 / cfg.rescale_range[0] - 1) / 2
+  if cfg.get("elastic_prob", 0.0) > 0:
+    margin += 4 * elastic_rms(cfg.elastic_alpha, cfg.elastic_sigma)
+  if cfg.get("misalignment_prob", 0.0) > 0:
+    margin += cfg.misalignment_max_shift
+  return int(np.ceil(margin))
+
+
+def elastic_field(shape, rng: np.random.Generator, *, alpha: float = 16.0,
+                  sigma: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+  """In-plane displacement (dy, dx) [height, width] of Simard et al. (2003):
+  uniform noise in [-1, 1] smoothed by a Gaussian of `sigma` pixels, times
+  `alpha`, never rescaled. Smoothing divides the noise's spread (see
+  `elastic_rms`), so alpha 16, sigma 4 moves pixels by 0.65 px RMS, ~2 px at
+  most: pytorch_connectomics' field. (A field rescaled to reach alpha pixels
+  at sigma 4 folds tissue into marbling no microscope produces; ours did that
+  until the VNC III batches were looked at.)"""
+  return tuple(alpha * ndimage.gaussian_filter(rng.uniform(-1, 1, shape), sigma)
+               for _ in range(2))
+
+
+def warp_crop(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
+              out_height_width, offset, scale_range=None, elastic=None,
+              misalignment_shift: int = 0):
+  """The patch at `offset` (y, x) of a larger read, zoomed, elastically
+  deformed and misaligned, image and labels alike.
+
+  image, labels [depth, height, width] (the read, patch plus margins); returns
+  both [depth, *out_height_width]. scale_range (low, high): zoom by a random
+  s about the patch centre (s > 1 magnifies); elastic (alpha, sigma): the
+  `elastic_field`; misalignment_shift: the slices from a random z on (or just
+  that one slice) shifted by a random in-plane offset up to this many pixels,
+  the section misalignment of serial EM. The image is sampled bilinearly, the
+  labels by nearest neighbour, from the same coordinates (mirrored only where
+  the read itself ends, at the volume's edge).
+  """
+  depth = image.shape[0]
+  height, width = (int(n) for n in out_height_width)
+  oy, ox = (int(n) for n in offset)
+  if scale_range is None and elastic is None and not misalignment_shift:
+    return (np.ascontiguousarray(image[:, oy:oy + height, ox:ox + width]),
+            np.ascontiguousarray(labels[:, oy:oy + height, ox:ox + width]))
+  yy, xx = np.meshgrid(np.arange(height, dtype=np.float64),
+                       np.arange(width, dtype=np.float64), indexing="ij")
+  if elastic is not None:
+    dy, dx = elastic_field((height, width), rng, alpha=elastic[0], sigma=elastic[1])
+    yy, xx = yy + dy, xx + dx
+  if scale_range is not None:
+    scale = rng.uniform(*scale_range)
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    yy, xx = cy + (yy - cy) / scale, cx + (xx - cx) / scale
+  shifts = np.zeros((depth, 2))
+  if misalignment_shift and depth > 1:
+    start = int(rng.integers(1, depth))
+    stop = depth if rng.uniform() < 0.5 else start + 1
+    shifts[start:stop] = rng.integers(-misalignment_shift, misalignment_shift + 1, size=2)
+  out_image = np.empty((depth, height, width), image.dtype)
+  out_labels = np.empty((depth, height, width), labels.dtype)
+  for z in range(depth):
+    # a slice shifted by (sy, sx) shows at p what lay at p - (sy, sx)
+    grid = np.stack([yy + oy - shifts[z, 0], xx + ox - shifts[z, 1]])
+    out_image[z] = ndimage.map_coordinates(image[z], grid, order=1, mode="mirror")
+    out_labels[z] = ndimage.map_coordinates(labels[z], grid, order=0, mode="mirror")
+  return out_image, out_labels
+
+
 def flip_transpose(image: np.ndarray, labels: np.ndarray,
                    rng: np.random.Generator, *, flip_z: bool = True,
                    flip_yx: bool = True, transpose_xy: bool = True):
@@ -29,75 +131,6 @@ def flip_transpose(image: np.ndarray, labels: np.ndarray,
   if transpose_xy and image.shape[1] == image.shape[2] and rng.uniform() < 0.5:
     image, labels = image.transpose(0, 2, 1), labels.transpose(0, 2, 1)
   return np.ascontiguousarray(image), np.ascontiguousarray(labels)
-
-
-def intensity(image: np.ndarray, rng: np.random.Generator, *,
-              contrast: float = 0.3, brightness: float = 0.3,
-              gamma_log2: float = 1.0) -> np.ndarray:
-  """Random contrast/brightness/gamma on a float image in [0, 1] (3D, whole patch)."""
-  image = image * (1 + rng.uniform(-contrast, contrast))
-  image = image + rng.uniform(-brightness, brightness) * 0.5
-  image = np.clip(image, 0, 1) ** (2.0 ** rng.uniform(-gamma_log2, gamma_log2))
-  return image.astype(np.float32)
-
-
-# --- geometric: one in-plane coordinate map shared by image and labels ------
-
-def _warp(image: np.ndarray, labels: np.ndarray, coords_y: np.ndarray,
-          coords_x: np.ndarray):
-  """Samples every slice at (coords_y, coords_x) [height, width]: the image
-  bilinearly, the labels by nearest neighbour, both reflected at the edges, so
-  image and labels move together."""
-  depth = image.shape[0]
-  out_image = np.empty_like(image)
-  out_labels = np.empty_like(labels)
-  grid = np.stack([coords_y, coords_x])
-  for z in range(depth):
-    out_image[z] = ndimage.map_coordinates(image[z], grid, order=1, mode="mirror")
-    out_labels[z] = ndimage.map_coordinates(labels[z], grid, order=0, mode="mirror")
-  return out_image, out_labels
-
-
-def rescale(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
-            low: float = 0.8, high: float = 1.2):
-  """In-plane zoom by s in [low, high] about the patch centre (same size out)."""
-  scale = rng.uniform(low, high)
-  h, w = image.shape[1:3]
-  yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                       indexing="ij")
-  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  return _warp(image, labels, cy + (yy - cy) / scale, cx + (xx - cx) / scale)
-
-
-def elastic(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
-            alpha: float = 16.0, sigma: float = 4.0):
-  """In-plane elastic deformation: a random displacement field smoothed by a
-  Gaussian of `sigma` pixels, scaled to `alpha` pixels, shared by all slices
-  (z is too coarse for a 3D field), as pytorch_connectomics does."""
-  h, w = image.shape[1:3]
-  dy = ndimage.gaussian_filter(rng.uniform(-1, 1, (h, w)), sigma, mode="constant")
-  dx = ndimage.gaussian_filter(rng.uniform(-1, 1, (h, w)), sigma, mode="constant")
-  norm = max(np.abs(dy).max(), np.abs(dx).max(), 1e-12)
-  yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                       indexing="ij")
-  return _warp(image, labels, yy + alpha * dy / norm, xx + alpha * dx / norm)
-
-
-def misalignment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
-                 max_shift: int = 8):
-  """Shifts the slices from a random z on (or one slice) by a random in-plane
-  offset, image and labels alike: the section misalignment of serial EM."""
-  depth = image.shape[0]
-  if depth < 2:
-    return image, labels
-  dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-  start = int(rng.integers(1, depth))
-  stop = depth if rng.uniform() < 0.5 else start + 1
-  image, labels = image.copy(), labels.copy()
-  for z in range(start, stop):
-    image[z] = np.roll(image[z], (dy, dx), axis=(0, 1))
-    labels[z] = np.roll(labels[z], (dy, dx), axis=(0, 1))
-  return image, labels
 
 
 # --- image only: what the microscope does to the picture, not the tissue ------

@@ -5,7 +5,9 @@ run sees the same stream, prefetching threads cannot reorder it, and in a
 multi-process run each process draws only its own rows of the global batch
 (`process_index`, `process_count`) yet the global batch is the one a single
 process would draw. Reads of all patches of a batch are issued together
-(TensorStore futures) before any is awaited.
+(TensorStore futures) before any is awaited. With geometric augmentation on,
+each read carries an in-plane margin (`augment.in_plane_margin`) so that a
+zoom-out or a misaligned section shows real tissue from beyond the patch.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class PatchSampler:
     self.distance_voxel_size = (None if distance_voxel_size is None
                                 else tuple(float(v) for v in distance_voxel_size))
     self.foreground_bias = float(foreground_bias)
+    # in-plane pixels read beyond each side for the geometric augmentations
+    self.margin = augment.in_plane_margin(augment_config, self.patch_shape[1:])
     self.foreground_tries = int(foreground_tries)
     if check_foreground:
       self._check_foreground()
@@ -84,23 +88,24 @@ class PatchSampler:
     """This process's rows of the global batch of `step`."""
     rngs = [np.random.default_rng([self.seed, int(step), i]) for i in self.rows]
     starts = [self._draw_start(rng) for rng in rngs]
-    label_reads = [self.labels.read_async(s, self.patch_shape) for s in starts]
-    image_reads = [self.image.read_async(s, self.patch_shape) for s in starts]
+    reads = [self._read_box(s) for s in starts]
+    label_reads = [self.labels.read_async(lo, shape) for lo, shape, _ in reads]
+    image_reads = [self.image.read_async(lo, shape) for lo, shape, _ in reads]
     label_patches = [f.result() for f in label_reads]
     for i, rng in enumerate(rngs):
       if rng.uniform() >= self.foreground_bias:
         continue
-      # rejection sampling: redraw until the patch holds foreground
+      # rejection sampling: redraw until the patch (not its margin) holds foreground
       for _ in range(self.foreground_tries):
-        if label_patches[i].any():
+        if self._crop(label_patches[i], reads[i][2]).any():
           break
         starts[i] = self._draw_start(rng)
-        image_reads[i] = self.image.read_async(starts[i], self.patch_shape)
-        label_patches[i] = self.labels.read(starts[i], self.patch_shape)
+        reads[i] = self._read_box(starts[i])
+        image_reads[i] = self.image.read_async(*reads[i][:2])
+        label_patches[i] = self.labels.read(*reads[i][:2])
     images, target_list = [], []
-    for image_future, labels, rng in zip(image_reads, label_patches, rngs):
-      image = image_future.result()
-      image, labels = self._augment(image, labels, rng)
+    for image_future, labels, read, rng in zip(image_reads, label_patches, reads, rngs):
+      image, labels = self._augment(image_future.result(), labels, read[2], rng)
       images.append(image)
       target_list.append(targets.make_targets(labels, self.contour_width,
                                               self.distance_voxel_size))
@@ -109,22 +114,36 @@ class PatchSampler:
   def _draw_start(self, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(self._lo, self._hi - np.array(self.patch_shape) + 1)
 
-  def _augment(self, image, labels, rng):
-    """Geometric transforms on image and labels, then image-only defects."""
+  def _read_box(self, start: np.ndarray):
+    """(read start, read shape, patch offset in the read): the patch plus
+    `margin` in-plane pixels each side, cut where the volume (region) ends."""
+    pad = np.array([0, self.margin, self.margin])
+    lo = np.maximum(start - pad, self._lo)
+    hi = np.minimum(start + np.array(self.patch_shape) + pad, self._hi)
+    return lo, tuple(int(n) for n in hi - lo), tuple(int(n) for n in (start - lo)[1:])
+
+  def _crop(self, array: np.ndarray, offset) -> np.ndarray:
+    (oy, ox), (_, h, w) = offset, self.patch_shape
+    return array[:, oy:oy + h, ox:ox + w]
+
+  def _augment(self, image, labels, offset, rng):
+    """image, labels [depth, height, width]: the read (patch plus margins).
+    Geometric transforms on image and labels, then image-only defects; returns
+    the patch."""
     cfg = self.augment_config
     image = image.astype(np.float32) / 255.0
     if cfg is None or not cfg.enabled:
-      return image, labels
+      return (np.ascontiguousarray(self._crop(image, offset)),
+              np.ascontiguousarray(self._crop(labels, offset)))
     chance = lambda p: p > 0 and rng.uniform() < p
-    if chance(cfg.get("rescale_prob", 0.0)):
-      image, labels = augment.rescale(image, labels, rng, low=cfg.rescale_range[0],
-                                      high=cfg.rescale_range[1])
-    if chance(cfg.get("elastic_prob", 0.0)):
-      image, labels = augment.elastic(image, labels, rng, alpha=cfg.elastic_alpha,
-                                      sigma=cfg.elastic_sigma)
-    if chance(cfg.get("misalignment_prob", 0.0)):
-      image, labels = augment.misalignment(image, labels, rng,
-                                           max_shift=cfg.misalignment_max_shift)
+    rescale = chance(cfg.get("rescale_prob", 0.0))
+    elastic = chance(cfg.get("elastic_prob", 0.0))
+    misalign = chance(cfg.get("misalignment_prob", 0.0))
+    image, labels = augment.warp_crop(
+        image, labels, rng, out_height_width=self.patch_shape[1:], offset=offset,
+        scale_range=tuple(cfg.rescale_range) if rescale else None,
+        elastic=(cfg.elastic_alpha, cfg.elastic_sigma) if elastic else None,
+        misalignment_shift=int(cfg.misalignment_max_shift) if misalign else 0)
     image, labels = augment.flip_transpose(
         image, labels, rng, flip_z=cfg.flip_z, flip_yx=cfg.flip_yx,
         transpose_xy=cfg.transpose_xy)

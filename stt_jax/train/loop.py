@@ -16,6 +16,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
@@ -216,7 +217,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   postfix = {}
   bar = tqdm.tqdm(total=total, initial=first, disable=quiet or not _is_main(),
                   unit="step", dynamic_ncols=True)
-  window_start, window_steps = time.perf_counter(), 0
+  window_start, window_steps, window_sum = time.perf_counter(), 0, None
+  add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   done = first
   try:
     workers = feeder_workers(cfg.data.workers)
@@ -226,6 +228,9 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     for step, batch in batches:
       rng = jax.random.key_data(jax.random.fold_in(base_key, step))
       state, metrics = step_fn(state, batch, rng)
+      # summed on the device (no host sync): the log shows the window's mean,
+      # and a NaN at any step of it, not only the logged one's
+      window_sum = metrics if window_sum is None else add_metrics(window_sum, metrics)
       window_steps += 1
       done = step + 1
       # read once: a signal landing later in this iteration (most land while
@@ -237,18 +242,21 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
       is_ckpt = done % cfg.train.checkpoint_every == 0 or stopping
       is_eval = validating and (done % cfg.train.eval_every == 0 or done == total)
       if is_log or is_ckpt or is_eval:
-        values = {k: float(v) for k, v in step_lib.to_host(metrics).items()}
+        values = {k: float(v) / window_steps
+                  for k, v in step_lib.to_host(window_sum).items()}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
           where = (f"the last good checkpoint (step {last_good}) is kept in "
                    f"{ckpts.manager.directory}" if last_good is not None
                    else "no checkpoint was written")
           found = ", ".join(f"{k}={v}" for k, v in bad.items())
-          raise UserError(f"training diverged at step {done} ({found}); {where}; "
+          steps = (f"at step {done}" if window_steps == 1
+                   else f"in steps {done - window_steps + 1}-{done}")
+          raise UserError(f"training diverged {steps} ({found}); {where}; "
                           "lower train.learning_rate or check the data")
         elapsed = time.perf_counter() - window_start
         values["voxels_per_s"] = voxels_per_step * window_steps / max(elapsed, 1e-9)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_sum = time.perf_counter(), 0, None
         if writer:
           for k, v in values.items():
             writer.add_scalar(f"train/{k}", v, done)

@@ -26,10 +26,13 @@ def class_balance_weights(target: jax.Array) -> jax.Array:
   return jnp.where(uniform, 1.0, weights)
 
 
-def weighted_bce(logits: jax.Array, target: jax.Array) -> jax.Array:
-  """Mean class-balanced binary cross-entropy over all voxels and channels."""
-  weights = jax.lax.stop_gradient(class_balance_weights(target))
-  return jnp.mean(weights * optax.sigmoid_binary_cross_entropy(logits, target))
+def weighted_bce(logits: jax.Array, target: jax.Array, balance: bool = True) -> jax.Array:
+  """Mean binary cross-entropy over all voxels and channels, class-balanced
+  per sample and channel (`class_balance_weights`) unless `balance` is off."""
+  bce = optax.sigmoid_binary_cross_entropy(logits, target)
+  if not balance:
+    return jnp.mean(bce)
+  return jnp.mean(jax.lax.stop_gradient(class_balance_weights(target)) * bce)
 
 
 def soft_dice(logits: jax.Array, target: jax.Array, eps: float = 1.0) -> jax.Array:
@@ -42,12 +45,15 @@ def soft_dice(logits: jax.Array, target: jax.Array, eps: float = 1.0) -> jax.Arr
 
 
 def supervised_loss(logits: jax.Array, target: jax.Array, *, bce_weight: float,
-                    dice_weight: float, distance_weight: float = 1.0
+                    dice_weight: float, distance_weight: float = 1.0,
+                    class_balance: bool = True
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """logits, target [batch, depth, height, width, 2 or 3]: channels 0-1 are
   binary (mask, contour); a third is the normalised distance in [0, 1],
-  regressed through a sigmoid (PyTC regresses its distance targets with MSE)."""
-  bce = weighted_bce(logits[..., :2], target[..., :2])
+  regressed through a sigmoid (PyTC regresses its distance targets with MSE).
+  class_balance: the original's per-sample class weights in the BCE (its
+  probabilities then over-cover at 0.5; off, they estimate the posterior)."""
+  bce = weighted_bce(logits[..., :2], target[..., :2], balance=class_balance)
   dice = soft_dice(logits[..., :2], target[..., :2])
   total = bce_weight * bce + dice_weight * dice
   metrics = {"bce": bce, "dice": dice}

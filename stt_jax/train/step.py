@@ -67,7 +67,8 @@ def generator_loss_fn(model, discriminator, loss_cfg, batch: dict, disc_params):
     logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
     supervised, metrics = losses.supervised_loss(
         logits, batch["target"], bce_weight=loss_cfg.bce_weight,
-        dice_weight=loss_cfg.dice_weight, distance_weight=loss_cfg.distance_weight)
+        dice_weight=loss_cfg.dice_weight, distance_weight=loss_cfg.distance_weight,
+        class_balance=loss_cfg.class_balance)
     pred_mask = jax.nn.sigmoid(logits[..., :1])
     total = supervised
     metrics["supervised"] = supervised

@@ -102,8 +102,10 @@ def test_every_augmentation_on_keeps_targets_valid(small_zarr):
   cfg = default_config().data.augment
   for key in AUGMENT_PROBABILITIES:
     cfg[key] = 1.0
-  sampler = _sampler(small_zarr)
-  sampler.augment_config = cfg
+  sampler = PatchSampler(sources.open_volume(small_zarr["image"]),
+                         sources.open_volume(small_zarr["label"]), patch_shape=(4, 32, 32),
+                         batch_size=2, seed=0, augment_config=cfg)
+  assert sampler.margin == 15   # 32 * (1/0.8 - 1) / 2 + 4 * 0.65 + 8 = 14.6, rounded up
   for step in range(3):
     batch = sampler.batch(step)
     assert batch["image"].shape == (2, 4, 32, 32, 1) and batch["image"].dtype == np.float32
@@ -111,3 +113,33 @@ def test_every_augmentation_on_keeps_targets_valid(small_zarr):
     assert set(np.unique(batch["target"])) <= {0.0, 1.0}
   np.testing.assert_array_equal(sampler.batch(5)["image"], sampler.batch(5)["image"])
 
+
+
+def test_misaligned_slices_show_the_tissue_beside_the_patch(small_zarr, small_volume):
+  """A misaligned slice is the volume's own window moved by (dy, dx) -- read
+  from the margin -- not the patch rolled round onto itself."""
+  cfg = ml_collections.ConfigDict(dict(enabled=True, flip_z=False, flip_yx=False,
+                                       transpose_xy=False, intensity_prob=0.0,
+                                       misalignment_prob=1.0, misalignment_max_shift=8))
+  sampler = PatchSampler(sources.open_volume(small_zarr["image"]),
+                         sources.open_volume(small_zarr["label"]), patch_shape=(4, 32, 32),
+                         batch_size=2, seed=0, augment_config=cfg)
+  assert sampler.margin == 8
+  vol = small_volume[0].astype(np.float32) / 255
+  depth, height, width = vol.shape
+  shifted = 0
+  for step in range(4):
+    for patch in sampler.batch(step)["image"][..., 0]:
+      # slice 0 is never shifted: it locates the patch
+      (z0, y0, x0), = [(z, y, x) for z in range(depth - 3) for y in range(height - 31)
+                       for x in range(width - 31)
+                       if np.array_equal(vol[z, y:y + 32, x:x + 32], patch[0])]
+      for k in range(1, 4):
+        moves = [(dy, dx) for dy in range(-8, 9) for dx in range(-8, 9)
+                 if 0 <= y0 - dy <= height - 32 and 0 <= x0 - dx <= width - 32
+                 and np.array_equal(vol[z0 + k, y0 - dy:y0 - dy + 32, x0 - dx:x0 - dx + 32],
+                                    patch[k])]
+        if 8 <= y0 <= height - 40 and 8 <= x0 <= width - 40:  # margin fully inside
+          assert len(moves) == 1, (step, k)
+        shifted += bool(moves) and moves[0] != (0, 0)
+  assert shifted > 0

@@ -150,6 +150,42 @@ def test_signal_during_the_metrics_wait_still_saves(tmp_path, monkeypatch):
   assert steps == [stopped]
 
 
+class _RecordingWriter:
+  """Stands in for tensorboardX's SummaryWriter: keeps (tag, step) -> value."""
+
+  def __init__(self, logdir):
+    del logdir
+    self.values = {}
+    _RecordingWriter.last = self
+
+  def add_scalar(self, tag, value, step):
+    self.values[(tag, step)] = float(value)
+
+  def close(self):
+    pass
+
+
+def test_logged_training_metrics_are_the_window_mean(tmp_path, monkeypatch):
+  """train/* at step s is the mean over the steps since the previous log, not
+  step s's value alone (one batch of a few patches is too noisy to read a
+  learning curve from): logging every 3 steps gives the mean of the values a
+  run logging every step records (same seed, same batches, same arithmetic)."""
+  monkeypatch.setattr(loop, "SummaryWriter", _RecordingWriter)
+  extra = {"loss.adversarial_weight": 0.0, "train.ema_decay": 0.0,
+           "train.checkpoint_every": 100}
+  loop.train(_cfg(**extra, **{"train.log_every": 1}), str(tmp_path / "every"), quiet=True)
+  every = _RecordingWriter.last.values
+  loop.train(_cfg(**extra, **{"train.log_every": 3}), str(tmp_path / "third"), quiet=True)
+  third = _RecordingWriter.last.values
+  for tag in ("train/loss", "train/bce", "train/dice"):
+    per_step = [every[(tag, s)] for s in range(1, 7)]
+    assert len(set(per_step)) > 1, tag   # distinct values, or the check is empty
+    for end in (3, 6):
+      np.testing.assert_allclose(third[(tag, end)], np.mean(per_step[end - 3:end]),
+                                 rtol=1e-5, err_msg=f"{tag} at {end}")
+    assert (tag, 2) not in third
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -33,6 +33,13 @@ def test_weighted_bce_matches_numpy():
   bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
   assert float(losses.weighted_bce(logits, target)) == pytest.approx(np.mean(w * bce), rel=1e-5)
   np.testing.assert_allclose(np.asarray(losses.class_balance_weights(target)), w, rtol=1e-6)
+  # balance off: the plain mean (weights are not all 1 here, so this can fail)
+  assert not np.allclose(w, 1.0)
+  assert float(losses.weighted_bce(logits, target, balance=False)) == pytest.approx(
+      np.mean(bce), rel=1e-5)
+  total, _ = losses.supervised_loss(logits, target, bce_weight=1.0, dice_weight=0.0,
+                                    class_balance=False)
+  assert float(total) == pytest.approx(np.mean(bce), rel=1e-5)
 
 
 def test_soft_dice():
