@@ -132,9 +132,9 @@ class PatchSampler:
     the patch."""
     cfg = self.augment_config
     image = image.astype(np.float32) / 255.0
-    if cfg is None or not cfg.enabled:
-      return (np.ascontiguousarray(self._crop(image, offset)),
-              np.ascontiguousarray(self._crop(labels, offset)))
+    if cfg is None or not cfg.enabled:  # no transform drawn: the bare crop
+      return augment.warp_crop(image, labels, rng, out_height_width=self.patch_shape[1:],
+                               offset=offset)
     chance = lambda p: p > 0 and rng.uniform() < p
     rescale = chance(cfg.get("rescale_prob", 0.0))
     elastic = chance(cfg.get("elastic_prob", 0.0))
