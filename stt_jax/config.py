@@ -15,7 +15,7 @@ import ml_collections
 from stt_jax.errors import UserError
 
 # the probability of each augmentation in data.augment (flips/transpose aside)
-AUGMENT_PROBABILITIES = ("intensity_prob", "rescale_prob", "elastic_prob",
+AUGMENT_PROBABILITIES = ("intensity_prob", "rescale_prob", "rotate_prob", "elastic_prob",
                          "misalignment_prob", "missing_section_prob", "motion_blur_prob",
                          "cut_blur_prob", "cut_noise_prob")
 
@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   # the rest of the pytorch_connectomics set; flips/transpose already give rot90
   c.data.augment.rescale_prob = 0.5
   c.data.augment.rescale_range = (0.8, 1.2)
+  # any-angle in-plane rotation (the reference's p is 0.5); off until a GPU
+  # A/B shows it pays: it widens each read from 344^2 to 476^2 at 256^2
+  c.data.augment.rotate_prob = 0.0
   c.data.augment.elastic_prob = 0.5
   c.data.augment.elastic_alpha = 16.0      # pixels
   c.data.augment.elastic_sigma = 4.0       # pixels
@@ -124,6 +127,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.grad_clip_norm = 0.0         # global-norm clipping; 0 = off (the original has none)
   c.train.disc_learning_rate = 1e-4    # discriminator's Adam, same schedule
   c.train.ema_decay = 0.0              # EMA of generator weights (e.g. 0.999); 0 = off
+  # start from another model's weights: an export or a run folder (its best
+  # state, else its latest); parameters of the same path and shape are copied,
+  # the rest (e.g. a baseline's missing SST blocks) start fresh. "" = none
+  c.train.init_from = ""
   c.train.model_parallel = 1           # devices per parameter shard (mesh axis "model")
   c.train.log_every = 50
   c.train.checkpoint_every = 1500

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -75,6 +76,36 @@ def test_config_file_that_raises(tmp_path):
   _one_line_error(proc, "RuntimeError", "boom")
 
 
+def test_init_from_with_a_missing_or_foreign_source(tmp_path):
+  work = tmp_path / "w"
+  missing = _main(f"--workdir={work}", *TINY, f"--config.train.init_from={tmp_path}/nope",
+                  check_ok=False)
+  _one_line_error(missing, "train.init_from", "does not exist")
+  (tmp_path / "plain").mkdir()
+  foreign = _main(f"--workdir={work}", *TINY, f"--config.train.init_from={tmp_path}/plain",
+                  check_ok=False)
+  _one_line_error(foreign, "train.init_from", "neither an stt_jax export")
+  assert not os.path.exists(work)  # checked before the run folder is made
+
+
+def _baseline_export(directory, widths=(4, 4, 6, 6, 8)):
+  """An export of a 2-output baseline with random, fan-in scaled weights
+  (built from the shapes alone: no initialiser compiled). Returns its leaf count."""
+  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  cfg = default_config()
+  cfg.model.widths = widths
+  shapes = jax.eval_shape(unet.from_config(cfg.model).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 4, 32, 32, 1), np.float32))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(
+          s.dtype) if len(s.shape) > 1 else np.zeros(s.shape, s.dtype), shapes)
+  checkpoint.export_weights(directory, params, cfg.model.to_dict())
+  return len(jax.tree.leaves(params))
+
+
 def test_nan_loss_stops_with_one_line(tmp_path):
   work = tmp_path / "nan"
   proc = _main(f"--workdir={work}", *TINY, "--config.train.learning_rate=1e30",
@@ -85,14 +116,21 @@ def test_nan_loss_stops_with_one_line(tmp_path):
 
 
 def test_train_evaluate_export_segment_end_to_end(tmp_path):
-  """With the adversarial loss and the EMA on: export holds the EMA weights.
+  """Started from another model's export (train.init_from), with the
+  adversarial loss and the EMA on: export holds the EMA weights.
   With the optional distance output: a third channel all the way through
   (trained, exported, segmented from the checkpoint and from the export)."""
   work = str(tmp_path / "run")
   adv = ["--config.loss.adversarial_weight=0.5", "--config.train.ema_decay=0.5",
          "--config.model.discriminator.features=(4,8)", "--config.train.eval_every=4",
          "--config.model.outputs=('mask','contour','distance')"]
-  proc = _main(f"--workdir={work}", *TINY, *adv)
+  # started from a 2-output baseline's export: all but the head copied
+  source = str(tmp_path / "baseline_export")
+  leaves = _baseline_export(source)
+  proc = _main(f"--workdir={work}", *TINY, *adv, f"--config.train.init_from={source}")
+  assert (f"init_from {source} (export): copied {leaves - 2} of {leaves} parameter tensors"
+          in proc.stdout)
+  assert "2 of another shape kept fresh (head/bias (2,) vs (3,), head/kernel" in proc.stdout
   assert "best validation ap_75" in proc.stdout and os.path.isdir(os.path.join(work, "best"))
   assert "AP-75" in proc.stdout and "foreground Jaccard" in proc.stdout
   scores = json.load(open(os.path.join(work, "eval.json")))

@@ -45,18 +45,26 @@ def elastic_rms(alpha: float, sigma: float) -> float:
 
 def in_plane_margin(cfg, patch_height_width) -> int:
   """Pixels to read beyond each in-plane side of a patch for the geometric
-  transforms `cfg` (config.data.augment) can draw: half the extra extent of the
-  strongest zoom-out, 4x the elastic RMS, the largest misalignment shift."""
+  transforms `cfg` (config.data.augment) can draw: how far the strongest
+  zoom-out (and, with rotation, the patch's corners turned onto an axis)
+  reaches beyond the patch, plus 4x the elastic RMS displacement (scaled by
+  the zoom like every displacement), plus the largest misalignment shift."""
   if cfg is None or not cfg.enabled:
     return 0
-  margin = 0.0
-  if cfg.get("rescale_prob", 0.0) > 0 and cfg.rescale_range[0] < 1:
-    margin += max(patch_height_width) * (1 / cfg.rescale_range[0] - 1) / 2
+  half_h, half_w = (n / 2.0 for n in patch_height_width)
+  zoom_out = 1.0
+  if cfg.get("rescale_prob", 0.0) > 0:
+    zoom_out = max(1.0, 1.0 / cfg.rescale_range[0])
+  if cfg.get("rotate_prob", 0.0) > 0:
+    # a corner at radius r turned onto an axis reaches r from the centre
+    reach = np.hypot(half_h, half_w) * zoom_out - min(half_h, half_w)
+  else:
+    reach = max(half_h, half_w) * (zoom_out - 1.0)
   if cfg.get("elastic_prob", 0.0) > 0:
-    margin += 4 * elastic_rms(cfg.elastic_alpha, cfg.elastic_sigma)
+    reach += 4 * elastic_rms(cfg.elastic_alpha, cfg.elastic_sigma) * zoom_out
   if cfg.get("misalignment_prob", 0.0) > 0:
-    margin += cfg.misalignment_max_shift
-  return int(np.ceil(margin))
+    reach += cfg.misalignment_max_shift
+  return int(np.ceil(reach))
 
 
 def elastic_field(shape, rng: np.random.Generator, *, alpha: float = 16.0,
@@ -72,46 +80,70 @@ def elastic_field(shape, rng: np.random.Generator, *, alpha: float = 16.0,
                for _ in range(2))
 
 
-def warp_crop(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
-              out_height_width, offset, scale_range=None, elastic=None,
-              misalignment_shift: int = 0):
-  """The patch at `offset` (y, x) of a larger read, zoomed, elastically
-  deformed and misaligned, image and labels alike.
+def sampling_grid(depth: int, height: int, width: int, rng: np.random.Generator, *,
+                  scale_range=None, rotation_range=None, elastic=None,
+                  misalignment_shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Where each output pixel of `warp_crop` samples, relative to the patch's
+  own top-left corner: (ys, xs) [depth, height, width] float64.
 
-  image, labels [depth, height, width] (the read, patch plus margins); returns
-  both [depth, *out_height_width]. scale_range (low, high): zoom by a random
-  s about the patch centre (s > 1 magnifies); elastic (alpha, sigma): the
-  `elastic_field`; misalignment_shift: the slices from a random z on (or just
-  that one slice) shifted by a random in-plane offset up to this many pixels,
-  the section misalignment of serial EM. The image is sampled bilinearly, the
-  labels by nearest neighbour, from the same coordinates (mirrored only where
-  the read itself ends, at the volume's edge).
+  The elastic displacement moves the output grid; zoom (s > 1 magnifies) and
+  rotation (degrees, counter-clockwise as displayed with y down, scipy's
+  `ndimage.rotate` convention) act about the patch centre; misalignment then
+  shifts whole slices. Draws from `rng` in that order, only what is asked.
   """
-  depth = image.shape[0]
-  height, width = (int(n) for n in out_height_width)
-  oy, ox = (int(n) for n in offset)
-  if scale_range is None and elastic is None and not misalignment_shift:
-    return (np.ascontiguousarray(image[:, oy:oy + height, ox:ox + width]),
-            np.ascontiguousarray(labels[:, oy:oy + height, ox:ox + width]))
   yy, xx = np.meshgrid(np.arange(height, dtype=np.float64),
                        np.arange(width, dtype=np.float64), indexing="ij")
   if elastic is not None:
     dy, dx = elastic_field((height, width), rng, alpha=elastic[0], sigma=elastic[1])
     yy, xx = yy + dy, xx + dx
+  cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
   if scale_range is not None:
     scale = rng.uniform(*scale_range)
-    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     yy, xx = cy + (yy - cy) / scale, cx + (xx - cx) / scale
+  if rotation_range is not None:
+    angle = np.deg2rad(rng.uniform(*rotation_range))
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = yy - cy, xx - cx
+    yy, xx = cy + cos * u + sin * v, cx - sin * u + cos * v
   shifts = np.zeros((depth, 2))
   if misalignment_shift and depth > 1:
     start = int(rng.integers(1, depth))
     stop = depth if rng.uniform() < 0.5 else start + 1
     shifts[start:stop] = rng.integers(-misalignment_shift, misalignment_shift + 1, size=2)
+  # a slice shifted by (sy, sx) shows at p what lay at p - (sy, sx)
+  return yy[None] - shifts[:, 0, None, None], xx[None] - shifts[:, 1, None, None]
+
+
+def warp_crop(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
+              out_height_width, offset, scale_range=None, rotation_range=None,
+              elastic=None, misalignment_shift: int = 0):
+  """The patch at `offset` (y, x) of a larger read, zoomed, rotated,
+  elastically deformed and misaligned, image and labels alike.
+
+  image, labels [depth, height, width] (the read, patch plus margins); returns
+  both [depth, *out_height_width]. scale_range (low, high): zoom by a random
+  s about the patch centre (s > 1 magnifies); rotation_range (low, high):
+  turn by a random angle in degrees about the patch centre; elastic (alpha,
+  sigma): the `elastic_field`; misalignment_shift: the slices from a random z
+  on (or just that one slice) shifted by a random in-plane offset up to this
+  many pixels, the section misalignment of serial EM (`sampling_grid`). The
+  image is sampled bilinearly, the labels by nearest neighbour, from the same
+  coordinates (mirrored only where the read itself ends, at the volume's edge).
+  """
+  depth = image.shape[0]
+  height, width = (int(n) for n in out_height_width)
+  oy, ox = (int(n) for n in offset)
+  if (scale_range is None and rotation_range is None and elastic is None
+      and not misalignment_shift):
+    return (np.ascontiguousarray(image[:, oy:oy + height, ox:ox + width]),
+            np.ascontiguousarray(labels[:, oy:oy + height, ox:ox + width]))
+  ys, xs = sampling_grid(depth, height, width, rng, scale_range=scale_range,
+                         rotation_range=rotation_range, elastic=elastic,
+                         misalignment_shift=misalignment_shift)
   out_image = np.empty((depth, height, width), image.dtype)
   out_labels = np.empty((depth, height, width), labels.dtype)
   for z in range(depth):
-    # a slice shifted by (sy, sx) shows at p what lay at p - (sy, sx)
-    grid = np.stack([yy + oy - shifts[z, 0], xx + ox - shifts[z, 1]])
+    grid = np.stack([ys[z] + oy, xs[z] + ox])
     out_image[z] = ndimage.map_coordinates(image[z], grid, order=1, mode="mirror")
     out_labels[z] = ndimage.map_coordinates(labels[z], grid, order=0, mode="mirror")
   return out_image, out_labels

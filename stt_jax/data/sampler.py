@@ -7,7 +7,8 @@ multi-process run each process draws only its own rows of the global batch
 process would draw. Reads of all patches of a batch are issued together
 (TensorStore futures) before any is awaited. With geometric augmentation on,
 each read carries an in-plane margin (`augment.in_plane_margin`) so that a
-zoom-out or a misaligned section shows real tissue from beyond the patch.
+zoom-out, a rotation or a misaligned section shows real tissue from beyond
+the patch.
 """
 
 from __future__ import annotations
@@ -139,9 +140,11 @@ class PatchSampler:
     rescale = chance(cfg.get("rescale_prob", 0.0))
     elastic = chance(cfg.get("elastic_prob", 0.0))
     misalign = chance(cfg.get("misalignment_prob", 0.0))
+    rotate = chance(cfg.get("rotate_prob", 0.0))
     image, labels = augment.warp_crop(
         image, labels, rng, out_height_width=self.patch_shape[1:], offset=offset,
         scale_range=tuple(cfg.rescale_range) if rescale else None,
+        rotation_range=(0.0, 360.0) if rotate else None,
         elastic=(cfg.elastic_alpha, cfg.elastic_sigma) if elastic else None,
         misalignment_shift=int(cfg.misalignment_max_shift) if misalign else 0)
     image, labels = augment.flip_transpose(

@@ -26,7 +26,7 @@ from stt_jax.data import datasets, sources
 from stt_jax.data.sampler import PatchSampler
 from stt_jax.errors import UserError
 from stt_jax.models import unet
-from stt_jax.train import checkpoint, state as state_lib, step as step_lib
+from stt_jax.train import checkpoint, state as state_lib, step as step_lib, warm_start
 
 
 @dataclasses.dataclass
@@ -171,6 +171,10 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   if not cfg.data.synthetic.enabled:  # check the data before touching workdir
     datasets.open_split(cfg, "train")
     datasets.open_split(cfg, "val")
+  init_from = cfg.train.get("init_from", "")
+  # read (and checked) before the workdir is touched too; a resumed run has
+  # its own weights
+  source = warm_start.read_source(init_from) if init_from and not resume else None
   if _is_main():
     checkpoint.prepare_workdir(workdir, config_json, resume=resume, overwrite=overwrite)
     if cfg.data.synthetic.enabled:
@@ -202,6 +206,11 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   if resume and ckpts.latest_step() is not None:
     state = ckpts.restore(state)
     first = int(step_lib.to_host(state.step))
+  elif init_from:  # also a --resume that found no checkpoint yet
+    source = source or warm_start.read_source(init_from)
+    state, report = warm_start.apply(state, source)
+    if _is_main():
+      print(report.summary(source), flush=True)
   base_key = jax.random.wrap_key_data(step_lib.to_host(state.rng))
   step_fn = setup.jit_step(cfg.loss)
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if _is_main() else None

@@ -19,8 +19,10 @@ OFFSET = (MARGIN, MARGIN)
 TRANSFORMS = {
     "rescale": dict(scale_range=(0.8, 1.2)),
     "elastic": dict(elastic=(16.0, 4.0)),
+    "rotation": dict(rotation_range=(0.0, 360.0)),
     "misalignment": dict(misalignment_shift=8),
-    "all": dict(scale_range=(0.8, 1.2), elastic=(16.0, 4.0), misalignment_shift=8),
+    "all": dict(scale_range=(0.8, 1.2), rotation_range=(0.0, 360.0), elastic=(16.0, 4.0),
+                misalignment_shift=8),
 }
 
 
@@ -139,19 +141,79 @@ def test_misalignment_shifts_both_by_the_same_offset_from_the_margin():
   assert shifted_slices > 0
 
 
+def test_rotation_is_scipy_rotate_of_the_read():
+  """A rotation about the patch centre equals scipy's `ndimage.rotate` of the
+  whole read (same centre, since the margins are equal), cropped to the patch:
+  the patch's corners turn into the margin, so that is tissue, not a mirror."""
+  margin = 20                      # > 24 * sqrt(2) - 24 = 9.9 for the 48^2 patch
+  rng = np.random.default_rng(0)
+  read = ndimage.gaussian_filter(rng.random((2, 48 + 2 * margin, 48 + 2 * margin)),
+                                 (0, 2, 2))
+  ids = rng.integers(1, 50, read.shape).astype(np.uint32)
+  for angle in (30.0, 137.0, -75.0):
+    out_image, out_labels = augment.warp_crop(
+        read, ids, np.random.default_rng(1), out_height_width=(48, 48),
+        offset=(margin, margin), rotation_range=(angle, angle))
+    crop = (slice(margin, margin + 48),) * 2
+    for z in range(2):
+      expected = ndimage.rotate(read[z], angle, reshape=False, order=1)[crop]
+      np.testing.assert_allclose(out_image[z], expected, atol=1e-9)
+      expected_ids = ndimage.rotate(ids[z], angle, reshape=False, order=0)[crop]
+      # nearest neighbour may round a coordinate at exactly .5 differently
+      assert np.mean(out_labels[z] == expected_ids) > 0.999, angle
+    # the opposite sense of rotation would not match
+    wrong = ndimage.rotate(read[0], -angle, reshape=False, order=1)[crop]
+    assert np.abs(out_image[0] - wrong).max() > 0.05
+
+
 def test_margin_covers_what_the_transforms_can_reach():
   cfg = ml_collections.ConfigDict(dict(
-      enabled=True, rescale_prob=0.5, rescale_range=(0.8, 1.2), elastic_prob=0.5,
-      elastic_alpha=16.0, elastic_sigma=4.0, misalignment_prob=0.5, misalignment_max_shift=8))
-  # 256 * (1/0.8 - 1) / 2 = 32, 4 x 0.651 = 2.6, 8: 42.6 -> 43
-  assert augment.in_plane_margin(cfg, (256, 256)) == 43
-  cfg.elastic_prob = cfg.misalignment_prob = 0.0
+      enabled=True, rescale_prob=0.5, rescale_range=(0.8, 1.2), rotate_prob=0.0,
+      elastic_prob=0.5, elastic_alpha=16.0, elastic_sigma=4.0, misalignment_prob=0.5,
+      misalignment_max_shift=8))
+  # 128 * (1/0.8 - 1) = 32, 4 x 0.651 / 0.8 = 3.3, 8: 43.3 -> 44
+  assert augment.in_plane_margin(cfg, (256, 256)) == 44
+  cfg.rotate_prob = 0.5
+  # a corner 128 sqrt(2) from the centre, zoomed out by 1/0.8, onto an axis:
+  # 226.3 - 128 = 98.3, + 3.3 + 8 -> 110
+  assert augment.in_plane_margin(cfg, (256, 256)) == 110
+  cfg.rotate_prob = cfg.elastic_prob = cfg.misalignment_prob = 0.0
   assert augment.in_plane_margin(cfg, (256, 256)) == 32
   cfg.rescale_range = (1.0, 1.2)   # magnification reads inside the patch
   assert augment.in_plane_margin(cfg, (256, 256)) == 0
   cfg.enabled = False
   assert augment.in_plane_margin(cfg, (256, 256)) == 0
   assert augment.in_plane_margin(None, (256, 256)) == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (64, 96), (96, 40)])
+def test_the_worst_draws_stay_inside_the_margin(shape):
+  """Strongest zoom-out, every angle (0.5 degree steps), shifts and elastic
+  fields: every sampled coordinate lies within the read `in_plane_margin`
+  asks for; zoom and rotation alone come within 2 px of the room the margin
+  leaves for the elastic field and the shift (it is not wastefully wide)."""
+  cfg = ml_collections.ConfigDict(dict(
+      enabled=True, rescale_prob=0.5, rescale_range=(0.8, 1.2), rotate_prob=0.5,
+      elastic_prob=0.5, elastic_alpha=16.0, elastic_sigma=4.0, misalignment_prob=0.5,
+      misalignment_max_shift=8))
+  margin = augment.in_plane_margin(cfg, shape)
+  h, w = shape
+
+  def overshoot(**kw):
+    worst = -np.inf
+    for angle in np.arange(0.0, 360.0, 0.5):
+      for seed in range(2):
+        ys, xs = augment.sampling_grid(4, h, w, np.random.default_rng(seed),
+                                       scale_range=(0.8, 0.8),
+                                       rotation_range=(angle, angle), **kw)
+        # the last read pixel is at h - 1 + margin (patch coordinates)
+        worst = max(worst, -ys.min() - margin, ys.max() - (h - 1 + margin),
+                    -xs.min() - margin, xs.max() - (w - 1 + margin))
+    return worst
+
+  room = 4 * augment.elastic_rms(16.0, 4.0) / 0.8 + 8   # left for elastic + shift
+  assert -room - 2.0 < overshoot() <= -room + 1.0
+  assert overshoot(misalignment_shift=8, elastic=(16.0, 4.0)) <= 0.0
 
 
 @pytest.mark.parametrize("name", ["missing_section", "motion_blur", "cut_blur", "cut_noise",

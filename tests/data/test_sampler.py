@@ -105,7 +105,9 @@ def test_every_augmentation_on_keeps_targets_valid(small_zarr):
   sampler = PatchSampler(sources.open_volume(small_zarr["image"]),
                          sources.open_volume(small_zarr["label"]), patch_shape=(4, 32, 32),
                          batch_size=2, seed=0, augment_config=cfg)
-  assert sampler.margin == 15   # 32 * (1/0.8 - 1) / 2 + 4 * 0.65 + 8 = 14.6, rounded up
+  # a corner 16 sqrt(2) / 0.8 from the centre turned onto an axis, less 16, plus
+  # 4 x 0.65 / 0.8 of elastic, plus the 8 px shift: 23.5, rounded up
+  assert sampler.margin == 24
   for step in range(3):
     batch = sampler.batch(step)
     assert batch["image"].shape == (2, 4, 32, 32, 1) and batch["image"].dtype == np.float32
