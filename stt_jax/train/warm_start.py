@@ -1,7 +1,8 @@
 """Starting a run from another model's weights (`train.init_from`).
 
-The source is an export (`--mode=export`) or a run folder (its `best/` state when it has one, else
-its latest checkpoint; the EMA weights where that run kept them). Generator
+The source is an export (`--mode=export`) or a run folder (its `best/` state
+when it has one, else its latest checkpoint; the EMA weights where that run
+kept them), read as host arrays whatever devices saved it. Generator
 parameters whose path and shape match are copied into the fresh state before
 step 0; the rest keep their initialisation. From a baseline into STT-UNET that
 leaves only the SST blocks and the denoiser fresh, and since their output
@@ -29,7 +30,7 @@ from stt_jax.train import checkpoint
 class Source:
   """Generator parameters read from `path` (host arrays, '/'-joined paths)."""
   path: str
-  what: str                       # e.g. "export", "best state at step 3000"
+  what: str                       # "export" or e.g. "best state, step 3000, weights"
   params: dict[str, np.ndarray]
 
 
@@ -38,15 +39,23 @@ def _flat(tree) -> dict[str, np.ndarray]:
           for k, v in traverse_util.flatten_dict(tree).items()}
 
 
+def _as_numpy(tree_metadata):
+  """A restore target of host arrays shaped as the saved tree: restoring
+  without one would re-create the saving run's shardings, which fails on
+  another device count (a GPU run's folder read on a CPU)."""
+  return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree_metadata)
+
+
 def _restore_run(workdir: str) -> Source:
   for sub, label in (("best", "best"), ("checkpoints", "latest")):
     directory = os.path.join(workdir, sub)
     if not os.path.isdir(directory):
       continue
-    manager = ocp.CheckpointManager(directory)
+    manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
     step = manager.latest_step()   # best/ keeps one state: the best one
     if step is not None:
-      state = manager.restore(step)  # raw: what was saved, no model to build
+      target = _as_numpy(manager.item_metadata(step))
+      state = manager.restore(step, args=ocp.args.StandardRestore(target))
     manager.close()
     if step is None:
       continue
@@ -65,8 +74,10 @@ def read_source(path: str) -> Source:
     raise UserError(f"train.init_from: {path} does not exist; give an export "
                     "(--mode=export) or a run folder")
   if checkpoint.is_export(path):
-    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"))
-    return Source(path, "export", _flat(params))
+    checkpointer = ocp.StandardCheckpointer()
+    saved = os.path.join(path, "params")
+    target = _as_numpy(checkpointer.metadata(saved).item_metadata)
+    return Source(path, "export", _flat(checkpointer.restore(saved, target)))
   if os.path.exists(os.path.join(path, checkpoint.RUN_MARKER)):
     return _restore_run(path)
   raise UserError(f"train.init_from: {path} is neither an stt_jax export "
