@@ -6,9 +6,9 @@ Read in place from $STT_JAX_DATA/vnc3 (default ../shared/data/vnc3 beside
 the project; never copied into it):
 TIFF slices for the images, PNG masks thresholded at 128, instances = 3D
 connected components. Train on sections 0-11, validate on 12-15 (scored by
-foreground Jaccard/Dice and AP). Patch 8x256x256 (z never down-sampled: 8
-sections already span 400 nm); inference windows 4x256x256 so that the
-4-section validation block is covered without padding.
+foreground Jaccard/Dice and AP; predicted with sections 8-11 as context).
+Patch 8x256x256 (z never down-sampled: 8 sections already span 400 nm);
+inference windows 4x256x256.
 
   python -m stt_jax.main --config=configs/vnc3.py --workdir=runs/vnc3           # STT-UNET
   python -m stt_jax.main --config=configs/vnc3.py:baseline --workdir=runs/vnc3_b
@@ -43,6 +43,10 @@ def get_config(preset: str = "stt"):
   c.data.voxel_size_nm = (50.0, 4.6, 4.6)
   c.data.patch_shape = (8, 256, 256)
   c.data.foreground_bias = 0.5         # ~4.5 % foreground: half the patches hold some
+  # validation windows see sections 8-11 (images only) below section 12
+  # instead of edge-replicated copies of it; the 4 validation sections alone
+  # are scored (data.val.context; README "Real EM data")
+  c.data.val.context = (4, 0, 0)
   c.infer.window = (4, 256, 256)
   c.infer.block_shape = (16, 1024, 1024)
   c.train.batch_size = 4

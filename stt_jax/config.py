@@ -74,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (z1, y1, x1)) of the volume to use, () = all of it
   c.data.train = ml_collections.ConfigDict({"image": "", "label": "", "region": ()})
   c.data.val = ml_collections.ConfigDict({"image": "", "label": "", "region": ()})
+  # image voxels (z, y, x) read beyond each face of data.val.region (cut at
+  # the volume's end) so that validation windows see the real neighbouring
+  # tissue; predicted, then cropped: only the region is scored
+  c.data.val.context = (0, 0, 0)
   c.data.voxel_size_nm = (30.0, 8.0, 8.0)
   # instances: label volumes hold instance ids; mask: binary masks, voxels >=
   # mask_threshold are foreground and 3D connected components are instances
@@ -266,6 +270,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(c.train.best_metric in ("ap_50", "ap_75", "ap_50_95", "jaccard", "dice"),
         "train.best_metric",
         f"must be ap_50, ap_75, ap_50_95, jaccard or dice, got {c.train.best_metric!r}")
+  context = tuple(c.data.val.context)
+  _need(len(context) == 3 and all(int(v) >= 0 for v in context), "data.val.context",
+        f"needs 3 sizes >= 0 (depth, height, width), got {context}")
   _need(c.data.workers >= 0, "data.workers", f"must be >= 0 (0 = auto), got {c.data.workers}")
   _need(0.0 <= c.data.foreground_bias <= 1.0, "data.foreground_bias",
         f"must be in [0, 1], got {c.data.foreground_bias}")

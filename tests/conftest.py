@@ -41,7 +41,9 @@ def small_zarr(tmp_path_factory, small_volume):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  del session, exitstatus
+  del exitstatus
+  if hasattr(session.config, "workerinput"):
+    return  # an xdist worker: the others may still compile into the shared cache
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   if os.path.basename(cache).startswith("stt_jax_test_compile_cache_"):
     shutil.rmtree(cache, ignore_errors=True)

@@ -55,6 +55,8 @@ def test_train_then_score_sections_12_to_15(tmp_path):
   assert "(4, 1024, 1024)" in out.stdout  # the held-out sections 12-15
   scores = json.load(open(work / "eval.json"))
   assert tuple(scores["volume_shape"]) == (4, 1024, 1024)
+  # predicted with sections 8-11 as context, sections 12-15 scored
+  assert scores["context_offset"] == [4, 0, 0] and "raw[[8, 0, 0]:[16, 1024, 1024]]" in out.stdout
   for key in ("jaccard", "dice", "ap_75"):
     assert 0.0 <= scores[key] <= 1.0
   assert scores["num_gt"] > 10  # mitochondria of sections 12-15 with >= 500 voxels

@@ -7,6 +7,7 @@ once under `<workdir>/data/` and reused by later runs on the same workdir.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from stt_jax.data import sources, synthetic
 from stt_jax.errors import UserError
@@ -29,6 +30,22 @@ def ensure_synthetic(cfg, workdir: str) -> None:
 
 def open_split(cfg, split: str, *, need_labels: bool = True):
   """Returns (image Volume, label Volume or None) for 'train' or 'val'."""
+  image, labels, _ = open_split_with_context(cfg, split, need_labels=need_labels,
+                                             context=(0, 0, 0))
+  return image, labels
+
+
+def open_split_with_context(cfg, split: str, *, need_labels: bool = True,
+                            context: Sequence[int] | None = None):
+  """Returns (image, labels or None, offset): the image grown by `context`
+  voxels (z, y, x) on each side of the split's region, cut where the volume
+  ends, and the region's start inside that image. Labels cover the region
+  only. `context` defaults to data.<split>.context where the split has one.
+
+  Validation windows near a region's faces otherwise see edge-replicated
+  padding where the volume holds real tissue: VNC III's validation is 4
+  sections thick, so every section of it is within reach of a face in z.
+  """
   entry = cfg.data[split]
   volumes = []
   for field in ("image", "label"):
@@ -46,17 +63,25 @@ def open_split(cfg, split: str, *, need_labels: bool = True):
   image, labels = volumes
   if labels is not None and cfg.data.label_kind == "mask":
     labels = sources.MaskInstancesVolume(labels, cfg.data.mask_threshold)
+  if context is None:
+    context = tuple(entry.get("context", (0, 0, 0)))
   region = tuple(entry.get("region", ()) or ())
+  offset, inner = (0, 0, 0), image
   if region:
     if len(region) != 2:
       raise UserError(f"config.data.{split}.region must be ((z0, y0, x0), (z1, y1, x1)), "
                       f"got {region}")
     try:
-      image = sources.RegionVolume(image, *region)
+      inner = sources.RegionVolume(image, *region)
       labels = sources.RegionVolume(labels, *region) if labels is not None else None
     except UserError as e:
       raise UserError(f"config.data.{split}.region: {e}") from None
-  if labels is not None and image.shape != labels.shape:
-    raise UserError(f"data.{split}: image {image.path} has shape {image.shape} but "
+  if labels is not None and inner.shape != labels.shape:
+    raise UserError(f"data.{split}: image {inner.path} has shape {inner.shape} but "
                     f"labels {labels.path} have shape {labels.shape}; they must match")
-  return image, labels
+  if not region or not any(context):
+    return inner, labels, offset
+  lo = [max(int(a) - int(c), 0) for a, c in zip(region[0], context)]
+  hi = [min(int(b) + int(c), n) for b, c, n in zip(region[1], context, image.shape)]
+  offset = tuple(int(a) - low for a, low in zip(region[0], lo))
+  return sources.RegionVolume(image, lo, hi), labels, offset

@@ -46,13 +46,13 @@ def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]
 
 
 def check_resumable(workdir: str, config_json: str) -> None:
-  """Refuses to resume a run whose model (or adversarial/EMA switches, which
-  change the saved state) differs from the current config's."""
+  """Refuses to resume a run whose model (or adversarial/EMA/weight-decay
+  switches, which change the saved state) differs from the current config's."""
   with open(os.path.join(os.path.abspath(workdir), RUN_MARKER)) as f:
     old = json.load(f)
   new = json.loads(config_json)
   diffs = _model_differences(old.get("model", {}), new.get("model", {}))
-  for key in ("loss.adversarial_weight", "train.ema_decay"):
+  for key in ("loss.adversarial_weight", "train.ema_decay", "train.weight_decay"):
     section, name = key.split(".")
     a = old.get(section, {}).get(name, 0.0)
     b = new.get(section, {}).get(name, 0.0)
@@ -131,7 +131,14 @@ class Checkpoints:
     if step is None:
       raise UserError(f"no checkpoint in {self.manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except ValueError as e:  # Orbax: tree structures or shapes differ
+      detail = " ".join(str(e).split())[:300]
+      raise UserError(f"checkpoint {step} in {self.manager.directory} holds a state of "
+                      f"another structure than this config builds ({detail}); resume with "
+                      "the run's own config (stt_jax_run.json in the run folder), or start "
+                      "a new --workdir with --config.train.init_from=<this run>") from None
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -134,23 +134,33 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
   (replaced each time: a derived output of the run) and scores it.
 
   Returns (scores, the volume's path, the output folder); scores hold the
-  metrics of `report.score` plus segment_seconds and volume_shape.
+  metrics of `report.score` plus segment_seconds and volume_shape. With
+  data.val.context the region is segmented with the image around it and
+  only the region is scored (context_offset: where it lies in the output).
   """
   from stt_jax.infer import pipeline  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
-  image, labels = datasets.open_split(cfg, "val")
+  image, labels, offset = datasets.open_split_with_context(cfg, "val")
   t0 = time.perf_counter()
   out_dir = os.path.join(workdir, "val_segmentation")
   summary = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir,
                              overwrite=True, with_report=False)
   seconds = time.perf_counter() - t0
-  scores = report.score_volumes(labels, sources.open_volume(summary["instances_path"]),
+  # with data.val.context the output also covers the context: score the region
+  stop = [o + n for o, n in zip(offset, labels.shape[:3])]
+  scored = lambda path: (sources.RegionVolume(sources.open_volume(path), offset, stop)
+                         if image.shape[:3] != labels.shape[:3] else sources.open_volume(path))
+  scores = report.score_volumes(labels, scored(summary["instances_path"]),
                                 min_gt_size=cfg.eval.min_gt_size,
                                 block=tuple(cfg.decode.block_shape),
-                                probabilities=sources.open_volume(summary["probabilities_path"]))
+                                probabilities=scored(summary["probabilities_path"]))
   scores["segment_seconds"] = seconds
-  scores["volume_shape"] = list(image.shape)
-  return scores, image.path, out_dir
+  scores["volume_shape"] = list(labels.shape[:3])
+  path = image.path
+  if image.shape[:3] != labels.shape[:3]:
+    scores["context_offset"] = list(offset)
+    path += f", scored on [{list(offset)}:{stop}] of it (data.val.context)"
+  return scores, path, out_dir
 
 
 def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,

@@ -47,6 +47,21 @@ def make_schedule(train_cfg, learning_rate: float) -> optax.Schedule:
       [warmup])
 
 
+def _clip_first(inner: optax.GradientTransformation,
+                max_norm: float) -> optax.GradientTransformation:
+  """`inner` applied to the gradients scaled to global norm <= max_norm.
+  Clipping keeps no state, so the optimiser state is `inner`'s alone: a run
+  can be resumed with clipping switched on (a run whose loss spiked, from the
+  checkpoint before the spike) or off."""
+  clip = optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None):
+    updates, _ = clip.update(updates, optax.EmptyState())
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(inner.init, update)
+
+
 def _adam(train_cfg, learning_rate: float) -> optax.GradientTransformation:
   """Adam with optional global-norm clipping and the original's coupled L2.
 
@@ -55,12 +70,13 @@ def _adam(train_cfg, learning_rate: float) -> optax.GradientTransformation:
   """
   weights_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   parts = []
-  if train_cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
   if train_cfg.weight_decay > 0:
     parts.append(optax.add_decayed_weights(train_cfg.weight_decay, mask=weights_only))
   parts.append(optax.adam(make_schedule(train_cfg, learning_rate), b1=0.9, b2=0.999))
-  return optax.chain(*parts)
+  optimizer = optax.chain(*parts)
+  if train_cfg.grad_clip_norm > 0:
+    optimizer = _clip_first(optimizer, float(train_cfg.grad_clip_norm))
+  return optimizer
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:

@@ -221,3 +221,28 @@ def test_config_regions_split_one_volume(tmp_path, volume):
   cfg.data.val.image = str(tmp_path / "none.h5")
   with pytest.raises(UserError, match="config.data.val.image.*none.h5"):
     datasets.open_split(cfg, "val")
+
+
+def test_validation_context_reads_the_image_around_the_region(tmp_path, volume):
+  from stt_jax.config import default_config
+  from stt_jax.data import datasets
+  image = sources.write_array(str(tmp_path / "im.zarr"), volume).path
+  labels = sources.write_array(str(tmp_path / "lab.zarr"), (volume > 128).astype(np.uint32)).path
+  cfg = default_config()
+  cfg.data.val.update(image=image, label=labels, region=((3, 4, 0), (5, 20, 32)),
+                      context=(2, 3, 1))
+  grown, inside, offset = datasets.open_split_with_context(cfg, "val")
+  # z: 3 - 2 = 1 up to 5 + 2, cut at the volume's 5; y: 4 - 3 .. 20 + 3; x: cut on both sides
+  assert grown.shape == (4, 22, 32) and offset == (2, 3, 0)
+  np.testing.assert_array_equal(grown.read([0, 0, 0], grown.shape), volume[1:5, 1:23, :])
+  np.testing.assert_array_equal(inside.read([0, 0, 0], inside.shape),
+                                volume[3:5, 4:20] > 128)
+  # the region's own image is the grown image cropped at the offset
+  np.testing.assert_array_equal(grown.read(offset, inside.shape), volume[3:5, 4:20])
+  # without context, or without a region, it is open_split's pair
+  cfg.data.val.context = (0, 0, 0)
+  plain, _, offset = datasets.open_split_with_context(cfg, "val")
+  assert plain.shape == inside.shape and offset == (0, 0, 0)
+  cfg.data.val.update(region=(), context=(2, 2, 2))
+  whole, _, offset = datasets.open_split_with_context(cfg, "val")
+  assert whole.shape == volume.shape and offset == (0, 0, 0)

@@ -87,8 +87,26 @@ def test_resume_refuses_another_models_run(tmp_path):
     checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}, '
                                '"loss": {"adversarial_weight": 0.5}}', resume=True,
                                overwrite=False)
+  with pytest.raises(UserError, match="train.weight_decay: run has 0.0, config has 0.0001"):
+    checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}, '
+                               '"train": {"weight_decay": 1e-4}}', resume=True,
+                               overwrite=False)
+  # clipping keeps no state: switching it is allowed (tests/train/test_state.py)
+  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}, '
+                             '"train": {"grad_clip_norm": 1.0}}', resume=True, overwrite=False)
   checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=True,
                              overwrite=False)
+
+
+def test_a_state_of_another_structure_is_one_clear_error(tmp_path):
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "ckpt"), save_every=1, keep=1)
+  ckpts.save(1, {"opt_state": [jnp.zeros(2), jnp.zeros(2)]}, force=True)
+  ckpts.wait()
+  with pytest.raises(UserError, match=r"checkpoint 1 in .*ckpt holds a state of another "
+                     r"structure .*stt_jax_run.json.*init_from") as info:
+    ckpts.restore({"opt_state": [jnp.zeros(2), jnp.zeros(2), jnp.zeros(2)]})
+  assert "\n" not in str(info.value)
+  ckpts.close()
 
 
 def test_runs_made_before_model_outputs_resume_as_mask_and_contour(tmp_path):

@@ -1,0 +1,76 @@
+"""Validation with data.val.context: the region is segmented with the image
+around it and scored on the region alone (scores against numpy)."""
+
+import jax
+import numpy as np
+import pytest
+
+from stt_jax import config as config_lib
+from stt_jax.config import default_config
+from stt_jax.data import sources
+from stt_jax.errors import UserError
+from stt_jax.infer import sliding_window
+from stt_jax.train import loop
+
+
+def _volumes(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.zeros((8, 32, 32), np.uint32)
+  for i, (z, y, x) in enumerate([(1, 2, 2), (3, 14, 4), (4, 4, 18), (5, 18, 18)], 1):
+    labels[z:z + 3, y:y + 9, x:x + 10] = i
+  image = np.clip(np.where(labels > 0, 60, 190) + rng.normal(0, 25, labels.shape), 0, 255)
+  return (sources.write_array(str(tmp_path / "im.zarr"), image.astype(np.uint8)).path,
+          sources.write_array(str(tmp_path / "lab.zarr"), labels).path, labels)
+
+
+def _jaccard_dice(gt, pred):
+  inter, union = np.sum(gt & pred), np.sum(gt | pred)
+  return inter / union, 2 * inter / (gt.sum() + pred.sum())
+
+
+def test_context_is_predicted_then_only_the_region_scored(tmp_path):
+  image, label_path, labels = _volumes(tmp_path)
+  cfg = default_config()
+  cfg.model.widths = (4, 4, 6, 6, 8)
+  cfg.data.patch_shape = (4, 32, 32)
+  cfg.data.val.update(image=image, label=label_path, region=((3, 0, 0), (6, 32, 32)))
+  cfg.infer.update(window=(4, 32, 32), overlap=0.5, batch_size=2, block_shape=(8, 32, 32))
+  cfg.decode.update(block_shape=(8, 32, 32), halo=(0, 0, 0), min_size=4,
+                    foreground=0.45, seed_mask=0.45)
+  cfg.eval.min_gt_size = 1
+  setup = loop.build(cfg, jax.devices()[:1])
+  predict_fn = sliding_window.make_predict_fn(setup.model, setup.mesh)
+  params = setup.state.inference_params()
+
+  def run(context, name):
+    cfg.data.val.context = context
+    scores, path, out = loop.validate(cfg, str(tmp_path / name), predict_fn, params,
+                                      setup.mesh)
+    read = lambda n: (lambda v: v.read([0] * len(v.shape), v.shape))(
+        sources.open_volume(f"{out}/{n}"))
+    return scores, path, read("probabilities.zarr"), read("instances.zarr")
+
+  plain, plain_path, plain_probs, _ = run((0, 0, 0), "plain")
+  # z: 3 - 2 .. 6 + 2, cut at the volume's 8; y, x: the region is the whole slice, nothing to add
+  scores, path, probs, instances = run((2, 5, 5), "context")
+  assert probs.shape[:3] == instances.shape == (7, 32, 32) and plain_probs.shape[:3] == (3, 32, 32)
+  assert scores["context_offset"] == [2, 0, 0] and scores["volume_shape"] == [3, 32, 32]
+  assert "context_offset" not in plain and "data.val.context" not in plain_path
+  assert path.endswith("im.zarr[[1, 0, 0]:[8, 32, 32]], scored on [[2, 0, 0]:[5, 32, 32]] "
+                       "of it (data.val.context)")
+  region = instances[2:5]
+  assert region.any() and instances[:2].any() | instances[5:].any()  # context predicted too
+  jaccard, dice = _jaccard_dice(labels[3:6] > 0, region > 0)
+  assert abs(scores["jaccard"] - jaccard) < 1e-9
+  assert abs(scores["dice"] - dice) < 1e-9
+  assert scores["num_gt"] == len(np.unique(labels[3:6])) - 1
+  # the network sees the real neighbouring sections: the region's maps change
+  assert np.abs(probs[2:5].astype(int) - plain_probs.astype(int)).max() > 0
+
+
+def test_context_must_be_three_sizes_of_at_least_zero():
+  for bad in ((1, -1, 0), (2, 2)):
+    cfg = default_config()
+    cfg.data.val.context = bad
+    with pytest.raises(UserError, match=r"data\.val\.context.*needs 3 sizes >= 0"):
+      config_lib.validate(cfg)
