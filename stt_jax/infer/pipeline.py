@@ -60,8 +60,9 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   done = blocks_lib.Progress(out_dir, "predict")
   todo = [b for b in blocks_lib.iterate(image.shape, block) if not done.done(b.index)]
   bar = tqdm.tqdm(total=len(todo), desc="predict blocks", disable=quiet, leave=False)
-  for b, probs in predictor.run(image, todo):
-    out.write((*b.start, 0), sliding_window.to_uint8(probs))
+  # uint8 on the devices; each block is written while the next one computes
+  for b, probs in predictor.run(image, todo, as_uint8=True):
+    out.write((*b.start, 0), probs)
     done.mark(b.index)
     bar.update()
   bar.close()

@@ -13,6 +13,7 @@ of bounded memory; see docs/architecture.md "Inference").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -91,6 +92,83 @@ def make_predict_fn(model, mesh, tta: str = "none") -> Callable:
                  out_shardings=batch_sharding)
 
 
+@dataclasses.dataclass(frozen=True)
+class Carry:
+  """A dispatched block's accumulator, for the block after it along x."""
+  block: blocks_lib.Block
+  origin: tuple[int, ...]     # the accumulator's voxel 0 in the volume
+  acc: jax.Array
+
+  def precedes(self, block: blocks_lib.Block) -> bool:
+    here, there = self.block.position, block.position
+    return here[:2] == there[:2] and here[2] + 1 == there[2]
+
+
+class _Programs:
+  """The jitted programs of a BlockPredictor. Built once per (model, mesh,
+  shapes) by `_programs`: each validation of a training run and each volume
+  of a process makes its own BlockPredictor, and jitting per instance
+  compiled the model again every time."""
+
+  def __init__(self, predict_fn: Callable, mesh, window: tuple[int, ...],
+               buffer: tuple[int, ...], batch_size: int, channels: int):
+    self.predict_fn, self.buffer, self.batch_size = predict_fn, buffer, batch_size
+    self.n_data = mesh.shape["data"]
+    self.weights = jnp.asarray(blending_weights(window))
+    acc_sharding = NamedSharding(mesh, P("data"))
+    self.accumulate = jax.jit(self._accumulate_fn, donate_argnums=(1,))
+    # the crop and the output type are static: a block on the volume's edge
+    # has its own shape, so at most 8 variants compile
+    self.finish = jax.jit(self._finish_fn, static_argnums=(1, 2),
+                          out_shardings=NamedSharding(mesh, P()))
+    self.zeros = jax.jit(
+        lambda: jnp.zeros((self.n_data, *buffer, channels + 1), jnp.float32),
+        out_shardings=acc_sharding)
+    self.carry = jax.jit(self._carry_fn, out_shardings=acc_sharding)
+
+  def _accumulate_fn(self, params, acc, x_u8, offsets, valid):
+    """acc += weighted predictions of windows x_u8 [b, d, h, w] at `offsets`
+    [b, 3] in the buffer; padding windows have valid = 0."""
+    probs = self.predict_fn(params, x_u8[..., None].astype(jnp.float32) / 255.0)
+    per = self.batch_size // self.n_data
+    w = self.weights[..., None]
+    contrib = jnp.concatenate([probs * w, jnp.broadcast_to(w, (*probs.shape[:-1], 1))], -1)
+    contrib = contrib * valid[:, None, None, None, None]
+    contrib = contrib.reshape(self.n_data, per, *contrib.shape[1:])
+    offsets = offsets.reshape(self.n_data, per, 3)
+
+    def add_windows(acc_device, contrib_device, offsets_device):
+      def body(i, a):
+        start = (*[offsets_device[i, k] for k in range(3)], 0)
+        current = jax.lax.dynamic_slice(a, start, contrib_device.shape[1:])
+        return jax.lax.dynamic_update_slice(a, current + contrib_device[i], start)
+      return jax.lax.fori_loop(0, per, body, acc_device)
+
+    return jax.vmap(add_windows)(acc, contrib, offsets)
+
+  def _carry_fn(self, previous, shift):
+    """The accumulator of the previous block along x moved `shift` voxels
+    left (its origin to the next block's), zeros beyond its end."""
+    padded = jnp.pad(previous, [(0, 0), (0, 0), (0, 0), (0, self.buffer[2]), (0, 0)])
+    return jax.lax.dynamic_slice_in_dim(padded, shift, self.buffer[2], axis=3)
+
+  def _finish_fn(self, acc, crop: tuple[tuple[int, int], ...], as_uint8: bool):
+    """The block's normalised probabilities [*crop, channels] from the
+    buffer's accumulator; uint8 (x 255, rounded half to even like
+    `to_uint8`) moves a quarter of the bytes to the host."""
+    total = acc[(slice(None), *[slice(a, b) for a, b in crop])].sum(0)
+    probs = total[..., :-1] / jnp.maximum(total[..., -1:], 1e-12)
+    if as_uint8:
+      return jnp.clip(jnp.round(probs * 255.0), 0, 255).astype(jnp.uint8)
+    return probs
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(predict_fn: Callable, mesh, window: tuple[int, ...], buffer: tuple[int, ...],
+              batch_size: int, channels: int) -> _Programs:
+  return _Programs(predict_fn, mesh, window, buffer, batch_size, channels)
+
+
 class BlockPredictor:
   """Blended probabilities of output blocks of a volume.
 
@@ -116,14 +194,9 @@ class BlockPredictor:
         for axis in range(3))
     x = jax.ShapeDtypeStruct((self.batch_size, *self.window, 1), jnp.float32)
     self.channels = int(jax.eval_shape(predict_fn, params, x).shape[-1])
-    self._weights = jnp.asarray(blending_weights(self.window))
-    self._acc_sharding = NamedSharding(mesh, P("data"))
     self._batch_sharding = NamedSharding(mesh, P("data"))
-    self._accumulate = jax.jit(self._accumulate_fn, donate_argnums=(1,))
-    self._finish = jax.jit(self._finish_fn, out_shardings=NamedSharding(mesh, P()))
-    self._zeros = jax.jit(
-        lambda: jnp.zeros((self.n_data, *self.buffer, self.channels + 1), jnp.float32),
-        out_shardings=self._acc_sharding)
+    self._programs = _programs(predict_fn, mesh, self.window, self.buffer, self.batch_size,
+                               self.channels)
 
   def _window_range(self, axis: int, lo: int, hi: int) -> list[int]:
     w = self.window[axis]
@@ -134,30 +207,6 @@ class BlockPredictor:
     starts = self._window_range(axis, lo, hi)
     return starts[0], starts[-1] + self.window[axis] - starts[0]
 
-  def _accumulate_fn(self, params, acc, x_u8, offsets, valid):
-    """acc += weighted predictions of windows x_u8 [b, d, h, w] at `offsets`
-    [b, 3] in the buffer; padding windows have valid = 0."""
-    probs = self.predict_fn(params, x_u8[..., None].astype(jnp.float32) / 255.0)
-    per = self.batch_size // self.n_data
-    w = self._weights[..., None]
-    contrib = jnp.concatenate([probs * w, jnp.broadcast_to(w, (*probs.shape[:-1], 1))], -1)
-    contrib = contrib * valid[:, None, None, None, None]
-    contrib = contrib.reshape(self.n_data, per, *contrib.shape[1:])
-    offsets = offsets.reshape(self.n_data, per, 3)
-
-    def add_windows(acc_device, contrib_device, offsets_device):
-      def body(i, a):
-        start = (*[offsets_device[i, k] for k in range(3)], 0)
-        current = jax.lax.dynamic_slice(a, start, contrib_device.shape[1:])
-        return jax.lax.dynamic_update_slice(a, current + contrib_device[i], start)
-      return jax.lax.fori_loop(0, per, body, acc_device)
-
-    return jax.vmap(add_windows)(acc, contrib, offsets)
-
-  def _finish_fn(self, acc):
-    total = acc.sum(0)
-    return total[..., :-1] / jnp.maximum(total[..., -1:], 1e-12)
-
   def read_input(self, image: Volume, block: blocks_lib.Block):
     """Starts reading the input a block needs; returns (origin, future)."""
     spans = [self._span(a, block.start[a], block.stop[a]) for a in range(3)]
@@ -165,18 +214,40 @@ class BlockPredictor:
     stop = [min(o + e, n) for (o, e), n in zip(spans, self.shape)]
     return origin, image.read_async(origin, [b - a for a, b in zip(origin, stop)])
 
-  def predict(self, block: blocks_lib.Block, origin: Sequence[int],
-              region: np.ndarray) -> np.ndarray:
-    """float32 [*block.shape, channels] blended probabilities of `block`;
-    `region` is the input from `read_input` (uint8 or [0, 255] values)."""
+  def _batches(self, ranges: list[list[int]]) -> list[list[tuple[int, int, int]]]:
+    """Window starts of a block in batches, x-start first: each voxel then
+    sums its windows in one order whether its block starts from zeros or
+    from a carry, so restarting in the middle of a row gives the same bytes.
+    With several data devices each x-start's windows begin a fresh batch,
+    since a window's device (its place in the batch) fixes which partial
+    sum it joins."""
+    columns = [[(z, y, x) for z in ranges[0] for y in ranges[1]] for x in ranges[2]]
+    if self.n_data == 1:
+      columns = [[w for column in columns for w in column]]
+    size = self.batch_size
+    return [c[i:i + size] for c in columns for i in range(0, len(c), size)]
+
+  def dispatch(self, block: blocks_lib.Block, origin: Sequence[int], region: np.ndarray,
+               *, as_uint8: bool = False, previous: Carry | None = None
+               ) -> tuple[jax.Array, Carry]:
+    """Queues the work of `block` on the devices and returns at once:
+    (result, carry). The result (its copy to the host already started) is
+    [*block.shape, channels] float32 blended probabilities, or uint8 x 255.
+    `region` is the input from `read_input` (uint8 or [0, 255] values).
+    `previous`: the carry of the block before this one along x; the windows
+    straddling their shared face are then not computed again, their sums
+    come from its accumulator."""
     pads = [(0, max(b - r, 0)) for b, r in zip(self.buffer, region.shape)]
     region = np.pad(region, pads, mode="edge") if any(p[1] for p in pads) else region
     region = np.asarray(region, np.uint8)
-    windows = list(itertools.product(*[
-        self._window_range(a, block.start[a], block.stop[a]) for a in range(3)]))
-    acc = self._zeros()
-    for i in range(0, len(windows), self.batch_size):
-      group = windows[i:i + self.batch_size]
+    ranges = [self._window_range(a, block.start[a], block.stop[a]) for a in range(3)]
+    carried = previous is not None and previous.precedes(block)
+    if carried:
+      ranges[2] = [s for s in ranges[2] if s >= block.start[2]]
+      acc = self._programs.carry(previous.acc, np.int32(origin[2] - previous.origin[2]))
+    else:
+      acc = self._programs.zeros()
+    for group in self._batches(ranges):
       offsets = np.array([[s - o for s, o in zip(st, origin)] for st in group], np.int32)
       x = np.stack([region[tuple(slice(o, o + w) for o, w in zip(off, self.window))]
                     for off in offsets])
@@ -186,24 +257,44 @@ class BlockPredictor:
         x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - len(group), 0)])
         offsets = np.concatenate(
             [offsets, np.repeat(offsets[-1:], self.batch_size - len(group), 0)])
-      acc = self._accumulate(self.params, acc,
-                             jax.device_put(x, self._batch_sharding),
-                             jax.device_put(offsets, self._batch_sharding),
-                             jax.device_put(valid, self._batch_sharding))
-    out = self._finish(acc)
-    crop = tuple(slice(a - o, b - o) for a, b, o in zip(block.start, block.stop, origin))
-    return np.asarray(out[crop])
+      acc = self._programs.accumulate(self.params, acc,
+                                      jax.device_put(x, self._batch_sharding),
+                                      jax.device_put(offsets, self._batch_sharding),
+                                      jax.device_put(valid, self._batch_sharding))
+    crop = tuple((a - o, b - o) for a, b, o in zip(block.start, block.stop, origin))
+    out = self._programs.finish(acc, crop, as_uint8)
+    out.copy_to_host_async()
+    return out, Carry(block, tuple(origin), acc)
 
-  def run(self, image: Volume, todo: Sequence[blocks_lib.Block]
+  def predict(self, block: blocks_lib.Block, origin: Sequence[int],
+              region: np.ndarray, *, as_uint8: bool = False) -> np.ndarray:
+    """`dispatch` on its own (no carry), waiting for the result."""
+    return np.asarray(self.dispatch(block, origin, region, as_uint8=as_uint8)[0])
+
+  def run(self, image: Volume, todo: Sequence[blocks_lib.Block], *, as_uint8: bool = False
           ) -> Iterator[tuple[blocks_lib.Block, np.ndarray]]:
-    """Yields (block, probabilities) for `todo`, reading the next block's
-    input while the devices work on the current one."""
-    pending = [(b, *self.read_input(image, b)) for b in todo[:1]]
+    """Yields (block, probabilities) for `todo` in order (see `dispatch`).
+    One block ahead: block k+1 is read and its windows queued on the devices
+    before block k is handed over, so the caller's work on block k (writing
+    it) overlaps the devices' work on block k+1 instead of idling them. A
+    block following its x-neighbour carries the neighbour's sums (`todo` in
+    raster order, as `blocks.iterate` gives, makes every block but a row's
+    first one do so)."""
+    reads = [self.read_input(image, todo[0])] if todo else []
+    queued, carry = None, None
     for k, block in enumerate(todo):
-      _, origin, future = pending.pop(0)
+      origin, future = reads.pop(0)
+      region = future.result()
       if k + 1 < len(todo):
-        pending.append((todo[k + 1], *self.read_input(image, todo[k + 1])))
-      yield block, self.predict(block, origin, future.result())
+        reads.append(self.read_input(image, todo[k + 1]))
+      probs, carry = self.dispatch(block, origin, region, as_uint8=as_uint8, previous=carry)
+      current = (block, probs)
+      del region
+      if queued is not None:
+        yield queued[0], np.asarray(queued[1])
+      queued = current
+    if queued is not None:
+      yield queued[0], np.asarray(queued[1])
 
 
 def predict_volume(predict_fn: Callable, params, image: Volume, mesh, *,
@@ -227,13 +318,16 @@ def to_uint8(probabilities: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def redundancy(shape: tuple[int, ...], window: tuple[int, ...], overlap: float,
                block: tuple[int, ...]) -> float:
-  """Windows computed blockwise / windows of the grid (>= 1)."""
+  """Windows computed blockwise / windows of the grid (>= 1). Along x a
+  block carries its neighbour's sums (`BlockPredictor.run`), so only z and y
+  faces cost windows twice."""
   total = 1
   per_axis = []
-  for size, w, b in zip(shape, window, block):
+  for axis, (size, w, b) in enumerate(zip(shape, window, block)):
     starts = window_starts(size, w, overlap)
     total *= len(starts)
-    per_axis.append([sum(1 for s in starts if s < min(lo + b, size) and s + w > lo)
+    per_axis.append([len(starts)] if axis == 2 else
+                    [sum(1 for s in starts if s < min(lo + b, size) and s + w > lo)
                      for lo in range(0, size, b)])
   computed = int(np.prod([sum(c) for c in per_axis]))
   return computed / total
