@@ -155,7 +155,7 @@ class _Programs:
   def _finish_fn(self, acc, crop: tuple[tuple[int, int], ...], as_uint8: bool):
     """The block's normalised probabilities [*crop, channels] from the
     buffer's accumulator; uint8 (x 255, rounded half to even like
-    `to_uint8`) moves a quarter of the bytes to the host."""
+    `postprocess.as_uint8`) moves a quarter of the bytes to the host."""
     total = acc[(slice(None), *[slice(a, b) for a, b in crop])].sum(0)
     probs = total[..., :-1] / jnp.maximum(total[..., -1:], 1e-12)
     if as_uint8:
@@ -266,11 +266,6 @@ class BlockPredictor:
     out.copy_to_host_async()
     return out, Carry(block, tuple(origin), acc)
 
-  def predict(self, block: blocks_lib.Block, origin: Sequence[int],
-              region: np.ndarray, *, as_uint8: bool = False) -> np.ndarray:
-    """`dispatch` on its own (no carry), waiting for the result."""
-    return np.asarray(self.dispatch(block, origin, region, as_uint8=as_uint8)[0])
-
   def run(self, image: Volume, todo: Sequence[blocks_lib.Block], *, as_uint8: bool = False
           ) -> Iterator[tuple[blocks_lib.Block, np.ndarray]]:
     """Yields (block, probabilities) for `todo` in order (see `dispatch`).
@@ -309,10 +304,6 @@ def predict_volume(predict_fn: Callable, params, image: Volume, mesh, *,
   for b, probs in predictor.run(image, list(blocks_lib.iterate(image.shape, block))):
     out[b.slices()] = probs
   return out
-
-
-def to_uint8(probabilities: np.ndarray) -> np.ndarray:
-  return np.clip(np.round(probabilities * 255.0), 0, 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -147,9 +147,10 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
                              overwrite=True, with_report=False)
   seconds = time.perf_counter() - t0
   # with data.val.context the output also covers the context: score the region
+  with_context = image.shape[:3] != labels.shape[:3]
   stop = [o + n for o, n in zip(offset, labels.shape[:3])]
   scored = lambda path: (sources.RegionVolume(sources.open_volume(path), offset, stop)
-                         if image.shape[:3] != labels.shape[:3] else sources.open_volume(path))
+                         if with_context else sources.open_volume(path))
   scores = report.score_volumes(labels, scored(summary["instances_path"]),
                                 min_gt_size=cfg.eval.min_gt_size,
                                 block=tuple(cfg.decode.block_shape),
@@ -157,7 +158,7 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
   scores["segment_seconds"] = seconds
   scores["volume_shape"] = list(labels.shape[:3])
   path = image.path
-  if image.shape[:3] != labels.shape[:3]:
+  if with_context:
     scores["context_offset"] = list(offset)
     path += f", scored on [{list(offset)}:{stop}] of it (data.val.context)"
   return scores, path, out_dir

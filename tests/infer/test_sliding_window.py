@@ -109,7 +109,7 @@ def _numpy_blend(image: np.ndarray, window, overlap: float) -> np.ndarray:
 
 def test_segment_path_writes_the_numpy_blend_as_uint8(tmp_path):
   from stt_jax.config import default_config
-  from stt_jax.infer import pipeline
+  from stt_jax.infer import pipeline, postprocess
   image = np.random.default_rng(2).integers(0, 256, (11, 41, 36)).astype(np.uint8)
   vol = sources.write_array(str(tmp_path / "im.zarr"), image)
   mesh = make_mesh()
@@ -134,7 +134,7 @@ def test_segment_path_writes_the_numpy_blend_as_uint8(tmp_path):
                                          overlap=0.5, batch_size=4, block=(5, 20, 16))
   np.testing.assert_allclose(floats, expected, atol=1e-5)
   # the uint8 made on the devices is the host rounding of the same floats
-  np.testing.assert_array_equal(got, sliding_window.to_uint8(floats))
+  np.testing.assert_array_equal(got, postprocess.as_uint8(floats))
 
 
 def test_run_queues_the_next_block_before_handing_over_the_current(tmp_path):
