@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/segment_throughput.py                 # CPU defaults
   python bench/segment_throughput.py --config=configs/mitoem_r.py \
-      --shape=64,2048,2048 --block=64,1024,1024                # on a GPU
+      --shape=64,2048,2048 --block=64,2048,128                 # on a GPU
 
 inference: the `segment` path's first stage, read -> model -> Gaussian blend
 -> uint8 zarr write, block by block (untrained weights of --config's model:
@@ -102,8 +102,10 @@ def _peer_worker(args, cfg) -> dict:
   window = tuple(cfg.infer.window)
   volume = sources.open_volume(args.image)
   shape = volume.shape
-  # warm-up on one block (compilation, cuDNN's algorithm search)
-  warm = volume.read([0, 0, 0], [min(b, s) for b, s in zip(cfg.infer.block_shape, shape)])
+  # warm-up on one block, grown to a window where the block is thinner (the
+  # default blocks are 128 wide along x): compilation, cuDNN's algorithm search
+  warm = volume.read([0, 0, 0], [min(max(b, w), s) for b, w, s
+                                 in zip(cfg.infer.block_shape, window, shape)])
   t0 = time.perf_counter()
   peer_sw.predict(net, np.asarray(warm), window, cfg.infer.overlap, args.batch, args.dtype,
                   device)

@@ -159,9 +159,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.infer.window = (32, 256, 256)
   c.infer.overlap = 0.5
   c.infer.batch_size = 2
-  # output blocks: memory holds one (plus its windows' margin); windows on a
-  # block's faces are computed for both neighbours, so bigger blocks waste less
-  c.infer.block_shape = (128, 1024, 1024)
+  # output blocks, in raster order: memory holds one (plus its windows'
+  # margin). A block starts from its x-neighbour's sums, so only windows on z
+  # and y faces are computed twice: deep, tall blocks thin along x waste the
+  # least for their memory (docs/architecture.md "Inference")
+  c.infer.block_shape = (256, 2048, 128)
   c.infer.tta = "none"                 # none | flips (8) | flips_transpose (16)
   c.infer.preview_sections = ()        # z indices of preview PNGs; () = 3 spread
 
