@@ -6,3 +6,16 @@ class UserError(Exception):
 
   `stt_jax.main` prints `error: <message>` and exits with status 2.
   """
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether `error` is XLA running out of device memory (a runtime error
+  of JAX whose status is RESOURCE_EXHAUSTED), as opposed to a bug."""
+  names = {cls.__name__ for cls in type(error).__mro__}
+  return (bool(names & {"JaxRuntimeError", "XlaRuntimeError"})
+          and "RESOURCE_EXHAUSTED" in str(error))
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+  text = (str(error).strip().splitlines() or [""])[0]
+  return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -359,12 +359,28 @@ def _convert(cfg) -> None:
         f"in {time.perf_counter() - t0:.1f} s")
 
 
+_OUT_OF_MEMORY_HINTS = {
+    "train": "lower train.batch_size or data.patch_shape (STT-UNET: raise "
+             "model.attention.chunks), or infer.batch_size / infer.block_shape if it "
+             "ran out validating",
+    "evaluate": "lower infer.batch_size or infer.block_shape",
+    "segment": "lower infer.batch_size or infer.block_shape; finished blocks are kept, "
+               "the same command continues",
+}
+
+
 def _main(argv) -> None:
-  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from stt_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     run(argv)
-  except (UserError, _UsageError) as e:
+  except (errors.UserError, _UsageError) as e:
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_out_of_memory(e):
+      raise  # a bug: its traceback is what a report needs
+    mode = _MODE.value
+    hint = _OUT_OF_MEMORY_HINTS.get(mode, "use smaller blocks or batches")
+    _fail(f"out of device memory in --mode={mode}: {hint} ({errors.first_line(e)})")
 
 
 def cli() -> None:

@@ -190,3 +190,29 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   refused = _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
                   f"--output={seg_a}", *TINY, *adv, check_ok=False)
   _one_line_error(refused, "--overwrite")
+
+
+def test_out_of_device_memory_is_one_line_other_runtime_errors_keep_their_traceback(
+    monkeypatch, capsys):
+  import types
+  from stt_jax import main
+
+  def failing(error):
+    def run(argv):
+      raise error
+    return run
+
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.\n"
+      "BufferAssignment OOM Debugging.\n" + "allocation 0: size 8589934592\n" * 40)
+  monkeypatch.setattr(main, "_MODE", types.SimpleNamespace(value="segment"))
+  monkeypatch.setattr(main, "run", failing(oom))
+  with pytest.raises(SystemExit) as exited:
+    main._main(["stt_jax.main"])
+  assert exited.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: out of device memory in --mode=segment")
+  assert "infer.block_shape" in err and "8589934592 bytes" in err
+  monkeypatch.setattr(main, "run", failing(jax.errors.JaxRuntimeError("INTERNAL: a bug")))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="a bug"):
+    main._main(["stt_jax.main"])

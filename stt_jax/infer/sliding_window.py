@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from stt_jax.data.sources import Volume
+from stt_jax.errors import UserError
 from stt_jax.infer import blocks as blocks_lib
 
 TTA_MODES = ("none", "flips", "flips_transpose")
@@ -187,16 +188,48 @@ class BlockPredictor:
     self.starts = [window_starts(s, w, overlap) for s, w in zip(self.shape, self.window)]
     self.n_data = mesh.shape["data"]
     self.batch_size = max(batch_size - batch_size % self.n_data, self.n_data)
-    # the largest span of windows touching one block, per axis: one buffer shape
-    self.buffer = tuple(
-        max(self._span(axis, b.start[axis], b.stop[axis])[1]
-            for b in blocks_lib.iterate(self.shape, self.block))
-        for axis in range(3))
+    self.buffer = self._buffer(self.block)
     x = jax.ShapeDtypeStruct((self.batch_size, *self.window, 1), jnp.float32)
     self.channels = int(jax.eval_shape(predict_fn, params, x).shape[-1])
+    self.accumulator_bytes = self._accumulator_bytes(self.buffer)
+    self._check_fits(device_memory_limit(mesh))
     self._batch_sharding = NamedSharding(mesh, P("data"))
     self._programs = _programs(predict_fn, mesh, self.window, self.buffer, self.batch_size,
                                self.channels)
+
+  def _buffer(self, block: Sequence[int]) -> tuple[int, ...]:
+    """The largest span of windows touching one block, per axis: one
+    accumulator shape for every block."""
+    return tuple(max(self._span(axis, b.start[axis], b.stop[axis])[1]
+                     for b in blocks_lib.iterate(self.shape, block))
+                 for axis in range(3))
+
+  def _accumulator_bytes(self, buffer: Sequence[int]) -> int:
+    """Per data device: float32 sums of every channel and the weight."""
+    return int(np.prod(buffer)) * (self.channels + 1) * 4
+
+  def _check_fits(self, limit: int | None) -> None:
+    """A one-line error, before any work, where the accumulator alone takes
+    over 90 % of what a device may allocate (the model's windows need the
+    rest), naming blocks that fit: the axis spanning the most windows
+    halved, down to half a window, until the accumulator fits."""
+    if not limit or self.accumulator_bytes <= 0.9 * limit:
+      return
+    smaller = [min(b, n) for b, n in zip(self.block, self.shape)]
+    while self._accumulator_bytes(self._buffer(smaller)) > 0.9 * limit:
+      axis = max(range(3), key=lambda a: smaller[a] / self.window[a])
+      if smaller[axis] <= self.window[axis] // 2:
+        smaller = None
+        break
+      smaller[axis] = max(smaller[axis] // 2, 1)
+    advice = (f"use smaller blocks, e.g. --config.infer.block_shape="
+              f"\"({','.join(map(str, smaller))})\"" if smaller
+              else "no block shape fits these windows: use a smaller infer.window")
+    gib = 2.0 ** 30
+    raise UserError(
+        f"infer.block_shape={self.block}: the blending accumulator alone needs "
+        f"{self.accumulator_bytes / gib:.1f} GiB per device, over 90 % of the "
+        f"{limit / gib:.1f} GiB a device may allocate; {advice}")
 
   def _window_range(self, axis: int, lo: int, hi: int) -> list[int]:
     w = self.window[axis]
@@ -304,6 +337,13 @@ def predict_volume(predict_fn: Callable, params, image: Volume, mesh, *,
   for b, probs in predictor.run(image, list(blocks_lib.iterate(image.shape, block))):
     out[b.slices()] = probs
   return out
+
+
+def device_memory_limit(mesh) -> int | None:
+  """Bytes one device of `mesh` may allocate, where its backend says (GPUs
+  and TPUs do; the CPU does not)."""
+  stats = mesh.devices.flat[0].memory_stats()
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
 @functools.lru_cache(maxsize=None)

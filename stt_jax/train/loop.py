@@ -22,6 +22,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
+from stt_jax import errors
 from stt_jax.data import datasets, sources
 from stt_jax.data.sampler import PatchSampler
 from stt_jax.errors import UserError
@@ -288,7 +289,19 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           ckpts.save(done, state, force=True)
           last_good = done
         if is_eval:
-          validation = validate(cfg, workdir, predict_fn, state.inference_params(), mesh)
+          try:
+            validation = validate(cfg, workdir, predict_fn, state.inference_params(), mesh)
+          except Exception as e:  # pylint: disable=broad-except
+            if not errors.is_out_of_memory(e):
+              raise
+            if last_good != done:  # the state is intact: keep the steps run so far
+              ckpts.save(done, state, force=True)
+              last_good = done
+            raise UserError(
+                f"out of device memory validating at step {done}: lower "
+                f"infer.batch_size or infer.block_shape; step {done} is saved in "
+                f"{ckpts.manager.directory}, continue with --resume "
+                f"({errors.first_line(e)})") from e
           scores = validation[0]
           if done == total:
             final_validation = validation
@@ -304,6 +317,15 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
       bar.update(1)
       if signalled:
         break
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_out_of_memory(e):
+      raise
+    where = (f"the last checkpoint (step {last_good}) is kept in {ckpts.manager.directory}"
+             if last_good is not None else "no checkpoint was written")
+    raise UserError(
+        f"out of device memory training, {done} steps done: lower train.batch_size or "
+        f"data.patch_shape (STT-UNET: raise model.attention.chunks); {where} "
+        f"({errors.first_line(e)})") from e
   finally:
     bar.close()
     if writer:

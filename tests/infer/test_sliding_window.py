@@ -246,3 +246,29 @@ def test_default_blocks_waste_fewer_windows_than_cubes_in_less_memory():
                    int(np.prod(predictor.buffer)))
   assert found["default"][0] < 1.1 < found["cubes"][0]
   assert found["default"][1] < found["cubes"][1]
+
+
+def test_blocks_too_big_for_the_device_are_refused_naming_blocks_that_fit(monkeypatch):
+  """Before any work: the accumulator of 256x2048x128 blocks on a MitoEM
+  volume (2.7 GiB per device) on a device allowed 1 GB; the suggested
+  shape fits that device."""
+  import re
+  from stt_jax.errors import UserError
+  mesh = _one_device_mesh()
+  two_channels = lambda params, x: jnp.concatenate([x, x], -1)
+  make = lambda block: sliding_window.BlockPredictor(
+      two_channels, None, mesh, (1000, 4096, 4096), window=(32, 256, 256), overlap=0.5,
+      batch_size=2, block=block)
+  expected = int(np.prod(make((256, 2048, 128)).buffer)) * 3 * 4  # no limit known: runs
+  monkeypatch.setattr(sliding_window, "device_memory_limit", lambda m: 10 ** 9)
+  with pytest.raises(UserError) as info:
+    make((256, 2048, 128))
+  message = str(info.value)
+  assert "\n" not in message and f"needs {expected / 2 ** 30:.1f} GiB per device" in message
+  suggested = tuple(int(v) for v in
+                    re.search(r'block_shape="\((\d+),(\d+),(\d+)\)"', message).groups())
+  assert int(np.prod(suggested)) < 256 * 2048 * 128
+  assert make(suggested).accumulator_bytes <= 0.9 * 10 ** 9
+  monkeypatch.setattr(sliding_window, "device_memory_limit", lambda m: 10 ** 6)
+  with pytest.raises(UserError, match="no block shape fits these windows"):
+    make((256, 2048, 128))

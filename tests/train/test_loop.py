@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from stt_jax import config as config_lib
 from stt_jax.train import checkpoint, loop
@@ -207,3 +208,47 @@ def test_two_processes_match_one(tmp_path):
   cfg = _cfg(**extra)
   single = loop.train(cfg, str(tmp_path / "single"), quiet=True)
   _assert_same_state(single.state, _restore(cfg, multi), exact=False)
+
+
+def test_out_of_memory_while_validating_saves_the_step_and_says_so(tmp_path, monkeypatch):
+  """A validation that runs out of device memory between checkpoints: the
+  trained steps are saved (the state is intact), one line says what to
+  lower and how to continue, and the run continues from there."""
+  from stt_jax.errors import UserError
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying "
+                                     "to allocate 123 bytes.\nmore detail")
+
+  monkeypatch.setattr(loop, "validate", out_of_memory)
+  cfg = _cfg(**{"train.eval_every": 2, "train.checkpoint_every": 100, "train.log_every": 2})
+  work = str(tmp_path / "run")
+  with pytest.raises(UserError) as info:
+    loop.train(cfg, work, quiet=True)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith("out of device memory validating at step 2: lower "
+                            "infer.batch_size or infer.block_shape; step 2 is saved")
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]
+  assert int(_restore(cfg, work).step) == 2
+
+
+def test_out_of_memory_in_a_training_step_is_one_line(tmp_path, monkeypatch):
+  from stt_jax.errors import UserError
+
+  real_to_host = loop.step_lib.to_host
+
+  def out_of_memory(tree):
+    if isinstance(tree, dict) and "loss" in tree:  # surfaces at the metrics
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying "
+                                       "to allocate 456 bytes.\nmore detail")
+    return real_to_host(tree)
+
+  monkeypatch.setattr(loop.step_lib, "to_host", out_of_memory)
+  with pytest.raises(UserError) as info:
+    loop.train(_cfg(), str(tmp_path / "run"), quiet=True)
+  message = str(info.value)
+  assert "\n" not in message and "allocate 456 bytes" in message
+  assert message.startswith("out of device memory training, 3 steps done: lower "
+                            "train.batch_size or data.patch_shape")
+  assert "no checkpoint was written" in message
