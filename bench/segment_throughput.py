@@ -199,8 +199,8 @@ def main() -> None:
     out = os.path.join(work, "out")
     os.makedirs(out)
     t0 = time.perf_counter()
-    probs = pipeline.predict(cfg, predict_fn, params, image, mesh, out,
-                             voxel_size_nm=(30.0, 8.0, 8.0))
+    probs, _ = pipeline.predict(cfg, predict_fn, params, image, mesh, out,
+                                voxel_size_nm=(30.0, 8.0, 8.0))
     infer_s = time.perf_counter() - t0
 
     # the model alone on one batch of windows (the path's ceiling)

@@ -5,7 +5,7 @@ Output folder:
   instances.zarr       [z, y, x] uint32, 0 = background, 1..N
   morphology.csv, morphology_summary.json, size_histogram.png
   previews/z<k>.png    EM section + instances + contours
-  segment.json         settings, timings, finished flag
+  segment.json         settings, prediction plan, timings, finished flag
   progress/            finished blocks of each stage (a rerun skips them)
 Both zarr arrays carry `voxel_size_nm` in their attributes.
 """
@@ -41,9 +41,10 @@ def _settings(cfg, image: sources.Volume, params) -> dict:
 
 
 def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
-            voxel_size_nm, quiet: bool = True) -> sources.Volume:
+            voxel_size_nm, quiet: bool = True) -> tuple[sources.Volume, dict]:
   """Blended probabilities of `image` into <out_dir>/probabilities.zarr
-  (uint8), skipping blocks a previous run finished."""
+  (uint8), skipping blocks a previous run finished. Returns the volume and
+  the plan: blocks, windows computed / the grid's, accumulator bytes."""
   i = cfg.infer
   block = tuple(int(b) for b in i.block_shape)
   predictor = sliding_window.BlockPredictor(
@@ -58,7 +59,19 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
                                 chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
                                 voxel_size_nm=voxel_size_nm)
   done = blocks_lib.Progress(out_dir, "predict")
-  todo = [b for b in blocks_lib.iterate(image.shape, block) if not done.done(b.index)]
+  every = list(blocks_lib.iterate(image.shape, block))
+  todo = [b for b in every if not done.done(b.index)]
+  plan = {"block_shape": list(block), "blocks": len(every),
+          "blocks_done_before": len(every) - len(todo),
+          "windows_vs_grid": round(sliding_window.redundancy(
+              tuple(image.shape), tuple(i.window), float(i.overlap), block), 4),
+          "accumulator_bytes_per_device": predictor.accumulator_bytes}
+  if not quiet:
+    size = predictor.accumulator_bytes
+    size = f"{size / 2 ** 30:.2f} GiB" if size >= 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
+    print(f"predicting {len(todo)} of {len(every)} blocks of {block}: "
+          f"{plan['windows_vs_grid']:.2f}x the grid's windows, accumulator {size} "
+          "per device", flush=True)
   bar = tqdm.tqdm(total=len(todo), desc="predict blocks", disable=quiet, leave=False)
   # uint8 on the devices; each block is written while the next one computes
   for b, probs in predictor.run(image, todo, as_uint8=True):
@@ -66,7 +79,7 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
     done.mark(b.index)
     bar.update()
   bar.close()
-  return out
+  return out, plan
 
 
 def decode(cfg, probabilities: sources.Volume, out_dir: str, *, voxel_size_nm,
@@ -101,8 +114,8 @@ def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   resumed = blocks_lib.open_output(out_dir, _settings(cfg, image, params), overwrite)
   voxel_size = image.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
   t0 = time.perf_counter()
-  probabilities = predict(cfg, predict_fn, params, image, mesh, out_dir,
-                          voxel_size_nm=voxel_size, quiet=quiet)
+  probabilities, plan = predict(cfg, predict_fn, params, image, mesh, out_dir,
+                                voxel_size_nm=voxel_size, quiet=quiet)
   t1 = time.perf_counter()
   rss = {"predict": _peak_rss_mb()}
   blocks_lib.release_free_memory()
@@ -113,7 +126,7 @@ def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   blocks_lib.release_free_memory()
   summary = {"resumed": resumed, "volume_shape": list(image.shape),
              "voxel_size_nm": list(voxel_size), **stats,
-             "predict_seconds": t1 - t0, "decode_seconds": t2 - t1,
+             "predict_plan": plan, "predict_seconds": t1 - t0, "decode_seconds": t2 - t1,
              "probabilities_path": probabilities.path,
              "instances_path": instances.path}
   if with_report:

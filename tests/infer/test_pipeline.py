@@ -92,6 +92,11 @@ def test_a_killed_run_rerun_equals_an_uninterrupted_one(tmp_path, image_path, re
     assert not json.load(f)["finished"]
   summary = segment_job.run(image_path, out)
   assert summary["resumed"]
+  plan = summary["predict_plan"]  # 2 x 2 x 3 blocks of 4 x 32 x 32
+  assert plan["blocks"] == 12
+  # killed while predicting: at least the 2 blocks seen finished are skipped;
+  # killed in the watershed: all of them
+  assert plan["blocks_done_before"] >= 2 if stage == "predict" else plan["blocks_done_before"] == 12
   ref_out, _ = reference
   for name in ("probabilities.zarr", "instances.zarr"):
     np.testing.assert_array_equal(_read(os.path.join(out, name))[0],

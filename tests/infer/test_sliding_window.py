@@ -118,8 +118,9 @@ def test_segment_path_writes_the_numpy_blend_as_uint8(tmp_path):
   cfg.infer.window, cfg.infer.overlap, cfg.infer.batch_size = (4, 16, 16), 0.5, 4
   cfg.infer.block_shape = (5, 20, 16)  # 3 x 3 x 3 blocks, edge blocks smaller
   expected = _numpy_blend(image, (4, 16, 16), 0.5)
-  out = pipeline.predict(cfg, fn, jnp.float32(0.9), vol, mesh, str(tmp_path / "seg"),
-                         voxel_size_nm=(1, 1, 1))
+  out, plan = pipeline.predict(cfg, fn, jnp.float32(0.9), vol, mesh, str(tmp_path / "seg"),
+                               voxel_size_nm=(1, 1, 1))
+  assert plan["blocks"] == 27 and plan["blocks_done_before"] == 0
   got = out.read((0, 0, 0, 0), out.shape)
   assert got.dtype == np.uint8 and got.shape == (*image.shape, 2)
   want = np.clip(np.round(expected * 255.0), 0, 255)
