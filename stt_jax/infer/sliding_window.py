@@ -101,8 +101,13 @@ class Carry:
   acc: jax.Array
 
   def precedes(self, block: blocks_lib.Block) -> bool:
-    here, there = self.block.position, block.position
-    return here[:2] == there[:2] and here[2] + 1 == there[2]
+    return _x_neighbours(self.block, block)
+
+
+def _x_neighbours(first: blocks_lib.Block, second: blocks_lib.Block) -> bool:
+  """Whether `second` follows `first` along x in the same row."""
+  here, there = first.position, second.position
+  return here[:2] == there[:2] and here[2] + 1 == there[2]
 
 
 class _Programs:
@@ -240,12 +245,27 @@ class BlockPredictor:
     starts = self._window_range(axis, lo, hi)
     return starts[0], starts[-1] + self.window[axis] - starts[0]
 
-  def read_input(self, image: Volume, block: blocks_lib.Block):
-    """Starts reading the input a block needs; returns (origin, future)."""
+  def _input_box(self, block: blocks_lib.Block) -> tuple[list[int], list[int]]:
+    """[origin, stop) of the input a block needs: its windows' span, cut
+    at the volume's end."""
     spans = [self._span(a, block.start[a], block.stop[a]) for a in range(3)]
     origin = [s[0] for s in spans]
-    stop = [min(o + e, n) for (o, e), n in zip(spans, self.shape)]
-    return origin, image.read_async(origin, [b - a for a, b in zip(origin, stop)])
+    return origin, [min(o + e, n) for (o, e), n in zip(spans, self.shape)]
+
+  def read_input(self, image: Volume, block: blocks_lib.Block,
+                 previous: blocks_lib.Block | None = None) -> _InputRead:
+    """Starts reading the input `block` needs. Where `previous` is its
+    x-neighbour, whose input the caller holds, only the part past that
+    input's end is read (`_InputRead.result` joins the two): thin blocks
+    share most of their neighbour's input."""
+    origin, stop = self._input_box(block)
+    start = list(origin)
+    reuse = previous is not None and _x_neighbours(previous, block)
+    if reuse:
+      start[2] = max(origin[2], self._input_box(previous)[1][2])
+    size = [b - a for a, b in zip(start, stop)]
+    future = image.read_async(start, size) if size[2] > 0 else None
+    return _InputRead(origin, reuse, future)
 
   def _batches(self, ranges: list[list[int]]) -> list[list[tuple[int, int, int]]]:
     """Window starts of a block in batches, x-start first: each voxel then
@@ -309,12 +329,12 @@ class BlockPredictor:
     raster order, as `blocks.iterate` gives, makes every block but a row's
     first one do so)."""
     reads = [self.read_input(image, todo[0])] if todo else []
-    queued, carry = None, None
+    queued, carry, held = None, None, None
     for k, block in enumerate(todo):
-      origin, future = reads.pop(0)
-      region = future.result()
+      origin, region = reads.pop(0).result(held)
+      held = (origin, region)
       if k + 1 < len(todo):
-        reads.append(self.read_input(image, todo[k + 1]))
+        reads.append(self.read_input(image, todo[k + 1], previous=block))
       probs, carry = self.dispatch(block, origin, region, as_uint8=as_uint8, previous=carry)
       current = (block, probs)
       del region
@@ -323,6 +343,23 @@ class BlockPredictor:
       queued = current
     if queued is not None:
       yield queued[0], np.asarray(queued[1])
+
+
+@dataclasses.dataclass
+class _InputRead:
+  """A block's input being read: `result(held)` gives (origin, region),
+  joining the held input of its x-neighbour where `reuse`."""
+  origin: list[int]
+  reuse: bool
+  future: object | None  # None: the neighbour's input covers it all
+
+  def result(self, held: tuple[list[int], np.ndarray] | None) -> tuple[list[int], np.ndarray]:
+    new = None if self.future is None else np.asarray(self.future.result())
+    if not self.reuse:
+      return self.origin, new
+    held_origin, held_region = held
+    kept = held_region[:, :, self.origin[2] - held_origin[2]:]
+    return self.origin, kept if new is None else np.concatenate([kept, new], axis=2)
 
 
 def predict_volume(predict_fn: Callable, params, image: Volume, mesh, *,

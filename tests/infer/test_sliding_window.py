@@ -273,3 +273,47 @@ def test_blocks_too_big_for_the_device_are_refused_naming_blocks_that_fit(monkey
   monkeypatch.setattr(sliding_window, "device_memory_limit", lambda m: 10 ** 6)
   with pytest.raises(UserError, match="no block shape fits these windows"):
     make((256, 2048, 128))
+
+
+class _RecordingVolume:
+  """A volume that records the boxes read from it."""
+
+  def __init__(self, volume):
+    self.volume, self.shape, self.path, self.boxes = volume, volume.shape, volume.path, []
+
+  def read_async(self, start, size):
+    self.boxes.append((tuple(start), tuple(size)))
+    return self.volume.read_async(start, size)
+
+
+def test_a_block_reads_only_the_input_its_x_neighbour_did_not(tmp_path):
+  """Thin blocks share most of their input with the block before them: each
+  row reads every x column once (not each block its whole window span), and
+  the blend is still the numpy one, from the start and from mid-row."""
+  image = np.random.default_rng(6).integers(0, 256, (9, 40, 75)).astype(np.uint8)
+  vol = _RecordingVolume(sources.write_array(str(tmp_path / "im.zarr"), image))
+  mesh = _one_device_mesh()
+  fn = sliding_window.make_predict_fn(_CumsumModel(), mesh)
+  window, block = (4, 16, 16), (5, 20, 8)  # blocks half a window wide
+  predictor = sliding_window.BlockPredictor(fn, jnp.float32(0.9), mesh, image.shape,
+                                            window=window, overlap=0.5, batch_size=3,
+                                            block=block)
+  todo = list(sliding_window.blocks_lib.iterate(image.shape, block))
+  got = np.zeros((*image.shape, 2), np.float32)
+  for b, p in predictor.run(vol, todo):
+    got[b.slices()] = p
+  np.testing.assert_allclose(got, _numpy_blend(image, window, 0.5), atol=1e-5)
+  rows = {}
+  for start, size in vol.boxes:
+    rows.setdefault((start[:2], size[:2]), []).append((start[2], start[2] + size[2]))
+  assert len(rows) == 2 * 2  # z and y positions of the grid of blocks
+  for spans in rows.values():
+    assert spans[0][0] == 0 and spans[-1][1] == 75
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no column read twice
+  # a run started mid-row reads its first block whole, then goes on the same
+  vol.boxes.clear()
+  k = 3
+  for b, p in predictor.run(vol, todo[k:k + 3]):
+    np.testing.assert_array_equal(p, got[b.slices()])
+  first = predictor._input_box(todo[k])  # pylint: disable=protected-access
+  assert vol.boxes[0] == (tuple(first[0]), tuple(b - a for a, b in zip(*first)))
