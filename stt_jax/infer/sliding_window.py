@@ -100,9 +100,6 @@ class Carry:
   origin: tuple[int, ...]     # the accumulator's voxel 0 in the volume
   acc: jax.Array
 
-  def precedes(self, block: blocks_lib.Block) -> bool:
-    return _x_neighbours(self.block, block)
-
 
 def _x_neighbours(first: blocks_lib.Block, second: blocks_lib.Block) -> bool:
   """Whether `second` follows `first` along x in the same row."""
@@ -294,7 +291,7 @@ class BlockPredictor:
     region = np.pad(region, pads, mode="edge") if any(p[1] for p in pads) else region
     region = np.asarray(region, np.uint8)
     ranges = [self._window_range(a, block.start[a], block.stop[a]) for a in range(3)]
-    carried = previous is not None and previous.precedes(block)
+    carried = previous is not None and _x_neighbours(previous.block, block)
     if carried:
       ranges[2] = [s for s in ranges[2] if s >= block.start[2]]
       acc = self._programs.carry(previous.acc, np.int32(origin[2] - previous.origin[2]))

@@ -241,6 +241,13 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   window_start, window_steps, window_sum = time.perf_counter(), 0, None
   add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   done = first
+
+  def kept() -> str:
+    """Where the run can go on from, for the one-line errors below."""
+    return (f"the last good checkpoint (step {last_good}) is kept in "
+            f"{ckpts.manager.directory}" if last_good is not None
+            else "no checkpoint was written")
+
   try:
     workers = feeder_workers(cfg.data.workers)
     batches = prefetch_to_device(
@@ -267,13 +274,10 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
                   for k, v in step_lib.to_host(window_sum).items()}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
-          where = (f"the last good checkpoint (step {last_good}) is kept in "
-                   f"{ckpts.manager.directory}" if last_good is not None
-                   else "no checkpoint was written")
           found = ", ".join(f"{k}={v}" for k, v in bad.items())
           steps = (f"at step {done}" if window_steps == 1
                    else f"in steps {done - window_steps + 1}-{done}")
-          raise UserError(f"training diverged {steps} ({found}); {where}; "
+          raise UserError(f"training diverged {steps} ({found}); {kept()}; "
                           "lower train.learning_rate or check the data")
         elapsed = time.perf_counter() - window_start
         values["voxels_per_s"] = voxels_per_step * window_steps / max(elapsed, 1e-9)
@@ -320,11 +324,9 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   except Exception as e:  # pylint: disable=broad-except
     if not errors.is_out_of_memory(e):
       raise
-    where = (f"the last checkpoint (step {last_good}) is kept in {ckpts.manager.directory}"
-             if last_good is not None else "no checkpoint was written")
     raise UserError(
         f"out of device memory training, {done} steps done: lower train.batch_size or "
-        f"data.patch_shape (STT-UNET: raise model.attention.chunks); {where} "
+        f"data.patch_shape (STT-UNET: raise model.attention.chunks); {kept()} "
         f"({errors.first_line(e)})") from e
   finally:
     bar.close()
