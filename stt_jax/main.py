@@ -152,7 +152,12 @@ def run(argv) -> None:
   if mode == "evaluate" and _LABELS.value:
     _evaluate_volumes(cfg)
     return
-  workdir = _require(_WORKDIR.value, "workdir", mode)
+  if mode == "segment" and not (_WORKDIR.value or _WEIGHTS.value):
+    raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
+  if mode == "segment" and _WEIGHTS.value:
+    workdir = _WORKDIR.value  # an export holds everything segment needs
+  else:
+    workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":
     _train(cfg, workdir)
   elif mode == "evaluate":
@@ -194,7 +199,7 @@ def _train(cfg, workdir: str) -> None:
              validation=result.final_validation)
 
 
-def _load(cfg, workdir: str):
+def _load(cfg, workdir: str | None):
   """(cfg, model, params, mesh) from --weights (an export) or the run's latest
   checkpoint."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -256,7 +261,7 @@ def _evaluate(cfg, workdir: str) -> None:
   _score_val(cfg, workdir, model, params, mesh)
 
 
-def _segment(cfg, workdir: str) -> None:
+def _segment(cfg, workdir: str | None) -> None:
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline, sliding_window  # pylint: disable=g-import-not-at-top
   image = sources.open_volume(_require(_INPUT.value, "input", "segment"))

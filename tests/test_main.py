@@ -67,6 +67,12 @@ def test_missing_config_file_and_data_path(tmp_path):
   assert not os.path.exists(tmp_path / "w")  # a failed start leaves no run folder behind
 
 
+def test_segment_needs_a_run_folder_or_an_export(tmp_path):
+  _one_line_error(_main("--mode=segment", f"--input={tmp_path}/in.zarr",
+                        f"--output={tmp_path}/out", check_ok=False), "--workdir", "--weights")
+  assert not os.path.exists(tmp_path / "out")
+
+
 def test_config_file_that_raises(tmp_path):
   bad = tmp_path / "bad_config.py"
   bad.write_text("def get_config():\n  raise RuntimeError('boom')\n")
@@ -162,7 +168,8 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   seg_a, seg_b = str(tmp_path / "seg_ckpt"), str(tmp_path / "seg_export")
   _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
         f"--output={seg_a}", *TINY, *adv)
-  _main(f"--workdir={tmp_path}/unused", "--mode=segment", f"--weights={export}",
+  # from an export, as the README shows it: no --workdir needed
+  _main("--mode=segment", f"--weights={export}",
         f"--input={val_image}", f"--output={seg_b}", *TINY)
   read = lambda d, n: sources.open_volume(os.path.join(d, n)).read(
       [0, 0, 0], sources.open_volume(os.path.join(d, n)).shape)

@@ -50,7 +50,7 @@ class PatchSampler:
         np.zeros(3, int), np.array(image.shape))
     if np.any(hi - lo < np.array(self.patch_shape)):
       raise UserError(f"patch {list(self.patch_shape)} is larger than the sampled "
-                      f"region {list(hi - lo)} of {image.path}; lower data.patch_shape")
+                      f"region {(hi - lo).tolist()} of {image.path}; lower data.patch_shape")
     self._lo, self._hi = lo, hi
     self.batch_size = int(batch_size)
     if self.batch_size % process_count:

@@ -63,7 +63,7 @@ class Volume:
     stop = [int(s) + int(n) for s, n in zip(start, size)]
     for axis, (lo, hi, dim) in enumerate(zip(start, stop, self.shape)):
       if lo < 0 or hi > dim or hi < lo:
-        raise ValueError(f"region {list(start)}+{list(size)} leaves {self.path} "
+        raise ValueError(f"region {[int(s) for s in start]}+{[int(n) for n in size]} leaves {self.path} "
                          f"(shape {self.shape}) on axis {axis}")
     return [slice(int(lo), hi) for lo, hi in zip(start, stop)]
 
