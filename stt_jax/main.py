@@ -99,6 +99,16 @@ def _require(value, flag: str, mode: str):
   return value
 
 
+def _open_volume(flag: str, path: str):
+  """sources.open_volume, its one-line error naming the flag that gave the path."""
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    return sources.open_volume(path)
+  except UserError as e:
+    raise UserError(f"--{flag}: {e}") from None
+
+
 def _is_main_process() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
@@ -262,9 +272,8 @@ def _evaluate(cfg, workdir: str) -> None:
 
 
 def _segment(cfg, workdir: str | None) -> None:
-  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline, sliding_window  # pylint: disable=g-import-not-at-top
-  image = sources.open_volume(_require(_INPUT.value, "input", "segment"))
+  image = _open_volume("input", _require(_INPUT.value, "input", "segment"))
   out = os.path.abspath(_require(_OUTPUT.value, "output", "segment"))
   blocks.check_output(out, overwrite=_OVERWRITE.value)  # before the model loads
   cfg, model, params, mesh = _load(cfg, workdir)
@@ -284,16 +293,15 @@ def _segment(cfg, workdir: str | None) -> None:
 
 
 def _decode(cfg) -> None:
-  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline  # pylint: disable=g-import-not-at-top
-  probabilities = sources.open_volume(_require(_INPUT.value, "input", "decode"))
+  probabilities = _open_volume("input", _require(_INPUT.value, "input", "decode"))
   if len(probabilities.shape) != 4 or probabilities.shape[3] < 2 or \
       probabilities.dtype != np.uint8:
     raise _UsageError(f"--input {probabilities.path} must be uint8 probabilities "
                       "[z, y, x, channels >= 2] (a segment run's probabilities.zarr), got "
                       f"{probabilities.dtype} {probabilities.shape}")
   out = os.path.abspath(_require(_OUTPUT.value, "output", "decode"))
-  image = sources.open_volume(_IMAGE.value) if _IMAGE.value else None
+  image = _open_volume("image", _IMAGE.value) if _IMAGE.value else None
   if image is not None and image.shape != probabilities.shape[:3]:
     raise _UsageError(f"--image {image.shape} and --input {probabilities.shape[:3]} "
                       "differ in shape")
@@ -319,13 +327,12 @@ def _decode(cfg) -> None:
 
 
 def _evaluate_volumes(cfg) -> None:
-  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
   path = _require(_INPUT.value, "input", "evaluate --labels")
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "instances.zarr")):
     path = os.path.join(path, "instances.zarr")  # a segment output folder
-  instances = sources.open_volume(path)
-  labels = sources.open_volume(_LABELS.value)
+  instances = _open_volume("input", path)
+  labels = _open_volume("labels", _LABELS.value)
   t0 = time.perf_counter()
   scores = report.score_volumes(labels, instances, min_gt_size=cfg.eval.min_gt_size,
                                 block=tuple(cfg.decode.block_shape))
@@ -354,7 +361,7 @@ def _export(cfg, workdir: str) -> None:
 
 def _convert(cfg) -> None:
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
-  source = sources.open_volume(_require(_INPUT.value, "input", "convert"))
+  source = _open_volume("input", _require(_INPUT.value, "input", "convert"))
   out = _require(_OUTPUT.value, "output", "convert")
   t0 = time.perf_counter()
   volume = sources.convert_to_zarr(

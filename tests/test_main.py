@@ -191,7 +191,7 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   assert "mcc" in json.load(open(os.path.join(seg_a, "eval.json")))
   wrong = _main("--mode=evaluate", f"--input={seg_a}", f"--labels={val_image}x", *TINY,
                 check_ok=False)
-  _one_line_error(wrong, "not found")
+  _one_line_error(wrong, "--labels: volume not found")
 
   # an existing output is never overwritten without --overwrite
   refused = _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",

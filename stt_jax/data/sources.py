@@ -423,7 +423,7 @@ def open_volume(path: str) -> Volume:
       lower = path.lower()
   path = os.path.abspath(path)
   if not os.path.exists(path):
-    raise UserError(f"volume not found: {path} (check the data paths in the config)")
+    raise UserError(f"volume not found: {path}")
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, "zarr.json")):
       store = _open_tensorstore({"driver": "zarr3",
@@ -446,6 +446,9 @@ def open_volume(path: str) -> Volume:
                     "(N5), info (precomputed) or PNG/TIFF slices inside")
   if lower.endswith(IMAGE_SUFFIXES[1:]):
     return TiffStackVolume(path)
+  if lower.endswith(IMAGE_SUFFIXES):
+    raise UserError(f"{path} is one 2D image; a volume of PNG sections is the folder "
+                    "holding them (named in order), so pass that folder")
   if lower.endswith(NIFTI_SUFFIXES):
     return NiftiVolume(path)
   if lower.endswith(HDF5_SUFFIXES):

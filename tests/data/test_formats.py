@@ -137,6 +137,9 @@ def test_bad_paths_are_one_line_errors(tmp_path, volume):
   (tmp_path / "notes.txt").write_text("x")
   with pytest.raises(UserError, match="unknown volume format"):
     sources.open_volume(str(tmp_path / "notes.txt"))
+  (tmp_path / "section.png").write_bytes(b"")  # one section is not a volume
+  with pytest.raises(UserError, match="one 2D image.*pass that folder"):
+    sources.open_volume(str(tmp_path / "section.png"))
   import h5py
   with h5py.File(tmp_path / "two.h5", "w") as f:
     f["a"] = volume
