@@ -162,10 +162,10 @@ def run(argv) -> None:
   if mode == "evaluate" and _LABELS.value:
     _evaluate_volumes(cfg)
     return
-  if mode == "segment" and not (_WORKDIR.value or _WEIGHTS.value):
-    raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
   if mode == "segment" and _WEIGHTS.value:
     workdir = _WORKDIR.value  # an export holds everything segment needs
+  elif mode == "segment" and not _WORKDIR.value:
+    raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
   else:
     workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":

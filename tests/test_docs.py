@@ -82,6 +82,8 @@ def _load_config(config_arg: str, overrides: list[str]):
   return values.config
 
 
+# ml_collections loads config files with importlib's load_module (its warning, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 MAIN_FLAGS = {f.name for f in flags.FLAGS.get_flags_for_module(main.__name__)}
 COMMANDS = _documented_commands()
 

@@ -63,8 +63,8 @@ class Volume:
     stop = [int(s) + int(n) for s, n in zip(start, size)]
     for axis, (lo, hi, dim) in enumerate(zip(start, stop, self.shape)):
       if lo < 0 or hi > dim or hi < lo:
-        raise ValueError(f"region {[int(s) for s in start]}+{[int(n) for n in size]} leaves {self.path} "
-                         f"(shape {self.shape}) on axis {axis}")
+        raise ValueError(f"region {[int(s) for s in start]}+{[int(n) for n in size]} "
+                         f"leaves {self.path} (shape {self.shape}) on axis {axis}")
     return [slice(int(lo), hi) for lo, hi in zip(start, stop)]
 
   def _read_box(self, box: list[slice]) -> np.ndarray:
