@@ -8,6 +8,13 @@ class UserError(Exception):
   """
 
 
+# what to lower when a device runs out of memory: one wording for main's and
+# the training loop's one-line errors
+LOWER_TRAINING_MEMORY = ("lower train.batch_size or data.patch_shape "
+                         "(STT-UNET: raise model.attention.chunks)")
+LOWER_INFERENCE_MEMORY = "lower infer.batch_size or infer.block_shape"
+
+
 def is_out_of_memory(error: BaseException) -> bool:
   """Whether `error` is XLA running out of device memory (a runtime error
   of JAX whose status is RESOURCE_EXHAUSTED), as opposed to a bug."""

@@ -371,14 +371,15 @@ def _convert(cfg) -> None:
         f"in {time.perf_counter() - t0:.1f} s")
 
 
-_OUT_OF_MEMORY_HINTS = {
-    "train": "lower train.batch_size or data.patch_shape (STT-UNET: raise "
-             "model.attention.chunks), or infer.batch_size / infer.block_shape if it "
-             "ran out validating",
-    "evaluate": "lower infer.batch_size or infer.block_shape",
-    "segment": "lower infer.batch_size or infer.block_shape; finished blocks are kept, "
-               "the same command continues",
-}
+def _out_of_memory_hint(mode: str) -> str:
+  from stt_jax import errors  # pylint: disable=g-import-not-at-top
+  return {
+      "train": f"{errors.LOWER_TRAINING_MEMORY}, or infer.batch_size / "
+               "infer.block_shape if it ran out validating",
+      "evaluate": errors.LOWER_INFERENCE_MEMORY,
+      "segment": f"{errors.LOWER_INFERENCE_MEMORY}; finished blocks are kept, "
+                 "the same command continues",
+  }.get(mode, "use smaller blocks or batches")
 
 
 def _main(argv) -> None:
@@ -391,7 +392,7 @@ def _main(argv) -> None:
     if not errors.is_out_of_memory(e):
       raise  # a bug: its traceback is what a report needs
     mode = _MODE.value
-    hint = _OUT_OF_MEMORY_HINTS.get(mode, "use smaller blocks or batches")
+    hint = _out_of_memory_hint(mode)
     _fail(f"out of device memory in --mode={mode}: {hint} ({errors.first_line(e)})")
 
 

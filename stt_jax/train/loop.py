@@ -302,8 +302,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
               ckpts.save(done, state, force=True)
               last_good = done
             raise UserError(
-                f"out of device memory validating at step {done}: lower "
-                f"infer.batch_size or infer.block_shape; step {done} is saved in "
+                f"out of device memory validating at step {done}: "
+                f"{errors.LOWER_INFERENCE_MEMORY}; step {done} is saved in "
                 f"{ckpts.manager.directory}, continue with --resume "
                 f"({errors.first_line(e)})") from e
           scores = validation[0]
@@ -325,8 +325,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     if not errors.is_out_of_memory(e):
       raise
     raise UserError(
-        f"out of device memory training, {done} steps done: lower train.batch_size or "
-        f"data.patch_shape (STT-UNET: raise model.attention.chunks); {kept()} "
+        f"out of device memory training, {done} steps done: "
+        f"{errors.LOWER_TRAINING_MEMORY}; {kept()} "
         f"({errors.first_line(e)})") from e
   finally:
     bar.close()
