@@ -209,7 +209,12 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
                            s.block, voxel_size_nm)
   out_vol = _open_or_create(os.path.join(out_dir, "instances.zarr"), shape, np.uint32,
                             s.block, voxel_size_nm)
-  tick = progress_bar.update if progress_bar is not None else (lambda n=1: None)
+
+  def tick() -> None:  # after each block of a pass
+    blocks_lib.return_free_heap()
+    if progress_bar is not None:
+      progress_bar.update()
+
   _seed_pass(probabilities, seeds_vol, grid, s, out_dir, tick)
   seed_map = _merge_pass(seeds_vol, grid, shape, s, out_dir)
   blocks_lib.release_free_memory()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import time
 
 import jax
 import numpy as np
 import tqdm
 
+from stt_jax import memory_use
 from stt_jax.data import sources
 from stt_jax.infer import blocks as blocks_lib
 from stt_jax.infer import blockwise, preview, sliding_window
@@ -77,6 +77,7 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   for b, probs in predictor.run(image, todo, as_uint8=True):
     out.write((*b.start, 0), probs)
     done.mark(b.index)
+    blocks_lib.return_free_heap()
     bar.update()
   bar.close()
   return out, plan
@@ -102,7 +103,7 @@ def report(cfg, image: sources.Volume, instances: sources.Volume, out_dir: str, 
 
 
 def _peak_rss_mb() -> float:
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+  return round(memory_use.peak_resident_mb(), 1)
 
 
 def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,

@@ -22,7 +22,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from stt_jax import errors
+from stt_jax import errors, memory_use
 from stt_jax.data import datasets, sources
 from stt_jax.data.sampler import PatchSampler
 from stt_jax.errors import UserError
@@ -285,6 +285,13 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
         if writer:
           for k, v in values.items():
             writer.add_scalar(f"train/{k}", v, done)
+          # a long run's host memory should be flat: a leak shows here first
+          for k, v in (("host_rss_mb", memory_use.resident_mb()),
+                       ("device_peak_mb", memory_use.device_peak_mb(
+                           d for d in mesh.devices.flat
+                           if d.process_index == jax.process_index()))):
+            if v is not None:
+              writer.add_scalar(f"memory/{k}", v, done)
         postfix.update(loss=f"{values['loss']:.4f}",
                        vox_s=f"{values['voxels_per_s']:.3g}")
         if "d_loss" in values:

@@ -2,6 +2,7 @@
 joined by jax.distributed matching one process."""
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -185,6 +186,24 @@ def test_logged_training_metrics_are_the_window_mean(tmp_path, monkeypatch):
       np.testing.assert_allclose(third[(tag, end)], np.mean(per_step[end - 3:end]),
                                  rtol=1e-5, err_msg=f"{tag} at {end}")
     assert (tag, 2) not in third
+
+
+def test_memory_in_use_is_logged_in_mib(tmp_path, monkeypatch):
+  """memory/host_rss_mb at each logged step lies between a floor no process
+  with jax and a model loaded is under (50 MiB) and this process's peak
+  resident set read independently (getrusage, KiB on Linux): pages, KiB or
+  bytes land outside. A device peak, where the backend keeps one, is
+  positive (the CPU keeps none: the tag is then absent)."""
+  monkeypatch.setattr(loop, "SummaryWriter", _RecordingWriter)
+  loop.train(_cfg(**{"train.log_every": 2, "train.checkpoint_every": 100}),
+             str(tmp_path / "run"), quiet=True)
+  values = _RecordingWriter.last.values
+  host = {step: v for (tag, step), v in values.items() if tag == "memory/host_rss_mb"}
+  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  assert sorted(host) == [2, 4, 6]
+  for step, mib in host.items():
+    assert 50.0 < mib <= peak_mib, (step, mib, peak_mib)
+  assert all(v > 0 for (tag, _), v in values.items() if tag == "memory/device_peak_mb")
 
 
 def _free_port():
