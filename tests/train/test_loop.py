@@ -192,8 +192,12 @@ def test_memory_in_use_is_logged_in_mib(tmp_path, monkeypatch):
   """memory/host_rss_mb at each logged step lies between a floor no process
   with jax and a model loaded is under (50 MiB) and this process's peak
   resident set read independently (getrusage, KiB on Linux): pages, KiB or
-  bytes land outside. A device peak, where the backend keeps one, is
-  positive (the CPU keeps none: the tag is then absent)."""
+  bytes land outside. The kernel's resident counters are per-CPU
+  approximations (statm and the high-water mark can disagree by a few
+  hundred KiB: CI saw 2127.80 against a peak of 2127.73), so the ceiling has
+  a slack far below the 256x-1024x a wrong unit gives. A device peak, where
+  the backend keeps one, is positive (the CPU keeps none: the tag is then
+  absent)."""
   monkeypatch.setattr(loop, "SummaryWriter", _RecordingWriter)
   loop.train(_cfg(**{"train.log_every": 2, "train.checkpoint_every": 100}),
              str(tmp_path / "run"), quiet=True)
@@ -202,7 +206,7 @@ def test_memory_in_use_is_logged_in_mib(tmp_path, monkeypatch):
   peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   assert sorted(host) == [2, 4, 6]
   for step, mib in host.items():
-    assert 50.0 < mib <= peak_mib, (step, mib, peak_mib)
+    assert 50.0 < mib <= 1.02 * peak_mib + 8.0, (step, mib, peak_mib)
   assert all(v > 0 for (tag, _), v in values.items() if tag == "memory/device_peak_mb")
 
 
