@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from stt_jax import memory_use
 from stt_jax.errors import UserError
 
 PLATFORMS = ("auto", "cpu", "cuda", "rocm", "gpu", "tpu")
@@ -35,6 +36,9 @@ def _check(backend_cfg) -> None:
        f"must be one of {MATMUL_PRECISIONS}, got {backend_cfg.matmul_precision!r}")
   need(isinstance(backend_cfg.xla_flags, str), "xla_flags",
        f"must be a string of flags, got {backend_cfg.xla_flags!r}")
+  arenas = backend_cfg.heap_arenas
+  need(isinstance(arenas, int) and not isinstance(arenas, bool) and arenas >= 0,
+       "heap_arenas", f"must be an integer >= 0 (0: glibc's default), got {arenas!r}")
 
 
 def _family(platform: str) -> str:
@@ -64,6 +68,8 @@ def configure(backend_cfg) -> None:
   """Applies config.backend to the process (before the first JAX backend
   starts; raises UserError on a bad value or when it is too late)."""
   _check(backend_cfg)
+  # first: arenas already handed to running threads stay
+  memory_use.limit_heap_arenas(backend_cfg.heap_arenas)
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   started = xla_bridge.backends_are_initialized()

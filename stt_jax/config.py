@@ -32,6 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.backend.platform = "auto"          # auto | cpu | cuda | rocm | gpu | tpu
   c.backend.xla_flags = ""             # added to XLA_FLAGS (after per-backend defaults)
   c.backend.matmul_precision = "default"   # default | high | highest (float32 matmuls)
+  # glibc malloc arenas (0: glibc's default, 8 per core); MALLOC_ARENA_MAX wins
+  c.backend.heap_arenas = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "res_unet"

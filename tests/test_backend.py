@@ -38,6 +38,8 @@ def test_compute_dtype_auto_is_float32_on_cpu():
     ("platform", "cpus", "config.backend.platform"),
     ("matmul_precision", "fast", "config.backend.matmul_precision"),
     ("xla_flags", 3, "config.backend.xla_flags"),
+    ("heap_arenas", -1, "config.backend.heap_arenas"),
+    ("heap_arenas", "two", "config.backend.heap_arenas"),
 ])
 def test_bad_backend_values_are_named(key, value, match):
   cfg = config_lib.default_config()

@@ -10,7 +10,6 @@ recorded blocks, so its output equals an uninterrupted run's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -19,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from stt_jax import memory_use
 from stt_jax.errors import UserError
 
 
@@ -153,30 +153,9 @@ def finish_output(out_dir: str, summary: dict) -> None:
   os.replace(tmp, manifest_path)
 
 
-@functools.lru_cache(maxsize=1)
-def _libc():
-  import ctypes  # pylint: disable=g-import-not-at-top
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    return libc if hasattr(libc, "malloc_trim") else None
-  except OSError:  # not glibc: nothing to do
-    return None
-
-
-def return_free_heap() -> None:
-  """Hands freed heap pages back to the OS (glibc keeps them otherwise).
-  Called after every block: without it a predict stage's peak resident set
-  grew with the block count (568 MB at 27 blocks, 623 MB at 216), freed
-  buffers of many sizes held, never reused whole; with it 517 vs 510 MB
-  (bench/segment_memory.py). A few ms on a 400 MB heap; blocks take seconds."""
-  libc = _libc()
-  if libc is not None:
-    libc.malloc_trim(0)
-
-
 def release_free_memory() -> None:
-  """Collects garbage, then `return_free_heap`: between stages, so that the
-  next stage's peak does not sit on top of the last one's."""
+  """Collects garbage, then `memory_use.return_free_heap`: between stages,
+  so that the next stage's peak does not sit on top of the last one's."""
   import gc  # pylint: disable=g-import-not-at-top
   gc.collect()
-  return_free_heap()
+  memory_use.return_free_heap()

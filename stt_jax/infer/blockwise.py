@@ -29,6 +29,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from stt_jax import memory_use
 from stt_jax.data import sources
 from stt_jax.infer import blocks as blocks_lib
 from stt_jax.infer import postprocess
@@ -211,7 +212,7 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
                             s.block, voxel_size_nm)
 
   def tick() -> None:  # after each block of a pass
-    blocks_lib.return_free_heap()
+    memory_use.return_free_heap()
     if progress_bar is not None:
       progress_bar.update()
 

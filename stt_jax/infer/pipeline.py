@@ -77,7 +77,7 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   for b, probs in predictor.run(image, todo, as_uint8=True):
     out.write((*b.start, 0), probs)
     done.mark(b.index)
-    blocks_lib.return_free_heap()
+    memory_use.return_free_heap()
     bar.update()
   bar.close()
   return out, plan
