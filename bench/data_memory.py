@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -23,13 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from stt_jax import memory_use  # noqa: E402
 from stt_jax.config import AUGMENT_PROBABILITIES, default_config  # noqa: E402
 from stt_jax.data import sources  # noqa: E402
 from stt_jax.data.sampler import PatchSampler  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def du_bytes(path: str) -> int:
@@ -72,7 +68,7 @@ def main():
     t0 = time.perf_counter()
     make_volumes(args.workdir, tuple(args.shape))
     print(f"volumes ready in {time.perf_counter() - t0:.0f} s (peak RSS while "
-          f"writing {peak_rss_mb():.0f} MB)", flush=True)
+          f"writing {memory_use.peak_resident_mb():.0f} MB)", flush=True)
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                               *sys.argv[1:], "--feed-only"])
   image_path, label_path = make_volumes(args.workdir, tuple(args.shape))
@@ -94,7 +90,7 @@ def main():
   result = {
       "shape": list(image.shape), "image_bytes_on_disk": du_bytes(image_path),
       "patches": batches * 2, "patch": [32, 320, 320], "feed_seconds": feed_s,
-      "patches_per_s": batches * 2 / feed_s, "peak_rss_mb": peak_rss_mb()}
+      "patches_per_s": batches * 2 / feed_s, "peak_rss_mb": memory_use.peak_resident_mb()}
   print(json.dumps(result, indent=2))
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                      "data_memory-cpu.json")

@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
+from stt_jax import memory_use  # noqa: E402
 from stt_jax.data import sources, synthetic  # noqa: E402
 from stt_jax.data.targets import instance_contour  # noqa: E402
 from stt_jax.infer import blocks, blockwise, pipeline, sliding_window  # noqa: E402
@@ -75,9 +75,8 @@ def _volume(directory: str, shape) -> tuple[str, np.ndarray]:
 
 
 def _device_peak_mb() -> float | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return round(peak / 2 ** 20, 1) if peak else None
+  peak = memory_use.device_peak_mb(jax.devices()[:1])
+  return round(peak, 1) if peak else None
 
 
 def _save_params(path: str, params) -> None:
@@ -255,7 +254,7 @@ def main() -> None:
         "model_share_of_infer": round(model_only_s / infer_s, 3),
         "decode_s": round(decode_s, 2), "decode_voxels_per_s": round(voxels / decode_s),
         "decoded_instances": stats["instances"],
-        "peak_host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_host_rss_mb": round(memory_use.peak_resident_mb(), 1),
         "peak_device_mb": _device_peak_mb(),
         "probabilities_channels": probs.shape[-1],
         "peers": peers,

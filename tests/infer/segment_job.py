@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from stt_jax import memory_use
+from stt_jax import backend
 from stt_jax.data import sources
 from stt_jax.infer import pipeline, sliding_window
 from stt_jax.models import unet
@@ -51,8 +51,7 @@ def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
 
 
 if __name__ == "__main__":
-  # as stt_jax.main does (backend.configure), before any reader thread starts
-  memory_use.limit_heap_arenas(tiny_config().backend.heap_arenas)
+  backend.configure(tiny_config().backend)  # as stt_jax.main does, first
   summary = run(sys.argv[1], sys.argv[2], overwrite="--overwrite" in sys.argv,
                 bench="--bench" in sys.argv)
   print("instances", summary["instances"], np.prod(summary["volume_shape"]))
