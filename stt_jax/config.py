@@ -47,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
   # optionally "distance", a normalised distance transform per instance
   # (regressed; written to probabilities.zarr as a third channel)
   c.model.outputs = ("mask", "contour")
+  # after every conv but the head, before its ELU: none (the original
+  # Res-UNET-R) | group (GroupNorm over each patch: converges several times
+  # faster on VNC III); docs/architecture.md "Normalisation"
+  c.model.norm = "none"
+  c.model.norm_groups = 4              # groups of "group"; must divide every width
   # STT-UNET parts (paper Tables 3-5); design "none" is the baseline.
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.design = "none"    # none | split | spatial_then_temporal | temporal_then_spatial
@@ -208,6 +213,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be auto, native or depth_as_batch, got {m.conv_impl!r}")
   _need(m.compute_dtype in ("auto", "float32", "bfloat16"), "model.compute_dtype",
         f"must be auto, float32 or bfloat16, got {m.compute_dtype!r}")
+  from stt_jax.models.layers import NORMS  # pylint: disable=g-import-not-at-top
+  _need(m.norm in NORMS, "model.norm", f"must be one of {NORMS}, got {m.norm!r}")
+  if m.norm == "group":
+    _need(m.norm_groups > 0 and all(int(w) % m.norm_groups == 0 for w in m.widths),
+          "model.norm_groups", f"{m.norm_groups} must divide every width of "
+          f"model.widths {tuple(m.widths)}")
   from stt_jax.models import attention  # pylint: disable=g-import-not-at-top
   a = m.attention
   _need(a.design in attention.DESIGNS, "model.attention.design",

@@ -60,6 +60,18 @@ def test_bad_attention_implementation_is_named():
     config_lib.validate(cfg)
 
 
+def test_bad_normalisation_is_named():
+  cfg = config_lib.default_config()
+  cfg.model.norm = "batch"
+  with pytest.raises(UserError, match="config.model.norm: must be one of"):
+    config_lib.validate(cfg)
+  cfg.model.norm = "group"
+  config_lib.validate(cfg)  # 4 groups divide (28, 36, 48, 64, 80)
+  cfg.model.norm_groups = 8
+  with pytest.raises(UserError, match=r"config.model.norm_groups: 8 must divide every width"):
+    config_lib.validate(cfg)
+
+
 def _main(*flags, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS="", **(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",

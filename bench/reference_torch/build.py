@@ -10,6 +10,9 @@ def from_config(model_cfg):
   """ResUNet for the baseline (no attention, no denoiser), else STTUNet."""
   if any(model_cfg.downsample_z):
     raise ValueError("the PyTorch peer down-samples in-plane only (model.downsample_z all False)")
+  if model_cfg.get("norm", "none") != "none":
+    raise ValueError("the PyTorch peer has no normalisation layers, as the original "
+                     "(model.norm=none)")
   widths = tuple(model_cfg.widths)
   outputs = len(tuple(model_cfg.get("outputs", ("mask", "contour"))))
   a, d = model_cfg.attention, model_cfg.denoise

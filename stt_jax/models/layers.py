@@ -1,5 +1,6 @@
 """Building blocks of the Res-UNet: edge-padded convs, residual anisotropic
-blocks and the fixed bilinear up-sampler of the original Res-UNET-R.
+blocks, the optional normalisation after each conv, and the fixed bilinear
+up-sampler of the original Res-UNET-R.
 
 All activations are `[batch, depth, height, width, channels]`.
 """
@@ -76,17 +77,47 @@ class Conv(nn.Module):
     return y + bias.astype(self.dtype)
 
 
-class ResidualBlock(nn.Module):
-  """3x3x3 conv -> ELU -> 3x3x3 conv -> + input (1x1x1 projection if widths
-  differ) -> ELU."""
-  features: int
-  impl: str = "auto"
+NORMS = ("none", "group")
+
+
+class Norm(nn.Module):
+  """Normalisation after a conv, before its activation (or residual add).
+
+  "none": identity, no parameters (the original Res-UNET-R). "group":
+  GroupNorm, statistics per sample over the whole patch and each group of
+  channels (statistics in float32), a learnt scale and bias per channel. A
+  prediction therefore depends a little on the window around it
+  (docs/architecture.md "Normalisation").
+  """
+  kind: str = "none"
+  groups: int = 4
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda k, name: Conv(self.features, k, impl=self.impl, dtype=self.dtype,
-                                name=name)
+    if self.kind == "none":
+      return x
+    if self.kind == "group":
+      return nn.GroupNorm(num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
+                          name="group_norm")(x)
+    raise ValueError(f"unknown normalisation {self.kind!r}; one of {NORMS}")
+
+
+class ResidualBlock(nn.Module):
+  """3x3x3 conv -> [norm] -> ELU -> 3x3x3 conv -> [norm] -> + input (1x1x1
+  projection if widths differ) -> ELU."""
+  features: int
+  impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+  norm: str = "none"
+  norm_groups: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    def conv(k, name):
+      c = Conv(self.features, k, impl=self.impl, dtype=self.dtype, name=name)
+      n = Norm(self.norm, self.norm_groups, self.dtype, name=f"{name}_norm")
+      return lambda v: n(c(v))
     skip = x if x.shape[-1] == self.features else conv((1, 1, 1), "project")(x)
     y = nn.elu(conv((3, 3, 3), "conv1")(x))
     y = conv((3, 3, 3), "conv2")(y)
@@ -94,17 +125,22 @@ class ResidualBlock(nn.Module):
 
 
 class AnisotropicBlock(nn.Module):
-  """The paper's anisotropic conv block: 1x3x3 conv + ELU, then a residual
-  block of two 3x3x3 convs whose skip runs from the first conv's output."""
+  """The paper's anisotropic conv block: 1x3x3 conv [+ norm] + ELU, then a
+  residual block of two 3x3x3 convs whose skip runs from the first conv's
+  output."""
   features: int
   impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  norm: str = "none"
+  norm_groups: int = 4
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.elu(Conv(self.features, (1, 3, 3), impl=self.impl, dtype=self.dtype,
-                    name="conv_1x3x3")(x))
-    return ResidualBlock(self.features, self.impl, self.dtype, name="residual")(x)
+    x = Conv(self.features, (1, 3, 3), impl=self.impl, dtype=self.dtype,
+             name="conv_1x3x3")(x)
+    x = nn.elu(Norm(self.norm, self.norm_groups, self.dtype, name="conv_1x3x3_norm")(x))
+    return ResidualBlock(self.features, self.impl, self.dtype, self.norm,
+                         self.norm_groups, name="residual")(x)
 
 
 def bilinear_upsample_2x(x: jax.Array, axis: int) -> jax.Array:

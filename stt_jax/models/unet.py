@@ -24,7 +24,7 @@ from flax import linen as nn
 from stt_jax import backend
 from stt_jax.models.attention import SSTBlock
 from stt_jax.models.denoise import InterpolationDenoiser
-from stt_jax.models.layers import AnisotropicBlock, Conv, bilinear_upsample_2x
+from stt_jax.models.layers import AnisotropicBlock, Conv, Norm, bilinear_upsample_2x
 
 
 class ResUNet(nn.Module):
@@ -46,6 +46,8 @@ class ResUNet(nn.Module):
   denoise: bool = False
   denoise_kernel: int = 5
   denoise_features: int = 16
+  norm: str = "none"
+  norm_groups: int = 4
 
   def _sst(self, name: str):
     return SSTBlock(design=self.attention_design, fusion=self.attention_fusion,
@@ -63,35 +65,41 @@ class ResUNet(nn.Module):
   @nn.compact
   def __call__(self, image: jax.Array) -> jax.Array:
     kw = dict(impl=self.conv_impl, dtype=self.dtype)
+    block_kw = dict(kw, norm=self.norm, norm_groups=self.norm_groups)
+
+    def conv_norm_elu(features, kernel, name, strides=(1, 1, 1)):
+      y = Conv(features, kernel, strides, name=name, **kw)
+      n = Norm(self.norm, self.norm_groups, self.dtype, name=f"{name}_norm")
+      return lambda v: nn.elu(n(y(v)))
+
     attend = self.attention_design != "none"
     if self.denoise:
       image = InterpolationDenoiser(self.denoise_kernel, self.denoise_features,
                                     dtype=self.dtype,
                                     name="denoise")(image)
-    x = nn.elu(Conv(self.widths[0], (1, 5, 5), name="embed", **kw)(image))
-    x = AnisotropicBlock(self.widths[0], name="enc0", **kw)(x)
+    x = conv_norm_elu(self.widths[0], (1, 5, 5), "embed")(image)
+    x = AnisotropicBlock(self.widths[0], name="enc0", **block_kw)(x)
     if attend and 0 in self.attention_encoder_levels:
       x = self._sst("sst_enc0")(x)
     skips = [x]
     for level, width in enumerate(self.widths[1:], start=1):
       stride = (2 if self.downsample_z[level - 1] else 1, 2, 2)
-      x = nn.elu(Conv(self.widths[level - 1], (1, 3, 3), stride,
-                      name=f"down{level}", **kw)(x))
-      x = AnisotropicBlock(width, name=f"enc{level}", **kw)(x)
+      x = conv_norm_elu(self.widths[level - 1], (1, 3, 3), f"down{level}", stride)(x)
+      x = AnisotropicBlock(width, name=f"enc{level}", **block_kw)(x)
       if attend and level in self.attention_encoder_levels:
         x = self._sst(f"sst_enc{level}")(x)
       skips.append(x)
     x = skips.pop()
     for level in range(len(self.widths) - 2, -1, -1):
-      x = nn.elu(Conv(self.widths[level], (1, 1, 1), name=f"reduce{level}", **kw)(x))
+      x = conv_norm_elu(self.widths[level], (1, 1, 1), f"reduce{level}")(x)
       x = bilinear_upsample_2x(x, axis=2)
       x = bilinear_upsample_2x(x, axis=3)
       if self.downsample_z[level]:
         x = bilinear_upsample_2x(x, axis=1)
       skip = skips.pop()
       if level == 0:
-        skip = nn.elu(Conv(self.widths[0], (1, 3, 3), name="skip0", **kw)(skip))
-      x = AnisotropicBlock(self.widths[level], name=f"dec{level}", **kw)(x + skip)
+        skip = conv_norm_elu(self.widths[0], (1, 3, 3), "skip0")(skip)
+      x = AnisotropicBlock(self.widths[level], name=f"dec{level}", **block_kw)(x + skip)
       if attend and level in self.attention_decoder_levels:
         x = self._sst(f"sst_dec{level}")(x)
     logits = Conv(self.out_channels, (1, 5, 5), name="head", **kw)(x)
@@ -131,4 +139,7 @@ def from_config(model_cfg) -> ResUNet:
                  deform_modulation=att.deform_modulation,
                  denoise=model_cfg.denoise.enabled,
                  denoise_kernel=model_cfg.denoise.kernel_size,
-                 denoise_features=model_cfg.denoise.features)
+                 denoise_features=model_cfg.denoise.features,
+                 # exports made before `model.norm` existed have none
+                 norm=model_cfg.get("norm", "none"),
+                 norm_groups=model_cfg.get("norm_groups", 4))

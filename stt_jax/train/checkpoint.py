@@ -27,7 +27,8 @@ EXPORT_MARKER = "stt_jax_export.json"
 EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation",
                   "model.attention.chunks")
 # keys added after runs were made: a run without one had this value
-_ADDED_LATER = {"model.outputs": ["mask", "contour"]}
+_ADDED_LATER = {"model.outputs": ["mask", "contour"], "model.norm": "none",
+                "model.norm_groups": 4}
 
 
 def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]:

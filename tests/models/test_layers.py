@@ -65,3 +65,44 @@ def test_bilinear_upsample_matches_transposed_conv_loop():
   got = np.asarray(layers.bilinear_upsample_2x(jnp.asarray(x), axis))
   np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
   assert got[0, 0, 0, 0, 0] == pytest.approx(0.75 * x[0, 0, 0, 0, 0])
+
+
+def _numpy_group_norm(x, scale, bias, groups, eps=1e-5):
+  """Per sample and group of channels over every voxel (float64)."""
+  x = x.astype(np.float64)
+  b, d, h, w, c = x.shape
+  g = x.reshape(b, d, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 3, 5), keepdims=True)
+  var = g.var(axis=(1, 2, 3, 5), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_group_norm_matches_numpy():
+  # an offset and spread per channel, as conv outputs have; trained scale and bias
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(2, 3, 5, 6, 8)) * rng.uniform(0.5, 3, 8)
+       + rng.normal(size=8) * 4).astype(np.float32)
+  norm = layers.Norm("group", groups=2)
+  params = norm.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, params) == {
+      "params": {"group_norm": {"scale": (8,), "bias": (8,)}}}
+  leaf = {"scale": rng.uniform(0.5, 2, 8).astype(np.float32),
+          "bias": rng.normal(size=8).astype(np.float32)}
+  params = {"params": {"group_norm": leaf}}
+  out = np.asarray(jax.jit(norm.apply)(params, x))
+  want = _numpy_group_norm(x, leaf["scale"], leaf["bias"], groups=2)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+  # bfloat16 compute (the GPU default) gives the same numbers to its precision
+  out_bf16 = layers.Norm("group", groups=2, dtype=jnp.bfloat16).apply(params, x)
+  assert out_bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out_bf16, np.float32), want, rtol=2e-2, atol=5e-2)
+
+
+def test_norm_none_is_the_identity_without_parameters():
+  x = jnp.arange(24.0).reshape(1, 1, 2, 3, 4)
+  norm = layers.Norm("none")
+  params = norm.init(jax.random.key(0), x)
+  assert not jax.tree.leaves(params)
+  np.testing.assert_array_equal(np.asarray(norm.apply(params, x)), np.asarray(x))
+  with pytest.raises(ValueError, match="'layer'"):
+    layers.Norm("layer").init(jax.random.key(0), x)

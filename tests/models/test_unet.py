@@ -91,6 +91,26 @@ def test_stt_unet_shapes_jit_and_fresh_blocks_keep_the_baseline_function(design,
       assert np.abs(np.asarray(grads["params"][name]["proj"]["kernel"])).max() > 0, name
 
 
+def test_group_norm_follows_every_conv_but_the_head():
+  x = jax.random.uniform(jax.random.key(0), (1, 3, 32, 32, 1))
+  kw = dict(widths=(4, 4, 8, 8, 8))
+  p_none = jax.jit(ResUNet(**kw).init)(jax.random.key(1), x)
+  model = ResUNet(norm="group", norm_groups=2, **kw)
+  params = jax.jit(model.init)(jax.random.key(1), x)
+  leaves = [(tuple(k.key for k in path), v)
+            for path, v in jax.tree_util.tree_leaves_with_path(params)]
+  convs = {path[:-1] for path, _ in leaves if path[-1] == "kernel"}
+  norms = {path[:-2] for path, _ in leaves if path[-2].endswith("_norm")}
+  # every conv but the head has one norm beside it, named after it
+  assert norms == {conv[:-1] + (conv[-1] + "_norm",) for conv in convs
+                   if conv != ("params", "head")}
+  # and 'none' is the same network without them
+  assert _count(p_none) == sum(np.size(v) for path, v in leaves
+                               if not path[-2].endswith("_norm"))
+  out = jax.jit(model.apply)(params, x)
+  assert out.shape == (1, 3, 32, 32, 2) and np.all(np.isfinite(np.asarray(out)))
+
+
 def test_denoiser_sits_in_front():
   x = jax.random.uniform(jax.random.key(0), (1, 4, 32, 32, 1))
   model = ResUNet(widths=(4, 4, 6, 6, 8), denoise=True, denoise_kernel=3)

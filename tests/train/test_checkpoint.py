@@ -120,3 +120,16 @@ def test_runs_made_before_model_outputs_resume_as_mask_and_contour(tmp_path):
     checkpoint.prepare_workdir(
         work, '{"model": {"widths": [4, 8], "outputs": ["mask", "contour", "distance"]}}',
         resume=True, overwrite=False)
+
+
+def test_runs_made_before_model_norm_resume_without_one(tmp_path):
+  work = str(tmp_path / "run")
+  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=False,
+                             overwrite=False)
+  checkpoint.prepare_workdir(
+      work, '{"model": {"widths": [4, 8], "norm": "none", "norm_groups": 4}}', resume=True,
+      overwrite=False)
+  with pytest.raises(UserError, match=r"model.norm: run has 'none', config has 'group'"):
+    checkpoint.prepare_workdir(
+        work, '{"model": {"widths": [4, 8], "norm": "group", "norm_groups": 4}}',
+        resume=True, overwrite=False)
