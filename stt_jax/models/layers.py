@@ -103,6 +103,17 @@ class Norm(nn.Module):
     raise ValueError(f"unknown normalisation {self.kind!r}; one of {NORMS}")
 
 
+def conv_then_norm(features: int, kernel: tuple[int, int, int], name: str, *,
+                   strides: tuple[int, int, int] = (1, 1, 1), impl: str = "auto",
+                   dtype: jnp.dtype = jnp.float32, norm: str = "none",
+                   norm_groups: int = 4):
+  """`Conv` named `name`, then its `Norm` named `<name>_norm`, as one callable.
+  Call from inside a compact method: both become the caller's submodules."""
+  conv = Conv(features, kernel, strides, impl=impl, dtype=dtype, name=name)
+  normalise = Norm(norm, norm_groups, dtype, name=f"{name}_norm")
+  return lambda x: normalise(conv(x))
+
+
 class ResidualBlock(nn.Module):
   """3x3x3 conv -> [norm] -> ELU -> 3x3x3 conv -> [norm] -> + input (1x1x1
   projection if widths differ) -> ELU."""
@@ -114,10 +125,9 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    def conv(k, name):
-      c = Conv(self.features, k, impl=self.impl, dtype=self.dtype, name=name)
-      n = Norm(self.norm, self.norm_groups, self.dtype, name=f"{name}_norm")
-      return lambda v: n(c(v))
+    conv = lambda k, name: conv_then_norm(self.features, k, name, impl=self.impl,
+                                          dtype=self.dtype, norm=self.norm,
+                                          norm_groups=self.norm_groups)
     skip = x if x.shape[-1] == self.features else conv((1, 1, 1), "project")(x)
     y = nn.elu(conv((3, 3, 3), "conv1")(x))
     y = conv((3, 3, 3), "conv2")(y)
@@ -136,9 +146,9 @@ class AnisotropicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv(self.features, (1, 3, 3), impl=self.impl, dtype=self.dtype,
-             name="conv_1x3x3")(x)
-    x = nn.elu(Norm(self.norm, self.norm_groups, self.dtype, name="conv_1x3x3_norm")(x))
+    x = nn.elu(conv_then_norm(self.features, (1, 3, 3), "conv_1x3x3", impl=self.impl,
+                              dtype=self.dtype, norm=self.norm,
+                              norm_groups=self.norm_groups)(x))
     return ResidualBlock(self.features, self.impl, self.dtype, self.norm,
                          self.norm_groups, name="residual")(x)
 

@@ -24,7 +24,8 @@ from flax import linen as nn
 from stt_jax import backend
 from stt_jax.models.attention import SSTBlock
 from stt_jax.models.denoise import InterpolationDenoiser
-from stt_jax.models.layers import AnisotropicBlock, Conv, Norm, bilinear_upsample_2x
+from stt_jax.models.layers import (AnisotropicBlock, Conv, bilinear_upsample_2x,
+                                   conv_then_norm)
 
 
 class ResUNet(nn.Module):
@@ -68,9 +69,8 @@ class ResUNet(nn.Module):
     block_kw = dict(kw, norm=self.norm, norm_groups=self.norm_groups)
 
     def conv_norm_elu(features, kernel, name, strides=(1, 1, 1)):
-      y = Conv(features, kernel, strides, name=name, **kw)
-      n = Norm(self.norm, self.norm_groups, self.dtype, name=f"{name}_norm")
-      return lambda v: nn.elu(n(y(v)))
+      conv = conv_then_norm(features, kernel, name, strides=strides, **block_kw)
+      return lambda v: nn.elu(conv(v))
 
     attend = self.attention_design != "none"
     if self.denoise:
