@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from stt_jax.models.unet import ResUNet, input_multiple
@@ -109,6 +110,15 @@ def test_group_norm_follows_every_conv_but_the_head():
   assert _count(p_none) == sum(np.size(v) for path, v in leaves
                                if not path[-2].endswith("_norm"))
   assert out.shape == (1, 3, 32, 32, 2) and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_exports_made_before_model_norm_build_the_network_without_one():
+  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from stt_jax.models.unet import from_config  # pylint: disable=g-import-not-at-top
+  old = default_config().model.to_dict()
+  del old["norm"], old["norm_groups"]
+  model = from_config(ml_collections.ConfigDict(old))
+  assert (model.norm, model.norm_groups) == ("none", 4)
 
 
 def test_denoiser_sits_in_front():

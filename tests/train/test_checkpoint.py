@@ -109,27 +109,21 @@ def test_a_state_of_another_structure_is_one_clear_error(tmp_path):
   ckpts.close()
 
 
-def test_runs_made_before_model_outputs_resume_as_mask_and_contour(tmp_path):
+@pytest.mark.parametrize("same, other, message", [
+    ('"outputs": ["mask", "contour"]', '"outputs": ["mask", "contour", "distance"]',
+     r"model.outputs: run has \['mask', 'contour'\]"),
+    ('"norm": "none", "norm_groups": 4', '"norm": "group", "norm_groups": 4',
+     r"model.norm: run has 'none', config has 'group'"),
+])
+def test_runs_made_before_a_model_key_resume_with_its_old_value(tmp_path, same, other,
+                                                                 message):
+  """A run whose stt_jax_run.json predates a key resumes under the key's old
+  value (checkpoint._ADDED_LATER) and refuses any other."""
   work = str(tmp_path / "run")
   checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=False,
                              overwrite=False)
-  checkpoint.prepare_workdir(
-      work, '{"model": {"widths": [4, 8], "outputs": ["mask", "contour"]}}', resume=True,
-      overwrite=False)
-  with pytest.raises(UserError, match=r"model.outputs: run has \['mask', 'contour'\]"):
-    checkpoint.prepare_workdir(
-        work, '{"model": {"widths": [4, 8], "outputs": ["mask", "contour", "distance"]}}',
-        resume=True, overwrite=False)
-
-
-def test_runs_made_before_model_norm_resume_without_one(tmp_path):
-  work = str(tmp_path / "run")
-  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=False,
-                             overwrite=False)
-  checkpoint.prepare_workdir(
-      work, '{"model": {"widths": [4, 8], "norm": "none", "norm_groups": 4}}', resume=True,
-      overwrite=False)
-  with pytest.raises(UserError, match=r"model.norm: run has 'none', config has 'group'"):
-    checkpoint.prepare_workdir(
-        work, '{"model": {"widths": [4, 8], "norm": "group", "norm_groups": 4}}',
-        resume=True, overwrite=False)
+  checkpoint.prepare_workdir(work, f'{{"model": {{"widths": [4, 8], {same}}}}}',
+                             resume=True, overwrite=False)
+  with pytest.raises(UserError, match=message):
+    checkpoint.prepare_workdir(work, f'{{"model": {{"widths": [4, 8], {other}}}}}',
+                               resume=True, overwrite=False)
