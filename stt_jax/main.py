@@ -257,6 +257,8 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None) -> None:
   scores, path, out_dir = validation
   print(report.format_table(scores, f"held-out volume {path} {tuple(scores['volume_shape'])}"))
   print(f"segmented in {scores['segment_seconds']:.1f} s; instances in {out_dir}")
+  if scores.get("decode_note"):
+    print(scores["decode_note"])
   at = scores["mask_threshold_sweep"].get(f"{cfg.decode.foreground:.2f}")
   print(f"voxel Jaccard of mask > t: best {scores['best_mask_threshold_jaccard']:.4f} at "
         f"t = {scores['best_mask_threshold']:.2f}"
@@ -286,10 +288,18 @@ def _segment(cfg, workdir: str | None) -> None:
   print(f"segmented {image.shape} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
         f"{', continued a previous run' if summary['resumed'] else ''}): "
         f"{summary['instances']} instances -> {out}")
+  _print_why_no_instances(cfg, summary)
   if summary["components_cut_by_halo"]:
     print(f"note: {summary['components_cut_by_halo']} foreground components were longer "
           "than decode.halo; ids near those block faces may differ from whole-volume "
           "decoding (raise decode.halo)")
+
+
+def _print_why_no_instances(cfg, stats: dict) -> None:
+  from stt_jax.infer import blockwise  # pylint: disable=g-import-not-at-top
+  note = blockwise.why_no_instances(stats, blockwise.DecodeSettings.from_config(cfg.decode))
+  if note:
+    print(note)
 
 
 def _decode(cfg) -> None:
@@ -324,6 +334,7 @@ def _decode(cfg) -> None:
   voxels = int(np.prod(probabilities.shape[:3]))
   print(f"decoded {probabilities.shape[:3]} in {seconds:.1f} s ({voxels / seconds:.3g} "
         f"voxels/s): {stats['instances']} instances -> {instances.path}")
+  _print_why_no_instances(cfg, stats)
 
 
 def _evaluate_volumes(cfg) -> None:

@@ -223,3 +223,24 @@ def test_out_of_device_memory_is_one_line_other_runtime_errors_keep_their_traceb
   monkeypatch.setattr(main, "run", failing(jax.errors.JaxRuntimeError("INTERNAL: a bug")))
   with pytest.raises(jax.errors.JaxRuntimeError, match="a bug"):
     main._main(["stt_jax.main"])
+
+
+def test_a_decoding_without_instances_says_why(tmp_path):
+  """--mode=decode of maps that never pass decode.seed_mask (an undertrained
+  model's): '0 instances' and, on the next line, the highest mask
+  probability and the knobs; the same in segment.json."""
+  rng = np.random.default_rng(0)
+  probs = np.stack([rng.integers(0, 200, (8, 32, 32)), rng.integers(0, 50, (8, 32, 32))],
+                   -1).astype(np.uint8)
+  source = sources.write_array(str(tmp_path / "p.zarr"), probs)
+  proc = _main("--mode=decode", f"--input={source.path}", f"--output={tmp_path / 'out'}",
+               "--config.decode.block_shape=(4,16,16)", "--config.decode.halo=(2,4,4)")
+  lines = proc.stdout.splitlines()
+  assert lines[-2].endswith(f"0 instances -> {tmp_path / 'out' / 'instances.zarr'}"), lines
+  assert lines[-1] == ("0 instances: no voxel's mask probability exceeds decode.seed_mask "
+                       f"0.90 (the highest is {probs[..., 0].max() / 255:.3f}); train "
+                       "longer, or lower decode.seed_mask (and decode.foreground, 0.85) "
+                       "below it")
+  manifest = json.load(open(tmp_path / "out" / "segment.json"))
+  assert manifest["max_mask_probability"] == pytest.approx(probs[..., 0].max() / 255,
+                                                           abs=1e-4)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from stt_jax.data import datasets, sources
 from tests.conftest import shared_data
@@ -63,3 +64,11 @@ def test_train_then_score_sections_12_to_15(tmp_path):
   # recall at t = 0.05 can only fall as t grows
   recalls = [v["recall"] for v in scores["mask_threshold_sweep"].values()]
   assert recalls == sorted(recalls, reverse=True)
+  # two steps cannot reach the seed threshold: said, with the highest mask
+  # probability read back from the stored maps
+  probs = sources.open_volume(str(work / "val_segmentation" / "probabilities.zarr"))
+  highest = probs.read([0, 0, 0, 0], [*probs.shape[:3], 1]).max() / 255
+  assert scores["max_mask_probability"] == pytest.approx(highest, abs=1e-4) and highest < 0.9
+  assert scores["decode_note"].startswith("0 instances: no voxel's mask probability exceeds "
+                                          "decode.seed_mask 0.90")
+  assert scores["decode_note"] in out.stdout

@@ -80,7 +80,7 @@ def _seed_pass(probabilities, seeds_vol, grid, s: DecodeSettings, progress, tick
     fragments = np.where(local > 0, local.astype(np.uint64) | offset, np.uint64(0))
     seeds_vol.write(b.start, fragments)
     ids = np.arange(1, len(counts) + 1, dtype=np.uint64) | offset
-    done.mark(b.index, ids=ids, counts=counts.astype(np.int64))
+    done.mark(b.index, ids=ids, counts=counts.astype(np.int64), peak_mask=mask.max())
     tick()
 
 
@@ -224,8 +224,41 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
   stats = _relabel_pass(ws_vol, out_vol, grid, s, out_dir, tick)
   stats["seeds"] = int(seed_map["seed_ids"].max(initial=0))
   stats["blocks"] = len(grid)
+  stats.update(_seed_summary(grid, out_dir))
   shutil.rmtree(scratch)
   return out_vol, stats
+
+
+def _seed_summary(grid, progress) -> dict:
+  """Seed voxels before the size filter and the highest mask probability
+  (None where a block was seeded by a version that did not record it)."""
+  records = [blocks_lib.Progress(progress, "seeds").load(b.index) for b in grid]
+  peaks = [int(r["peak_mask"]) for r in records if "peak_mask" in r]
+  return {"seed_voxels": int(sum(int(r["counts"].sum()) for r in records)),
+          "max_mask_probability": (round(max(peaks) / 255, 4)
+                                   if len(peaks) == len(records) else None)}
+
+
+def why_no_instances(stats: dict, s: DecodeSettings) -> str:
+  """One line saying which decoding step lost every object, and the knob to
+  turn; "" when `decode` found instances. A short or failed training run
+  gives maps that never reach the seed threshold: say so rather than leave
+  a bare "0 instances"."""
+  if stats["instances"]:
+    return ""
+  peak = stats.get("max_mask_probability")
+  if peak is not None and round(peak * 255) <= postprocess.level(s.seed_mask):
+    return (f"0 instances: no voxel's mask probability exceeds decode.seed_mask "
+            f"{s.seed_mask:.2f} (the highest is {peak:.3f}); train longer, or lower "
+            f"decode.seed_mask (and decode.foreground, {s.foreground:.2f}) below it")
+  if not stats["seed_voxels"]:
+    return (f"0 instances: no voxel has mask > decode.seed_mask {s.seed_mask:.2f} and "
+            f"contour <= decode.seed_contour {s.seed_contour:.2f}; raise decode.seed_contour")
+  if not stats["seeds"]:
+    return (f"0 instances: {stats['seed_voxels']} seed voxels, but no seed of "
+            f"decode.min_seed_size {s.min_seed_size} voxels; lower decode.min_seed_size")
+  return (f"0 instances: {stats['seeds']} seeds, but every object is smaller than "
+          f"decode.min_size {s.min_size} voxels; lower decode.min_size")
 
 
 def passes(shape: Sequence[int], block: Sequence[int]) -> int:

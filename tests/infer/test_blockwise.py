@@ -73,3 +73,53 @@ def test_an_object_crossing_every_block_keeps_one_id(tmp_path):
   assert stats["instances"] == 2
   core = result[3:13, 7:33, 19:21]  # the object minus its contour
   assert len(np.unique(core)) == 1 and core[0, 0, 0] > 0
+
+
+def test_an_empty_decoding_says_which_step_lost_the_objects(tmp_path, volume):
+  """0 instances from an undertrained model (mask never above the seed
+  threshold), from contours over every seed, from seeds or objects under the
+  size limits: each named, with the knob; the highest mask probability
+  reported equals numpy's max over the whole volume (blocks and halos)."""
+  labels, probs = volume
+  base = dict(min_seed_size=8, min_size=30, block=(12, 48, 40), halo=(8, 32, 32))
+
+  def run(name, p, **settings):
+    s = blockwise.DecodeSettings(**{**base, **settings})
+    vol = sources.write_array(str(tmp_path / f"{name}.zarr"), p)
+    _, stats = blockwise.decode(vol, str(tmp_path / name), s)
+    return stats, blockwise.why_no_instances(stats, s)
+
+  stats, note = run("found", probs)
+  assert stats["instances"] > 15 and note == ""
+  assert stats["max_mask_probability"] == pytest.approx(probs[..., 0].max() / 255, abs=1e-4)
+
+  dim = probs.copy()
+  dim[..., 0] = (dim[..., 0].astype(np.float32) * 0.8).astype(np.uint8)  # max 204: 0.8
+  stats, note = run("dim", dim)
+  assert stats["max_mask_probability"] == pytest.approx(dim[..., 0].max() / 255, abs=1e-4)
+  assert stats["instances"] == stats["seeds"] == stats["seed_voxels"] == 0
+  assert note == ("0 instances: no voxel's mask probability exceeds decode.seed_mask 0.90 "
+                  f"(the highest is {dim[..., 0].max() / 255:.3f}); train longer, or lower "
+                  "decode.seed_mask (and decode.foreground, 0.85) below it")
+  # a mask exactly at the threshold's level is no seed (mask > seed_mask)
+  at = np.where(dim[..., :1] > 0, np.uint8(postprocess.level(0.9)), dim[..., :1])
+  stats, note = run("at", np.concatenate([at, dim[..., 1:]], -1))
+  assert stats["seed_voxels"] == 0 and "exceeds decode.seed_mask" in note
+
+  edged = probs.copy()
+  edged[..., 1] = np.maximum(edged[..., 1], 128)  # contour > 0.5 everywhere
+  stats, note = run("contour", edged, seed_contour=0.5)
+  assert stats["seed_voxels"] == 0 and note.startswith("0 instances: no voxel has mask > "
+                                                       "decode.seed_mask 0.90 and contour <=")
+  assert note.endswith("raise decode.seed_contour")
+
+  big = int((probs[..., 0] > postprocess.level(0.9)).sum())
+  stats, note = run("seeds", probs, min_seed_size=big + 1)
+  assert stats["seeds"] == 0 and stats["seed_voxels"] > 0
+  assert note == (f"0 instances: {stats['seed_voxels']} seed voxels, but no seed of "
+                  f"decode.min_seed_size {big + 1} voxels; lower decode.min_seed_size")
+
+  stats, note = run("small", probs, min_size=int(np.prod(labels.shape)))
+  assert stats["instances"] == 0 and stats["seeds"] > 15
+  assert note.endswith(f"smaller than decode.min_size {int(np.prod(labels.shape))} voxels; "
+                       "lower decode.min_size")
