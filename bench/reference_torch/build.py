@@ -10,11 +10,11 @@ def from_config(model_cfg):
   """ResUNet for the baseline (no attention, no denoiser), else STTUNet."""
   if any(model_cfg.downsample_z):
     raise ValueError("the PyTorch peer down-samples in-plane only (model.downsample_z all False)")
-  if model_cfg.get("norm", "none") != "none":
+  if model_cfg.norm != "none":
     raise ValueError("the PyTorch peer has no normalisation layers, as the original "
                      "(model.norm=none)")
   widths = tuple(model_cfg.widths)
-  outputs = len(tuple(model_cfg.get("outputs", ("mask", "contour"))))
+  outputs = len(tuple(model_cfg.outputs))
   a, d = model_cfg.attention, model_cfg.denoise
   if a.design == "none" and not d.enabled:
     return ResUNet(widths, outputs)

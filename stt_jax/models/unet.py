@@ -112,13 +112,9 @@ def input_multiple(downsample_z: Sequence[bool]) -> tuple[int, int, int]:
   return (2 ** sum(bool(v) for v in downsample_z), 2 ** n, 2 ** n)
 
 
-OUTPUTS = ("mask", "contour")  # always; "distance" may follow
-
-
 def outputs(model_cfg) -> tuple[str, ...]:
-  """The output channels' names (exports made before `model.outputs` existed
-  have mask and contour)."""
-  return tuple(model_cfg.get("outputs", OUTPUTS))
+  """The output channels' names."""
+  return tuple(model_cfg.outputs)
 
 
 def from_config(model_cfg) -> ResUNet:
@@ -130,7 +126,7 @@ def from_config(model_cfg) -> ResUNet:
                  out_channels=len(outputs(model_cfg)), conv_impl=model_cfg.conv_impl,
                  dtype=backend.compute_dtype(model_cfg.compute_dtype),
                  attention_impl=att.implementation,
-                 attention_chunks=att.get("chunks", 1),
+                 attention_chunks=att.chunks,
                  attention_design=att.design, attention_fusion=att.fusion,
                  attention_heads=att.heads, attention_kv_grid=att.kv_grid,
                  attention_encoder_levels=tuple(att.encoder_levels),
@@ -140,6 +136,4 @@ def from_config(model_cfg) -> ResUNet:
                  denoise=model_cfg.denoise.enabled,
                  denoise_kernel=model_cfg.denoise.kernel_size,
                  denoise_features=model_cfg.denoise.features,
-                 # exports made before `model.norm` existed have none
-                 norm=model_cfg.get("norm", "none"),
-                 norm_groups=model_cfg.get("norm_groups", 4))
+                 norm=model_cfg.norm, norm_groups=model_cfg.norm_groups)

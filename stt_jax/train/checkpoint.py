@@ -26,9 +26,25 @@ EXPORT_MARKER = "stt_jax_export.json"
 # how the model is computed, not what it is: a run may resume under others
 EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation",
                   "model.attention.chunks")
-# keys added after runs were made: a run without one had this value
+# keys added after runs and exports were made: one without the key had this value
 _ADDED_LATER = {"model.outputs": ["mask", "contour"], "model.norm": "none",
-                "model.norm_groups": 4}
+                "model.norm_groups": 4, "model.attention.chunks": 1}
+
+
+def _with_keys_added_later(model: dict) -> dict:
+  """`model` (a saved model config) with the keys it predates at their old
+  values, so readers need no fallbacks of their own."""
+  model = json.loads(json.dumps(model))  # a deep copy
+  for key, value in _ADDED_LATER.items():
+    *parents, name = key.split(".")[1:]
+    node = model
+    for part in parents:
+      node = node.get(part)
+      if not isinstance(node, dict):
+        break
+    else:
+      node.setdefault(name, value)
+  return model
 
 
 def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]:
@@ -164,8 +180,9 @@ def is_export(path: str) -> bool:
 
 
 def read_export_model_config(path: str) -> dict:
+  """The export's model config, keys added since it was made filled in."""
   with open(os.path.join(path, EXPORT_MARKER)) as f:
-    return json.load(f)["model"]
+    return _with_keys_added_later(json.load(f)["model"])
 
 
 def load_export(directory: str, model, patch_shape, mesh):

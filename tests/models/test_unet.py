@@ -112,13 +112,22 @@ def test_group_norm_follows_every_conv_but_the_head():
   assert out.shape == (1, 3, 32, 32, 2) and np.all(np.isfinite(np.asarray(out)))
 
 
-def test_exports_made_before_model_norm_build_the_network_without_one():
+def test_exports_made_before_later_model_keys_build_the_network_they_held(tmp_path):
+  """An export whose config predates model.outputs, model.norm(_groups) and
+  model.attention.chunks: two outputs, no norm, one chunk; the keys it has
+  are kept."""
+  import json  # pylint: disable=g-import-not-at-top
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
   from stt_jax.models.unet import from_config  # pylint: disable=g-import-not-at-top
-  old = default_config().model.to_dict()
-  del old["norm"], old["norm_groups"]
-  model = from_config(ml_collections.ConfigDict(old))
-  assert (model.norm, model.norm_groups) == ("none", 4)
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  old = json.loads(default_config().model.to_json())
+  del old["norm"], old["norm_groups"], old["outputs"], old["attention"]["chunks"]
+  old["widths"], old["attention"]["heads"] = [4, 4, 6, 6, 8], 2
+  (tmp_path / checkpoint.EXPORT_MARKER).write_text(json.dumps({"model": old}))
+  model = from_config(ml_collections.ConfigDict(
+      checkpoint.read_export_model_config(str(tmp_path))))
+  assert (model.norm, model.norm_groups, model.out_channels, model.attention_chunks,
+          model.widths, model.attention_heads) == ("none", 4, 2, 1, (4, 4, 6, 6, 8), 2)
 
 
 def test_denoiser_sits_in_front():

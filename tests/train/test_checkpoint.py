@@ -55,7 +55,9 @@ def test_export_round_trip_and_refusal(tmp_path):
   out = str(tmp_path / "export")
   checkpoint.export_weights(out, params, {"name": "res_unet"}, info={"weights": "ema"})
   assert checkpoint.is_export(out)
-  assert checkpoint.read_export_model_config(out) == {"name": "res_unet"}
+  # read back with the keys added since (none here) at their old values
+  assert checkpoint.read_export_model_config(out) == {
+      "name": "res_unet", "outputs": ["mask", "contour"], "norm": "none", "norm_groups": 4}
   loaded = checkpoint.load_export(out, model, (4, 16, 16), step_lib.make_mesh())
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
