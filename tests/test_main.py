@@ -239,7 +239,7 @@ def test_a_decoding_without_instances_says_why(tmp_path):
   assert lines[-2].endswith(f"0 instances -> {tmp_path / 'out' / 'instances.zarr'}"), lines
   assert lines[-1] == ("0 instances: no voxel's mask probability exceeds decode.seed_mask "
                        f"0.90 (the highest is {probs[..., 0].max() / 255:.3f}); train "
-                       "longer, or lower decode.seed_mask (and decode.foreground, 0.85) "
+                       "longer, or lower decode.seed_mask and decode.foreground (0.85) "
                        "below it")
   manifest = json.load(open(tmp_path / "out" / "segment.json"))
   assert manifest["max_mask_probability"] == pytest.approx(probs[..., 0].max() / 255,

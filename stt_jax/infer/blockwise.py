@@ -248,9 +248,11 @@ def why_no_instances(stats: dict, s: DecodeSettings) -> str:
     return ""
   peak = stats.get("max_mask_probability")
   if peak is not None and round(peak * 255) <= postprocess.level(s.seed_mask):
+    also = (f" and decode.foreground ({s.foreground:.2f})"
+            if round(peak * 255) <= postprocess.level(s.foreground) else "")
     return (f"0 instances: no voxel's mask probability exceeds decode.seed_mask "
             f"{s.seed_mask:.2f} (the highest is {peak:.3f}); train longer, or lower "
-            f"decode.seed_mask (and decode.foreground, {s.foreground:.2f}) below it")
+            f"decode.seed_mask{also} below it")
   if not stats["seed_voxels"]:
     return (f"0 instances: no voxel has mask > decode.seed_mask {s.seed_mask:.2f} and "
             f"contour <= decode.seed_contour {s.seed_contour:.2f}; raise decode.seed_contour")

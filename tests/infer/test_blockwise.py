@@ -100,7 +100,10 @@ def test_an_empty_decoding_says_which_step_lost_the_objects(tmp_path, volume):
   assert stats["instances"] == stats["seeds"] == stats["seed_voxels"] == 0
   assert note == ("0 instances: no voxel's mask probability exceeds decode.seed_mask 0.90 "
                   f"(the highest is {dim[..., 0].max() / 255:.3f}); train longer, or lower "
-                  "decode.seed_mask (and decode.foreground, 0.85) below it")
+                  "decode.seed_mask and decode.foreground (0.85) below it")
+  # a foreground threshold already under the highest value is not named
+  stats, note = run("dim_fg", dim, foreground=0.5)
+  assert note.endswith("train longer, or lower decode.seed_mask below it")
   # a mask exactly at the threshold's level is no seed (mask > seed_mask)
   at = np.where(dim[..., :1] > 0, np.uint8(postprocess.level(0.9)), dim[..., :1])
   stats, note = run("at", np.concatenate([at, dim[..., 1:]], -1))
