@@ -288,18 +288,12 @@ def _segment(cfg, workdir: str | None) -> None:
   print(f"segmented {image.shape} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
         f"{', continued a previous run' if summary['resumed'] else ''}): "
         f"{summary['instances']} instances -> {out}")
-  _print_why_no_instances(cfg, summary)
+  if "decode_note" in summary:  # 0 instances: which step lost them
+    print(summary["decode_note"])
   if summary["components_cut_by_halo"]:
     print(f"note: {summary['components_cut_by_halo']} foreground components were longer "
           "than decode.halo; ids near those block faces may differ from whole-volume "
           "decoding (raise decode.halo)")
-
-
-def _print_why_no_instances(cfg, stats: dict) -> None:
-  from stt_jax.infer import blockwise  # pylint: disable=g-import-not-at-top
-  note = blockwise.why_no_instances(stats, blockwise.DecodeSettings.from_config(cfg.decode))
-  if note:
-    print(note)
 
 
 def _decode(cfg) -> None:
@@ -334,7 +328,8 @@ def _decode(cfg) -> None:
   voxels = int(np.prod(probabilities.shape[:3]))
   print(f"decoded {probabilities.shape[:3]} in {seconds:.1f} s ({voxels / seconds:.3g} "
         f"voxels/s): {stats['instances']} instances -> {instances.path}")
-  _print_why_no_instances(cfg, stats)
+  if "decode_note" in stats:
+    print(stats["decode_note"])
 
 
 def _evaluate_volumes(cfg) -> None:

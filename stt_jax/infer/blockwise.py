@@ -86,14 +86,19 @@ def _seed_pass(probabilities, seeds_vol, grid, s: DecodeSettings, progress, tick
 
 def _merge_pass(seeds_vol, grid, shape, s: DecodeSettings, progress) -> dict:
   """Global seed id of every fragment: {"fragments": sorted uint64,
-  "seed_ids": uint32 (0 = dropped)}."""
+  "seed_ids": uint32 (0 = dropped), "seed_voxels": before the size filter,
+  "peak_mask": the highest mask level, -1 if unknown}."""
   done = blocks_lib.Progress(progress, "merge")
   if done.done(0):
-    return done.load(0)
+    result = done.load(0)
+    if "seed_voxels" in result:  # else recorded by an older version: merge again
+      return result
   seeds_done = blocks_lib.Progress(progress, "seeds")
   records = [seeds_done.load(b.index) for b in grid]
   fragments = np.concatenate([r["ids"] for r in records])
   counts = np.concatenate([r["counts"] for r in records])
+  # the highest mask level (-1 where a block was seeded by an older version)
+  peaks = [int(r["peak_mask"]) if "peak_mask" in r else -1 for r in records]
   edges = []
   for b in grid:
     for axis in range(3):
@@ -119,7 +124,8 @@ def _merge_pass(seeds_vol, grid, shape, s: DecodeSettings, progress) -> dict:
   new_id = np.zeros(len(sizes), np.uint32)
   new_id[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint32)
   result = {"fragments": fragments, "seed_ids": new_id[component] if n else
-            np.zeros(0, np.uint32)}
+            np.zeros(0, np.uint32), "seed_voxels": np.int64(counts.sum()),
+            "peak_mask": np.int64(-1 if min(peaks) < 0 else max(peaks))}
   done.mark(0, **result)
   return result
 
@@ -224,19 +230,14 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
   stats = _relabel_pass(ws_vol, out_vol, grid, s, out_dir, tick)
   stats["seeds"] = int(seed_map["seed_ids"].max(initial=0))
   stats["blocks"] = len(grid)
-  stats.update(_seed_summary(grid, out_dir))
+  stats["seed_voxels"] = int(seed_map["seed_voxels"])
+  peak = int(seed_map["peak_mask"])
+  stats["max_mask_probability"] = round(peak / 255, 4) if peak >= 0 else None
+  note = why_no_instances(stats, s)
+  if note:
+    stats["decode_note"] = note
   shutil.rmtree(scratch)
   return out_vol, stats
-
-
-def _seed_summary(grid, progress) -> dict:
-  """Seed voxels before the size filter and the highest mask probability
-  (None where a block was seeded by a version that did not record it)."""
-  records = [blocks_lib.Progress(progress, "seeds").load(b.index) for b in grid]
-  peaks = [int(r["peak_mask"]) for r in records if "peak_mask" in r]
-  return {"seed_voxels": int(sum(int(r["counts"].sum()) for r in records)),
-          "max_mask_probability": (round(max(peaks) / 255, 4)
-                                   if len(peaks) == len(records) else None)}
 
 
 def why_no_instances(stats: dict, s: DecodeSettings) -> str:

@@ -139,7 +139,7 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
   data.val.context the region is segmented with the image around it and
   only the region is scored (context_offset: where it lies in the output).
   """
-  from stt_jax.infer import blockwise, pipeline  # pylint: disable=g-import-not-at-top
+  from stt_jax.infer import pipeline  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
   image, labels, offset = datasets.open_split_with_context(cfg, "val")
   t0 = time.perf_counter()
@@ -158,11 +158,11 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
                                 probabilities=scored(summary["probabilities_path"]))
   scores["segment_seconds"] = seconds
   scores["volume_shape"] = list(labels.shape[:3])
-  if summary["max_mask_probability"] is not None:  # of the whole segmented volume
+  # of the whole segmented volume
+  if summary["max_mask_probability"] is not None:
     scores["max_mask_probability"] = summary["max_mask_probability"]
-  note = blockwise.why_no_instances(summary, blockwise.DecodeSettings.from_config(cfg.decode))
-  if note:
-    scores["decode_note"] = note
+  if "decode_note" in summary:
+    scores["decode_note"] = summary["decode_note"]
   path = image.path
   if with_context:
     scores["context_offset"] = list(offset)
