@@ -68,7 +68,7 @@ def main():
     t0 = time.perf_counter()
     make_volumes(args.workdir, tuple(args.shape))
     print(f"volumes ready in {time.perf_counter() - t0:.0f} s (peak RSS while "
-          f"writing {memory_use.peak_resident_mb():.0f} MB)", flush=True)
+          f"writing {memory_use.peak_resident_mb():.0f} MiB)", flush=True)
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                               *sys.argv[1:], "--feed-only"])
   image_path, label_path = make_volumes(args.workdir, tuple(args.shape))

@@ -99,7 +99,7 @@ def make_labels_and_probabilities(directory: str, shape, tiles) -> tuple[str, st
 
 
 def _run(cmd: list[str]) -> dict:
-  """Runs cmd under /usr/bin/time -v; returns seconds and peak RSS (MB)."""
+  """Runs cmd under /usr/bin/time -v; returns seconds and peak RSS (MiB)."""
   t0 = time.perf_counter()
   proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True,
                         text=True, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -125,7 +125,7 @@ def bench_segment(work: str) -> dict:
     result["voxels_per_s"] = round(float(np.prod(shape)) / result["seconds"])
     rows[name] = result
     print(f"segment {name:>5} {shape}: {result['seconds']:.0f} s, peak RSS "
-          f"{result['peak_rss_mb']:.0f} MB", flush=True)
+          f"{result['peak_rss_mb']:.0f} MiB", flush=True)
   rows["rss_ratio"] = rows["8x"]["peak_rss_mb"] / rows["small"]["peak_rss_mb"]
   return rows
 
@@ -142,7 +142,7 @@ def bench_decode(work: str, shape) -> dict:
   common = [sys.executable, "-m", "stt_jax.main", f"--config={config}", "--quiet",
             "--overwrite", "--config.decode.min_size=64", "--config.decode.min_seed_size=16"]
   decode = _run([*common, "--mode=decode", f"--input={probs}", f"--output={decoded}"])
-  print(f"decode {shape}: {decode['seconds']:.0f} s, peak RSS {decode['peak_rss_mb']:.0f} MB",
+  print(f"decode {shape}: {decode['seconds']:.0f} s, peak RSS {decode['peak_rss_mb']:.0f} MiB",
         flush=True)
   evaluate = _run([*common, "--mode=evaluate", f"--input={decoded}", f"--labels={labels}",
                    "--config.eval.min_gt_size=0",
@@ -150,7 +150,7 @@ def bench_decode(work: str, shape) -> dict:
   with open(os.path.join(directory, "eval.json")) as f:
     scores = json.load(f)
   print(f"evaluate: {evaluate['seconds']:.0f} s ({scores['seconds']:.0f} s scoring), peak "
-        f"RSS {evaluate['peak_rss_mb']:.0f} MB, {scores['num_gt']} GT / "
+        f"RSS {evaluate['peak_rss_mb']:.0f} MiB, {scores['num_gt']} GT / "
         f"{scores['num_pred']} predicted instances, AP-75 {scores['ap_75']:.3f}", flush=True)
   prob_bytes = int(np.prod(shape)) * 2
   return {"shape": list(shape), "probability_bytes": prob_bytes, "decode": decode,

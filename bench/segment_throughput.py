@@ -271,8 +271,8 @@ def main() -> None:
           ("model alone, same windows", f"{voxels / max(model_only_s, 1e-9):.3g} voxels/s"),
           ("model share of inference time", f"{result['model_share_of_infer']:.0%}"),
           ("decoding (blockwise watershed)", f"{result['decode_voxels_per_s']:.3g} voxels/s"),
-          ("peak host RSS", f"{result['peak_host_rss_mb']:.0f} MB"),
-          ("peak device memory", f"{result['peak_device_mb']} MB")]
+          ("peak host RSS", f"{result['peak_host_rss_mb']:.0f} MiB"),
+          ("peak device memory", f"{result['peak_device_mb']} MiB")]
   for peer in result["peers"]:
     rows.append((f"PyTorch peer {peer['mode']} (read-model-blend-write)",
                  f"{peer['voxels_per_s']:.3g} voxels/s (model {peer['model_s']} s, blend "

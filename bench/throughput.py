@@ -98,7 +98,7 @@ def main() -> None:
   device = jax.devices()[0]
   rows = [measure(*case, repeats=args.repeats) for case in cases]
   header = (f"{'kind':<8}{'widths':<22}{'patch':<14}{'batch':>5}{'step s':>9}"
-            f"{'voxels/s':>12}{'compile s':>10}{'peak RSS MB':>12}{'vs torch':>9}")
+            f"{'voxels/s':>12}{'compile s':>10}{'peak RSS MiB':>13}{'vs torch':>9}")
   print(f"device: {device.device_kind} ({jax.device_count()} x {device.platform}), "
         f"jax {jax.__version__}")
   print(header)
@@ -106,7 +106,7 @@ def main() -> None:
     ratio = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
     print(f"{r['kind']:<8}{str(tuple(r['widths'])):<22}{'x'.join(map(str, r['patch'])):<14}"
           f"{r['batch']:>5}{r['step_s']:>9.3f}{r['voxels_per_s']:>12.3g}"
-          f"{r['compile_s']:>10.1f}{r['peak_rss_bytes'] / 2**20:>12.0f}{ratio:>9}")
+          f"{r['compile_s']:>10.1f}{r['peak_rss_bytes'] / 2**20:>13.0f}{ratio:>9}")
   out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   os.makedirs(out_dir, exist_ok=True)
   name = device.device_kind.replace(" ", "_").lower()

@@ -42,8 +42,11 @@ _INPUT = flags.DEFINE_string("input", None, "segment/convert: image volume (any 
 _OUTPUT = flags.DEFINE_string("output", None,
                               "segment: output folder; export: export folder.")
 _WEIGHTS = flags.DEFINE_string("weights", None,
-                               "segment/evaluate: an export folder to load instead "
-                               "of the latest checkpoint in --workdir.")
+                               "segment/evaluate/export: an export folder to load "
+                               "instead of a checkpoint in --workdir.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "evaluate/segment/export from --workdir: its latest "
+    "checkpoint, its best state (best/, kept when train.eval_every > 0) or a step.")
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
@@ -64,10 +67,21 @@ class _UsageError(Exception):
   pass
 
 
+def _last_override_wins(argv: list[str]) -> list[str]:
+  """`argv` with only the last of each repeated `--config.<key>=<value>`.
+  absl keeps a repeated flag's last value, but ml_collections joins repeated
+  tuple overrides into one longer tuple (`--config.infer.window=(4,32,32)`
+  twice reads as (4, 32, 32, 4, 32, 32)); a script that appends an override
+  to its defaults means the last one."""
+  key = lambda arg: arg.split("=", 1)[0] if arg.startswith("--config.") and "=" in arg else None
+  last = {key(arg): i for i, arg in enumerate(argv) if key(arg)}
+  return [arg for i, arg in enumerate(argv) if not key(arg) or last[key(arg)] == i]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with every failure turned into one line (no traceback)."""
   try:
-    rest = flags.FLAGS(argv)
+    rest = flags.FLAGS(_last_override_wins(argv))
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
   except (AttributeError, KeyError, ValueError, TypeError) as e:
@@ -148,6 +162,14 @@ def run(argv) -> None:
   from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(cfg)
   mode = _MODE.value
+  if _CHECKPOINT.value not in ("latest", "best") and not _CHECKPOINT.value.isdigit():
+    raise _UsageError(f"--checkpoint={_CHECKPOINT.value}: give latest, best or a step number")
+  if _CHECKPOINT.value != "latest" and (mode not in ("evaluate", "segment", "export")
+                                        or _WEIGHTS.value or _LABELS.value):
+    raise _UsageError(f"--checkpoint picks the state of a run folder (--workdir) to "
+                      f"evaluate, segment or export; it does nothing with --mode={mode}"
+                      + (" and --weights (an export holds one state)" if _WEIGHTS.value
+                         else " and --labels" if _LABELS.value else ""))
   if mode in ("train", "evaluate", "segment", "export") and _is_main_process():
     model_parallel = int(cfg.train.model_parallel) if mode == "train" else 1
     from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -182,6 +204,8 @@ def _train(cfg, workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
   main_process = _is_main_process()
+  if main_process:
+    _print_window_note(cfg, None)  # validation infers on infer.window
   t0 = time.perf_counter()
   result = loop.train(cfg, workdir, resume=_RESUME.value,
                       overwrite=_OVERWRITE.value, quiet=_QUIET.value)
@@ -206,12 +230,31 @@ def _train(cfg, workdir: str) -> None:
       print("multi-process run: score it with --mode=evaluate from one process")
     return
   _score_val(cfg, workdir, result.model, result.state.inference_params(), result.mesh,
-             validation=result.final_validation)
+             validation=result.final_validation,
+             weights=f"the trained state, step {step}, of {os.path.abspath(workdir)}")
+
+
+def _chosen_state(workdir: str) -> tuple[str, int]:
+  """(checkpoint folder, step) of the state --checkpoint names in `workdir`."""
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  which = _CHECKPOINT.value  # its form was checked in run()
+  directory = os.path.join(workdir, "best" if which == "best" else "checkpoints")
+  steps = checkpoint.saved_steps(directory)
+  if which == "best" and not steps:
+    raise _UsageError(f"--checkpoint=best: {workdir} kept no best state (training keeps "
+                      "one when it validates, --config.train.eval_every > 0); use "
+                      "--checkpoint=latest or a step")
+  if not steps:
+    raise _UsageError(f"{workdir} holds no checkpoints; train first or pass --weights")
+  if which.isdigit() and int(which) not in steps:
+    raise _UsageError(f"--checkpoint={which}: {directory} holds steps "
+                      f"{', '.join(map(str, steps))}; pick one, best or latest")
+  return directory, int(which) if which.isdigit() else steps[-1]
 
 
 def _load(cfg, workdir: str | None):
-  """(cfg, model, params, mesh) from --weights (an export) or the run's latest
-  checkpoint."""
+  """(cfg, model, params, mesh, what) from --weights (an export) or the run's
+  state that --checkpoint names; `what` says which weights they are."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
@@ -229,21 +272,23 @@ def _load(cfg, workdir: str | None):
     model = unet.from_config(cfg.model)
     mesh = step_lib.make_mesh()
     params = checkpoint.load_export(weights, model, tuple(cfg.data.patch_shape), mesh)
-    return cfg, model, params, mesh
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise UserError(f"{workdir} holds no checkpoints; train first or pass --weights")
+    return cfg, model, params, mesh, f"export {os.path.abspath(weights)}"
+  directory, step = _chosen_state(workdir)
   checkpoint.check_resumable(workdir, cfg.to_json_best_effort())
   setup = loop.build(cfg)
-  ckpts = checkpoint.Checkpoints(ckpt_dir, save_every=1, keep=1_000_000)
-  state = ckpts.restore(setup.state)
+  ckpts = checkpoint.Checkpoints(directory, save_every=1, keep=1_000_000)
+  state = ckpts.restore(setup.state, step)
   ckpts.close()
-  return cfg, setup.model, state.inference_params(), setup.mesh
+  kind = "EMA weights" if cfg.train.ema_decay > 0 else "weights"
+  what = f"{os.path.basename(directory)}/{step} of {os.path.abspath(workdir)} ({kind})"
+  return cfg, setup.model, state.inference_params(), setup.mesh, what
 
 
-def _score_val(cfg, workdir: str, model, params, mesh, validation=None) -> None:
-  """Scores `params` on data.val (or reports `validation`, the loop's result
-  for these same weights), prints the table and writes eval.json."""
+def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
+               weights: str) -> None:
+  """Scores `params` (described by `weights`) on data.val (or reports
+  `validation`, the loop's result for these same weights), prints the table
+  and writes eval.json."""
   from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
@@ -265,12 +310,25 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None) -> None:
         + (f", {at['jaccard']:.4f} at decode.foreground = {cfg.decode.foreground:.2f}"
            if at else "") + " (eval.json: mask_threshold_sweep)")
   with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(scores, f, indent=2)
+    json.dump(dict(scores, weights=weights), f, indent=2)
+
+
+def _print_window_note(cfg, source: str | None) -> None:
+  """Says when a GroupNorm model infers on windows of another shape than it
+  trained on (`source`: its run folder or export; None: cfg's own patch)."""
+  from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  patch = checkpoint.training_patch_shape(source) if source else tuple(cfg.data.patch_shape)
+  note = sliding_window.group_norm_window_note(cfg.model.norm, patch, cfg.infer.window)
+  if note:
+    print(note)
 
 
 def _evaluate(cfg, workdir: str) -> None:
-  cfg, model, params, mesh = _load(cfg, workdir)
-  _score_val(cfg, workdir, model, params, mesh)
+  cfg, model, params, mesh, what = _load(cfg, workdir)
+  print(f"weights: {what}")
+  _print_window_note(cfg, _WEIGHTS.value or workdir)
+  _score_val(cfg, workdir, model, params, mesh, weights=what)
 
 
 def _segment(cfg, workdir: str | None) -> None:
@@ -278,7 +336,9 @@ def _segment(cfg, workdir: str | None) -> None:
   image = _open_volume("input", _require(_INPUT.value, "input", "segment"))
   out = os.path.abspath(_require(_OUTPUT.value, "output", "segment"))
   blocks.check_output(out, overwrite=_OVERWRITE.value)  # before the model loads
-  cfg, model, params, mesh = _load(cfg, workdir)
+  cfg, model, params, mesh, what = _load(cfg, workdir)
+  print(f"weights: {what}")
+  _print_window_note(cfg, _WEIGHTS.value or workdir)
   t0 = time.perf_counter()
   summary = pipeline.segment(cfg, sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                              params, image, mesh, out, overwrite=_OVERWRITE.value,
@@ -356,12 +416,14 @@ def _export(cfg, workdir: str) -> None:
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   out = _OUTPUT.value or os.path.join(workdir, "export")
   ema = cfg.train.ema_decay > 0 and not _WEIGHTS.value
-  cfg, _, params, _ = _load(cfg, workdir)
+  cfg, _, params, _, what = _load(cfg, workdir)
+  source = _WEIGHTS.value or workdir
   checkpoint.export_weights(out, params, cfg.model.to_dict(),
                             overwrite=_OVERWRITE.value,
                             info={"weights": "ema" if ema else "live",
-                                  "source": os.path.abspath(_WEIGHTS.value or workdir)})
-  print(f"exported inference weights ({'EMA' if ema else 'live'}) to "
+                                  "source": os.path.abspath(source), "from": what,
+                                  "training_patch_shape": checkpoint.training_patch_shape(source)})
+  print(f"exported inference weights ({'EMA' if ema else 'live'}, {what}) to "
         f"{os.path.abspath(out)}")
 
 

@@ -55,6 +55,30 @@ def test_bad_config_value(tmp_path):
                         check_ok=False), "train.steps")
 
 
+def test_a_repeated_override_means_its_last_value(tmp_path):
+  """ml_collections alone would join the two tuples into a 6-long window."""
+  from stt_jax import main  # pylint: disable=g-import-not-at-top
+  argv = ["stt_jax.main", "--config=configs/demo.py", "--config.infer.window=(4,32,32)",
+          "--config.train.steps=3", "--quiet", "--config.infer.window=(4,64,64)"]
+  assert main._last_override_wins(argv) == [  # pylint: disable=protected-access
+      "stt_jax.main", "--config=configs/demo.py", "--config.train.steps=3", "--quiet",
+      "--config.infer.window=(4,64,64)"]
+  # the last window is read alone: refused for its own size, not for its length
+  proc = _main(f"--workdir={tmp_path}/w", "--config.infer.window=(4,32,32)",
+               "--config.infer.window=(4,30,32)", check_ok=False)
+  _one_line_error(proc, "infer.window: (4, 30, 32) must be a multiple")
+
+
+def test_checkpoint_flag_needs_a_run_folder_state(tmp_path):
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--mode=evaluate", "--checkpoint=last",
+                        check_ok=False), "--checkpoint=last: give latest, best or a step")
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--checkpoint=best", check_ok=False),
+                  "it does nothing with --mode=train")
+  _one_line_error(_main("--mode=segment", f"--weights={tmp_path}/e", "--checkpoint=4",
+                        f"--input={tmp_path}/i.zarr", f"--output={tmp_path}/o",
+                        check_ok=False), "an export holds one state")
+
+
 def test_missing_config_file_and_data_path(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/nope.py",
                          f"--workdir={tmp_path}/w"], cwd=ROOT, capture_output=True,
@@ -94,7 +118,7 @@ def test_init_from_with_a_missing_or_foreign_source(tmp_path):
   assert not os.path.exists(work)  # checked before the run folder is made
 
 
-def _baseline_export(directory, widths=(4, 4, 6, 6, 8)):
+def _baseline_export(directory, widths=(4, 4, 6, 6, 8), norm="none", info=None):
   """An export of a 2-output baseline with random, fan-in scaled weights
   (built from the shapes alone: no initialiser compiled). Returns its leaf count."""
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
@@ -102,14 +126,33 @@ def _baseline_export(directory, widths=(4, 4, 6, 6, 8)):
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   cfg = default_config()
   cfg.model.widths = widths
+  cfg.model.norm, cfg.model.norm_groups = norm, 2
   shapes = jax.eval_shape(unet.from_config(cfg.model).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 4, 32, 32, 1), np.float32))["params"]
   rng = np.random.default_rng(0)
   params = jax.tree.map(
       lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(
           s.dtype) if len(s.shape) > 1 else np.zeros(s.shape, s.dtype), shapes)
-  checkpoint.export_weights(directory, params, cfg.model.to_dict())
+  checkpoint.export_weights(directory, params, cfg.model.to_dict(), info=info)
   return len(jax.tree.leaves(params))
+
+
+def test_group_norm_export_on_other_windows_says_so(tmp_path):
+  """GroupNorm's statistics span the window: inferring on windows of another
+  shape than the training patches shifts the calibration, and segment says so."""
+  export = str(tmp_path / "export")
+  _baseline_export(export, norm="group", info={"training_patch_shape": [4, 32, 32]})
+  image = str(tmp_path / "image.zarr")
+  sources.write_array(image, np.random.default_rng(0).integers(0, 255, (4, 64, 64), np.uint8))
+  proc = _main("--mode=segment", f"--weights={export}", f"--input={image}",
+               f"--output={tmp_path / 'seg'}", "--config.infer.window=(4,64,64)",
+               "--config.infer.block_shape=(4,64,64)",
+               *[a for a in TINY if "infer." not in a])
+  notes = [l for l in proc.stdout.splitlines() if "GroupNorm" in l]
+  assert notes == ["note: this GroupNorm model trained on (4,32,32) patches and infers on "
+                   "(4,64,64) windows, which shifts its calibration (larger windows "
+                   "over-cover at a fixed decode.foreground); to match, pass "
+                   '--config.infer.window="(4,32,32)"'], proc.stdout
 
 
 def test_nan_loss_stops_with_one_line(tmp_path):
@@ -155,19 +198,30 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6")
   assert "6" in os.listdir(os.path.join(work, "checkpoints"))
 
-  proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv)
-  assert json.load(open(os.path.join(work, "eval.json")))["jaccard"] == pytest.approx(
+  proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=2")
+  scores = json.load(open(os.path.join(work, "eval.json")))
+  assert scores["jaccard"] == pytest.approx(
       float([l.split()[-1] for l in proc.stdout.splitlines()
              if l.startswith("foreground Jaccard")][0]), abs=1e-4)
+  assert scores["weights"] == f"checkpoints/2 of {work} (EMA weights)"
+  assert f"weights: checkpoints/2 of {work} (EMA weights)" in proc.stdout
+  missing = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=3",
+                  check_ok=False)
+  _one_line_error(missing, "--checkpoint=3", "holds steps 2, 4, 6; pick one, best or latest")
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  [best_step] = checkpoint.saved_steps(os.path.join(work, "best"))
 
   export = str(tmp_path / "export")
-  out = _main(f"--workdir={work}", "--mode=export", f"--output={export}", *TINY, *adv)
-  assert "(EMA)" in out.stdout
-  assert json.load(open(os.path.join(export, "stt_jax_export.json")))["weights"] == "ema"
+  out = _main(f"--workdir={work}", "--mode=export", f"--output={export}", *TINY, *adv,
+              "--checkpoint=best")
+  assert "(EMA, best/" in out.stdout
+  exported = json.load(open(os.path.join(export, "stt_jax_export.json")))
+  assert exported["weights"] == "ema" and exported["training_patch_shape"] == [4, 32, 32]
+  assert exported["from"] == f"best/{best_step} of {work} (EMA weights)"
   val_image = os.path.join(work, "data", "val", "image.zarr")
   seg_a, seg_b = str(tmp_path / "seg_ckpt"), str(tmp_path / "seg_export")
   _main(f"--workdir={work}", "--mode=segment", f"--input={val_image}",
-        f"--output={seg_a}", *TINY, *adv)
+        f"--output={seg_a}", *TINY, *adv, "--checkpoint=best")  # the exported state
   # from an export, as the README shows it: no --workdir needed
   _main("--mode=segment", f"--weights={export}",
         f"--input={val_image}", f"--output={seg_b}", *TINY)

@@ -48,6 +48,21 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
   return starts + [size - window]
 
 
+def group_norm_window_note(norm: str, training_patch: Sequence[int] | None,
+                           window: Sequence[int]) -> str | None:
+  """A one-line note when a GroupNorm model infers on windows of another
+  shape than its training patches, else None. GroupNorm's statistics are taken
+  over the whole window, so the window's size shifts the probabilities' scale
+  (docs/architecture.md "GroupNorm's window dependence")."""
+  if norm != "group" or training_patch is None or tuple(training_patch) == tuple(window):
+    return None
+  shape = lambda s: "(" + ",".join(str(int(n)) for n in s) + ")"
+  return (f"note: this GroupNorm model trained on {shape(training_patch)} patches and "
+          f"infers on {shape(window)} windows, which shifts its calibration (larger "
+          f"windows over-cover at a fixed decode.foreground); to match, pass "
+          f"--config.infer.window=\"{shape(training_patch)}\"")
+
+
 def _tta_transforms(mode: str) -> np.ndarray:
   """[n, 4] flags (flip z, flip y, flip x, transpose yx) of each transform."""
   flips = list(itertools.product((0, 1), repeat=3)) if mode != "none" else [(0, 0, 0)]

@@ -112,6 +112,18 @@ def prepare_workdir(workdir: str, config_json: str, *, resume: bool,
       f.write(config_json)
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory`, ascending ([] if
+  it does not exist)."""
+  if not os.path.isdir(directory):
+    return []
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    return sorted(int(s) for s in manager.all_steps())
+  finally:
+    manager.close()
+
+
 class Checkpoints:
   """Saves every `save_every` steps (async), keeps the last `keep`; or, with
   `best_metric`, keeps the `keep` states of highest metric."""
@@ -183,6 +195,18 @@ def read_export_model_config(path: str) -> dict:
   """The export's model config, keys added since it was made filled in."""
   with open(os.path.join(path, EXPORT_MARKER)) as f:
     return _with_keys_added_later(json.load(f)["model"])
+
+
+def training_patch_shape(path: str) -> tuple[int, ...] | None:
+  """The patch shape the weights in `path` (a run folder or an export) were
+  trained on; None for exports made before exports recorded it."""
+  if is_export(path):
+    with open(os.path.join(path, EXPORT_MARKER)) as f:
+      patch = json.load(f).get("training_patch_shape")
+  else:
+    with open(os.path.join(os.path.abspath(path), RUN_MARKER)) as f:
+      patch = json.load(f)["data"]["patch_shape"]
+  return tuple(int(n) for n in patch) if patch else None
 
 
 def load_export(directory: str, model, patch_shape, mesh):

@@ -317,3 +317,14 @@ def test_a_block_reads_only_the_input_its_x_neighbour_did_not(tmp_path):
     np.testing.assert_array_equal(p, got[b.slices()])
   first = predictor._input_box(todo[k])  # pylint: disable=protected-access
   assert vol.boxes[0] == (tuple(first[0]), tuple(b - a for a, b in zip(*first)))
+
+
+def test_group_norm_window_note_names_the_training_patch():
+  note = sliding_window.group_norm_window_note("group", (8, 256, 256), (4, 256, 256))
+  assert note.startswith("note: ") and "\n" not in note
+  assert "(8,256,256) patches" in note and "(4,256,256) windows" in note
+  assert note.endswith('--config.infer.window="(8,256,256)"')
+  # nothing to say: no GroupNorm, the same shape, or an export that predates the record
+  assert sliding_window.group_norm_window_note("none", (8, 256, 256), (4, 256, 256)) is None
+  assert sliding_window.group_norm_window_note("group", [4, 128, 128], (4, 128, 128)) is None
+  assert sliding_window.group_norm_window_note("group", None, (4, 128, 128)) is None

@@ -41,6 +41,9 @@ def test_save_restore_is_exact(tmp_path):
   ckpts.close()
   ckpts = checkpoint.Checkpoints(str(tmp_path / "ckpt"), save_every=1, keep=2)
   assert ckpts.latest_step() == 3 and ckpts.manager.all_steps() == [2, 3]
+  assert checkpoint.saved_steps(str(tmp_path / "ckpt")) == [2, 3]
+  assert checkpoint.saved_steps(str(tmp_path / "none")) == []
+  assert not os.path.exists(tmp_path / "none")  # looking creates nothing
   restored = ckpts.restore(tree)
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(tree["w"] + 3))
   np.testing.assert_array_equal(np.asarray(restored["key"]), np.asarray(tree["key"]))
@@ -63,6 +66,21 @@ def test_export_round_trip_and_refusal(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(UserError, match="--overwrite"):
     checkpoint.export_weights(out, params, {})
+
+
+def test_training_patch_shape_of_runs_and_exports(tmp_path):
+  params = {"w": np.zeros((2,), np.float32)}
+  older = str(tmp_path / "older_export")  # exports before they recorded it
+  checkpoint.export_weights(older, params, {"name": "res_unet"})
+  assert checkpoint.training_patch_shape(older) is None
+  newer = str(tmp_path / "export")
+  checkpoint.export_weights(newer, params, {"name": "res_unet"},
+                            info={"training_patch_shape": [8, 256, 256]})
+  assert checkpoint.training_patch_shape(newer) == (8, 256, 256)
+  work = str(tmp_path / "run")
+  checkpoint.prepare_workdir(work, '{"data": {"patch_shape": [4, 128, 128]}}',
+                             resume=False, overwrite=False)
+  assert checkpoint.training_patch_shape(work) == (4, 128, 128)
 
 
 def test_best_checkpoint_keeps_the_highest_metric(tmp_path):
