@@ -206,6 +206,8 @@ def _train(cfg, workdir: str) -> None:
   main_process = _is_main_process()
   if main_process:
     _print_window_note(cfg, None)  # validation infers on infer.window
+    if _RESUME.value:
+      _print_schedule_note(cfg, workdir)
   t0 = time.perf_counter()
   result = loop.train(cfg, workdir, resume=_RESUME.value,
                       overwrite=_OVERWRITE.value, quiet=_QUIET.value)
@@ -250,6 +252,21 @@ def _chosen_state(workdir: str) -> tuple[str, int]:
     raise _UsageError(f"--checkpoint={which}: {directory} holds steps "
                       f"{', '.join(map(str, steps))}; pick one, best or latest")
   return directory, int(which) if which.isdigit() else steps[-1]
+
+
+def _print_schedule_note(cfg, workdir: str) -> None:
+  """Says when a resume changes train.steps under a decaying schedule: the
+  decay is a function of train.steps, so the learning rate jumps."""
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(os.path.abspath(workdir), checkpoint.RUN_MARKER)) as f:
+      started = json.load(f)["train"]["steps"]
+  except (OSError, KeyError, ValueError):
+    return  # no run to resume: loop.train says so
+  if cfg.train.schedule != "constant" and int(started) != int(cfg.train.steps):
+    print(f"note: this run started with train.steps={started}; its {cfg.train.schedule} "
+          f"learning rate now decays over {cfg.train.steps} steps, so it jumps at this "
+          f"resume (a run asked for {cfg.train.steps} steps from the start differs)")
 
 
 def _load(cfg, workdir: str | None):

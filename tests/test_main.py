@@ -172,7 +172,8 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   work = str(tmp_path / "run")
   adv = ["--config.loss.adversarial_weight=0.5", "--config.train.ema_decay=0.5",
          "--config.model.discriminator.features=(4,8)", "--config.train.eval_every=4",
-         "--config.model.outputs=('mask','contour','distance')"]
+         "--config.model.outputs=('mask','contour','distance')",
+         "--config.train.schedule=cosine"]
   # started from a 2-output baseline's export: all but the head copied
   source = str(tmp_path / "baseline_export")
   leaves = _baseline_export(source)
@@ -195,7 +196,9 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
 
   # resume to 6 steps
-  _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6")
+  proc = _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6")
+  assert ("note: this run started with train.steps=4; its cosine learning rate now "
+          "decays over 6 steps, so it jumps at this resume") in proc.stdout
   assert "6" in os.listdir(os.path.join(work, "checkpoints"))
 
   proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=2")
