@@ -259,8 +259,7 @@ def _print_schedule_note(cfg, workdir: str) -> None:
   decay is a function of train.steps, so the learning rate jumps."""
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    with open(os.path.join(os.path.abspath(workdir), checkpoint.RUN_MARKER)) as f:
-      started = json.load(f)["train"]["steps"]
+    started = checkpoint.read_run_config(workdir)["train"]["steps"]
   except (OSError, KeyError, ValueError):
     return  # no run to resume: loop.train says so
   if cfg.train.schedule != "constant" and int(started) != int(cfg.train.steps):

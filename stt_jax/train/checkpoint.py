@@ -62,11 +62,16 @@ def _model_differences(old: dict, new: dict, prefix: str = "model") -> list[str]
   return out
 
 
+def read_run_config(workdir: str) -> dict:
+  """The config a run folder was started with (its stt_jax_run.json)."""
+  with open(os.path.join(os.path.abspath(workdir), RUN_MARKER)) as f:
+    return json.load(f)
+
+
 def check_resumable(workdir: str, config_json: str) -> None:
   """Refuses to resume a run whose model (or adversarial/EMA/weight-decay
   switches, which change the saved state) differs from the current config's."""
-  with open(os.path.join(os.path.abspath(workdir), RUN_MARKER)) as f:
-    old = json.load(f)
+  old = read_run_config(workdir)
   new = json.loads(config_json)
   diffs = _model_differences(old.get("model", {}), new.get("model", {}))
   for key in ("loss.adversarial_weight", "train.ema_decay", "train.weight_decay"):
@@ -204,8 +209,7 @@ def training_patch_shape(path: str) -> tuple[int, ...] | None:
     with open(os.path.join(path, EXPORT_MARKER)) as f:
       patch = json.load(f).get("training_patch_shape")
   else:
-    with open(os.path.join(os.path.abspath(path), RUN_MARKER)) as f:
-      patch = json.load(f)["data"]["patch_shape"]
+    patch = read_run_config(path)["data"]["patch_shape"]
   return tuple(int(n) for n in patch) if patch else None
 
 
