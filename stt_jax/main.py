@@ -68,14 +68,27 @@ class _UsageError(Exception):
 
 
 def _last_override_wins(argv: list[str]) -> list[str]:
-  """`argv` with only the last of each repeated `--config.<key>=<value>`.
+  """`argv` with only the last of each repeated `--config.<key>` override.
   absl keeps a repeated flag's last value, but ml_collections joins repeated
   tuple overrides into one longer tuple (`--config.infer.window=(4,32,32)`
   twice reads as (4, 32, 32, 4, 32, 32)); a script that appends an override
-  to its defaults means the last one."""
+  to its defaults means the last one. The space-separated form
+  (`--config.infer.window "(4,32,32)"`) is joined into `key=value` first: a
+  value can only follow a non-boolean key, since main takes no positional
+  arguments."""
+  joined, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if (arg.startswith("--config.") and "=" not in arg and i + 1 < len(argv)
+        and not argv[i + 1].startswith("--")):
+      joined.append(f"{arg}={argv[i + 1]}")
+      i += 2
+    else:
+      joined.append(arg)
+      i += 1
   key = lambda arg: arg.split("=", 1)[0] if arg.startswith("--config.") and "=" in arg else None
-  last = {key(arg): i for i, arg in enumerate(argv) if key(arg)}
-  return [arg for i, arg in enumerate(argv) if not key(arg) or last[key(arg)] == i]
+  last = {key(arg): i for i, arg in enumerate(joined) if key(arg)}
+  return [arg for i, arg in enumerate(joined) if not key(arg) or last[key(arg)] == i]
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -184,8 +197,10 @@ def run(argv) -> None:
   if mode == "evaluate" and _LABELS.value:
     _evaluate_volumes(cfg)
     return
-  if mode == "segment" and _WEIGHTS.value:
+  if mode in ("segment", "export") and _WEIGHTS.value:
     workdir = _WORKDIR.value  # an export holds everything segment needs
+    if mode == "export" and not workdir:
+      _require(_OUTPUT.value, "output", "export --weights")
   elif mode == "segment" and not _WORKDIR.value:
     raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
   else:
@@ -431,16 +446,18 @@ def _evaluate_volumes(cfg) -> None:
 def _export(cfg, workdir: str) -> None:
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   out = _OUTPUT.value or os.path.join(workdir, "export")
-  ema = cfg.train.ema_decay > 0 and not _WEIGHTS.value
   cfg, _, params, _, what = _load(cfg, workdir)
   source = _WEIGHTS.value or workdir
+  if _WEIGHTS.value:  # an export exported again keeps what its weights are
+    weights = checkpoint.read_export_info(source).get("weights", "unknown")
+  else:
+    weights = "ema" if cfg.train.ema_decay > 0 else "live"
   checkpoint.export_weights(out, params, cfg.model.to_dict(),
                             overwrite=_OVERWRITE.value,
-                            info={"weights": "ema" if ema else "live",
+                            info={"weights": weights,
                                   "source": os.path.abspath(source), "from": what,
                                   "training_patch_shape": checkpoint.training_patch_shape(source)})
-  print(f"exported inference weights ({'EMA' if ema else 'live'}, {what}) to "
-        f"{os.path.abspath(out)}")
+  print(f"exported inference weights ({what}) to {os.path.abspath(out)}")
 
 
 def _convert(cfg) -> None:

@@ -63,6 +63,12 @@ def test_a_repeated_override_means_its_last_value(tmp_path):
   assert main._last_override_wins(argv) == [  # pylint: disable=protected-access
       "stt_jax.main", "--config=configs/demo.py", "--config.train.steps=3", "--quiet",
       "--config.infer.window=(4,64,64)"]
+  # the space-separated form counts as the same key; a boolean key alone stays as it is
+  assert main._last_override_wins([  # pylint: disable=protected-access
+      "p", "--config.infer.window", "(4,32,32)", "--config.loss.class_balance",
+      "--config.infer.window=(4,16,16)", "--config.train.steps", "-1", "--quiet"]) == [
+          "p", "--config.loss.class_balance", "--config.infer.window=(4,16,16)",
+          "--config.train.steps=-1", "--quiet"]
   # the last window is read alone: refused for its own size, not for its length
   proc = _main(f"--workdir={tmp_path}/w", "--config.infer.window=(4,32,32)",
                "--config.infer.window=(4,30,32)", check_ok=False)
@@ -217,7 +223,7 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   export = str(tmp_path / "export")
   out = _main(f"--workdir={work}", "--mode=export", f"--output={export}", *TINY, *adv,
               "--checkpoint=best")
-  assert "(EMA, best/" in out.stdout
+  assert f"exported inference weights (best/{best_step} of {work} (EMA weights))" in out.stdout
   exported = json.load(open(os.path.join(export, "stt_jax_export.json")))
   assert exported["weights"] == "ema" and exported["training_patch_shape"] == [4, 32, 32]
   assert exported["from"] == f"best/{best_step} of {work} (EMA weights)"
@@ -228,6 +234,11 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   # from an export, as the README shows it: no --workdir needed
   _main("--mode=segment", f"--weights={export}",
         f"--input={val_image}", f"--output={seg_b}", *TINY)
+  # an export exported again still says its weights are the EMA's
+  _main("--mode=export", f"--weights={export}", f"--output={tmp_path}/export2", *TINY)
+  again = json.load(open(os.path.join(tmp_path, "export2", "stt_jax_export.json")))
+  assert again["weights"] == "ema" and again["from"] == f"export {export}"
+  assert again["training_patch_shape"] == [4, 32, 32]
   read = lambda d, n: sources.open_volume(os.path.join(d, n)).read(
       [0, 0, 0], sources.open_volume(os.path.join(d, n)).shape)
   np.testing.assert_array_equal(read(seg_a, "instances.zarr"), read(seg_b, "instances.zarr"))

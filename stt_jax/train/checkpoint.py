@@ -196,18 +196,23 @@ def is_export(path: str) -> bool:
   return os.path.exists(os.path.join(path, EXPORT_MARKER))
 
 
+def read_export_info(path: str) -> dict:
+  """The export's marker: its model config and what export_weights' `info`
+  recorded (which weights, where from, the training patch)."""
+  with open(os.path.join(path, EXPORT_MARKER)) as f:
+    return json.load(f)
+
+
 def read_export_model_config(path: str) -> dict:
   """The export's model config, keys added since it was made filled in."""
-  with open(os.path.join(path, EXPORT_MARKER)) as f:
-    return _with_keys_added_later(json.load(f)["model"])
+  return _with_keys_added_later(read_export_info(path)["model"])
 
 
 def training_patch_shape(path: str) -> tuple[int, ...] | None:
   """The patch shape the weights in `path` (a run folder or an export) were
   trained on; None for exports made before exports recorded it."""
   if is_export(path):
-    with open(os.path.join(path, EXPORT_MARKER)) as f:
-      patch = json.load(f).get("training_patch_shape")
+    patch = read_export_info(path).get("training_patch_shape")
   else:
     patch = read_run_config(path)["data"]["patch_shape"]
   return tuple(int(n) for n in patch) if patch else None
