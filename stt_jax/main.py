@@ -198,7 +198,7 @@ def run(argv) -> None:
     _evaluate_volumes(cfg)
     return
   if mode in ("segment", "export") and _WEIGHTS.value:
-    workdir = _WORKDIR.value  # an export holds everything segment needs
+    workdir = _WORKDIR.value  # an export holds everything these modes need
     if mode == "export" and not workdir:
       _require(_OUTPUT.value, "output", "export --weights")
   elif mode == "segment" and not _WORKDIR.value:
