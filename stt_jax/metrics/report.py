@@ -35,10 +35,11 @@ def score_volumes(gt_labels, instances, *, min_gt_size: int,
   data-layer Volumes) read one block at a time.
 
   With `probabilities` (the [z, y, x, channels] uint8 maps the instances were
-  decoded from), the same pass also scores mask > t for t = 0.05 ... 0.95
-  (`semantic.ThresholdSweep`): "mask_threshold_sweep" and the best t by
-  Jaccard. Voxelwise, before instance decoding and size filtering, so at
-  t = decode.foreground it is close to, not equal to, the Jaccard above."""
+  decoded from), the same pass also scores mask > t for t = 0.05, 0.10 ...
+  0.95, 0.96 ... 0.99 (`semantic.ThresholdSweep`): "mask_threshold_sweep" and
+  the best t by Jaccard. Voxelwise, before instance decoding and size
+  filtering, so at t = decode.foreground it is close to, not equal to, the
+  Jaccard above."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   if _shape(gt_labels)[:3] != _shape(instances)[:3]:
     raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
