@@ -192,7 +192,8 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   scores = json.load(open(os.path.join(work, "eval.json")))
   assert 0.0 <= scores["jaccard"] <= 1.0 and scores["num_gt"] > 0
   sweep = scores["mask_threshold_sweep"]
-  assert len(sweep) == 19 and "voxel Jaccard of mask > t" in proc.stdout
+  assert len(sweep) == 23 and list(sweep)[-5:] == ["0.95", "0.96", "0.97", "0.98", "0.99"]
+  assert "voxel Jaccard of mask > t" in proc.stdout
   assert scores["best_mask_threshold_jaccard"] == max(v["jaccard"] for v in sweep.values())
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
 
