@@ -98,5 +98,5 @@ class ThresholdSweep:
 
 
 # Finer at the top: a class-balanced net's best cut sits near 1 - f (f the
-# foreground fraction, ~0.95 on VNC III), where a 0.05 grid would end.
+# foreground fraction; 1 - f ~ 0.95 on VNC III), where a 0.05 grid would end.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.96, 0.97, 0.98, 0.99)
