@@ -16,6 +16,15 @@ import math
 import numpy as np
 
 
+def _overlap_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+  """Jaccard, Dice, precision and recall of voxel counts (1 when empty)."""
+  union = tp + fp + fn
+  jaccard = tp / union if union else 1.0
+  return {"jaccard": jaccard, "dice": 2 * jaccard / (1 + jaccard),
+          "precision": tp / (tp + fp) if tp + fp else 1.0,
+          "recall": tp / (tp + fn) if tp + fn else 1.0}
+
+
 class ConfusionCounter:
   """Voxel confusion counts, added block by block (Python ints: no overflow)."""
 
@@ -36,14 +45,10 @@ class ConfusionCounter:
 
   def scores(self) -> dict[str, float]:
     tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
-    union = tp + fp + fn
-    jaccard = tp / union if union else 1.0
     margins = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
     mcc = (tp * tn - fp * fn) / math.sqrt(margins) if margins else 0.0
-    return {"jaccard": jaccard, "dice": 2 * jaccard / (1 + jaccard),
-            "precision": tp / (tp + fp) if tp + fp else 1.0,
-            "recall": tp / (tp + fn) if tp + fn else 1.0,
-            "f1": 2 * jaccard / (1 + jaccard), "mcc": mcc}
+    overlap = _overlap_scores(tp, fp, fn)
+    return {**overlap, "f1": overlap["dice"], "mcc": mcc}
 
 
 def foreground_scores(gt_foreground: np.ndarray,
@@ -87,13 +92,8 @@ class ThresholdSweep:
     out = {}
     for t in thresholds:
       k = int(np.floor(float(t) * 255.0))
-      tp, fp = int(above_fg[k]), int(above_bg[k])
-      fn = n_gt - tp
-      union = tp + fp + fn
-      jaccard = tp / union if union else 1.0
-      out[f"{float(t):.2f}"] = {"jaccard": jaccard, "dice": 2 * jaccard / (1 + jaccard),
-                                "precision": tp / (tp + fp) if tp + fp else 1.0,
-                                "recall": tp / n_gt if n_gt else 1.0}
+      tp = int(above_fg[k])
+      out[f"{float(t):.2f}"] = _overlap_scores(tp, int(above_bg[k]), n_gt - tp)
     return out
 
 

@@ -62,6 +62,8 @@ def test_threshold_sweep_equals_thresholding_each_level_blockwise():
     tp = np.sum(gt & pred)
     union = np.sum(gt | pred)
     assert table[f"{t:.2f}"]["jaccard"] == pytest.approx(tp / union, abs=1e-12)
+    assert table[f"{t:.2f}"]["dice"] == pytest.approx(2 * tp / (gt.sum() + pred.sum()),
+                                                      abs=1e-12)
     assert table[f"{t:.2f}"]["precision"] == pytest.approx(tp / pred.sum(), abs=1e-12)
     assert table[f"{t:.2f}"]["recall"] == pytest.approx(tp / gt.sum(), abs=1e-12)
   with pytest.raises(ValueError, match="uint8"):
