@@ -33,6 +33,7 @@ from stt_jax import memory_use
 from stt_jax.data import sources
 from stt_jax.infer import blocks as blocks_lib
 from stt_jax.infer import postprocess
+from stt_jax.infer import quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,9 +249,9 @@ def why_no_instances(stats: dict, s: DecodeSettings) -> str:
   if stats["instances"]:
     return ""
   peak = stats.get("max_mask_probability")
-  if peak is not None and round(peak * 255) <= postprocess.level(s.seed_mask):
+  if peak is not None and round(peak * 255) <= quantize.level(s.seed_mask):
     also = (f" and decode.foreground ({s.foreground:.2f})"
-            if round(peak * 255) <= postprocess.level(s.foreground) else "")
+            if round(peak * 255) <= quantize.level(s.foreground) else "")
     return (f"0 instances: no voxel's mask probability exceeds decode.seed_mask "
             f"{s.seed_mask:.2f} (the highest is {peak:.3f}); train longer, or lower "
             f"decode.seed_mask{also} below it")

@@ -6,8 +6,8 @@ high and the contour low, 6-connected components of the seeds (those under
 foreground, objects under `min_size` voxels removed.
 
 Probabilities are decoded as the uint8 values the pipeline stores
-(p = u / 255): `mask > t` is `u > floor(255 t)`, so whole-volume and blockwise
-decoding see the same numbers.
+(p = u / 255, `infer.quantize`): `mask > t` is `u > floor(255 t)`, so
+whole-volume and blockwise decoding see the same numbers.
 """
 
 from __future__ import annotations
@@ -18,16 +18,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-
-def as_uint8(probabilities: np.ndarray) -> np.ndarray:
-  if probabilities.dtype == np.uint8:
-    return probabilities
-  return np.clip(np.round(np.asarray(probabilities) * 255.0), 0, 255).astype(np.uint8)
-
-
-def level(threshold: float) -> int:
-  """The uint8 level u with (u' / 255 > threshold) == (u' > u)."""
-  return int(np.floor(threshold * 255.0))
+from stt_jax.infer.quantize import as_uint8, level
 
 
 def seeds(mask_u8: np.ndarray, contour_u8: np.ndarray, seed_mask: float,

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from stt_jax.infer.quantize import level
+
 
 def _overlap_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
   """Jaccard, Dice, precision and recall of voxel counts (1 when empty)."""
@@ -83,15 +85,15 @@ class ThresholdSweep:
 
   def scores(self, thresholds) -> dict[str, dict[str, float]]:
     """{f"{t:.2f}": {"jaccard", "dice", "precision", "recall"}} for each t,
-    the prediction being mask_u8 > floor(t * 255), the decoder's rule
-    (infer/postprocess.level): probability > t."""
+    the prediction being mask_u8 > level(t) = floor(t * 255), the decoder's
+    rule (infer/quantize): probability > t."""
     # above[k] = voxels with value > k
     above_fg = self.fg.sum() - np.cumsum(self.fg)
     above_bg = self.bg.sum() - np.cumsum(self.bg)
     n_gt = int(self.fg.sum())
     out = {}
     for t in thresholds:
-      k = int(np.floor(float(t) * 255.0))
+      k = level(t)
       tp = int(above_fg[k])
       out[f"{float(t):.2f}"] = _overlap_scores(tp, int(above_bg[k]), n_gt - tp)
     return out
