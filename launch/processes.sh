@@ -24,14 +24,19 @@ port=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("localhost"
 source launch/common.sh
 read -ra resume <<< "$(resume_flag "$workdir" "$@")"
 
-process_env() {  # the environment of process $1, as NAME=value words
+process_env() {  # sets penv: the environment of process $1, as NAME=value words
   local i=$1
   if [[ -n ${GPUS_PER_PROCESS:-} ]]; then
     local g=$GPUS_PER_PROCESS ids
     ids=$(seq -s, $((i * g)) $((i * g + g - 1)))
-    echo "CUDA_VISIBLE_DEVICES=$ids HIP_VISIBLE_DEVICES=$ids"
+    penv=("CUDA_VISIBLE_DEVICES=$ids" "HIP_VISIBLE_DEVICES=$ids")
   else
-    echo "JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}"
+    # the device count is ours; any other XLA flag the caller exported stays
+    local others
+    others=$(sed -E 's/(^| )--xla_force_host_platform_device_count=[^ ]*//g; s/^ +//' \
+             <<< "${XLA_FLAGS:-}")
+    penv=("JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}"
+          "XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}${others:+ $others}")
   fi
 }
 
@@ -45,7 +50,13 @@ process_args() {  # sets args: the command line of process $1 (the rest: extra f
 if (( dry_run )); then
   for ((i = 0; i < n; i++)); do
     process_args "$i" "$@"
-    echo "process $i of $n: $(process_env "$i") ${args[*]}"
+    process_env "$i"
+    shown=""
+    for word in "${penv[@]}"; do  # as a shell would take it back
+      [[ $word == *" "* ]] && word="${word%%=*}='${word#*=}'"
+      shown+="$word "
+    done
+    echo "process $i of $n: $shown${args[*]}"
   done
   exit 0
 fi
@@ -55,11 +66,11 @@ stop_all() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap 'stop_all' INT TERM
 for ((i = 0; i < n; i++)); do
   process_args "$i" "$@"
-  # shellcheck disable=SC2046
+  process_env "$i"
   if (( i == 0 )); then  # straight to the terminal: its progress bar stays one line
-    env $(process_env "$i") "${args[@]}" &
+    env "${penv[@]}" "${args[@]}" &
   else
-    env $(process_env "$i") "${args[@]}" > >(sed -u "s/^/[process $i] /") 2>&1 &
+    env "${penv[@]}" "${args[@]}" > >(sed -u "s/^/[process $i] /") 2>&1 &
   fi
   pids+=($!)
 done

@@ -4,7 +4,24 @@ import os
 import shutil
 import tempfile
 
+# Compiling, not running, is most of this suite's time (hundreds of tiny
+# programs): LLVM at -O0 compiles them in about half the time and runs them
+# no slower at these shapes. XLA's own (HLO) passes are the same at every
+# level, so the programs tested are the ones users run; the numbers may differ
+# in the last bits, which no test here pins. A level already in XLA_FLAGS wins.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a command-line run a test starts: `devices` CPU devices,
+  compiled as this suite compiles."""
+  return " ".join((f"--xla_force_host_platform_device_count={devices}", *TEST_XLA_FLAGS))
+
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+for _flag in TEST_XLA_FLAGS:
+  if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the command-line runs they start) compile the same tiny
 # programs; a compilation cache fresh for each session shares them (whole

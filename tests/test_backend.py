@@ -10,6 +10,7 @@ import pytest
 from stt_jax import backend
 from stt_jax import config as config_lib
 from stt_jax.errors import UserError
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_FLAG = backend.DEFAULT_XLA_FLAGS["gpu"][0]
@@ -92,7 +93,7 @@ def test_start_line_names_backend_devices_processes_and_mesh(tmp_path):
   """export of a run that does not exist: the start-up line comes first, then
   the one-line refusal."""
   out = _main(f"--workdir={tmp_path}", "--mode=export",
-              env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+              env_extra={"XLA_FLAGS": xla_flags(2)})
   first = out.stdout.splitlines()[0]
   assert first == ("backend cpu: 2 device(s) (cpu) in 1 process(es), 2 local, "
                    "mesh {'data': 2, 'model': 1}"), out.stdout + out.stderr

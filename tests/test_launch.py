@@ -4,6 +4,7 @@ each process would run; the container recipes pin the project's jax."""
 import glob
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -52,14 +53,19 @@ def test_local_dry_run_and_resume_of_an_existing_run(tmp_path):
 
 
 def test_processes_dry_run_one_coordinator_distinct_ids():
+  # the caller's device count gives way to DEVICES_PER_PROCESS; its other XLA flags stay
   out = _run("processes.sh", "--dry-run", "3", "configs/demo.py", "runs/x",
-             "--config.train.steps=5", env={"PORT": "23456", "DEVICES_PER_PROCESS": "2"})
+             "--config.train.steps=5",
+             env={"PORT": "23456", "DEVICES_PER_PROCESS": "2",
+                  "XLA_FLAGS": "--xla_force_host_platform_device_count=7 --xla_dump_to=/tmp/d"})
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 3
   for i, line in enumerate(lines):
     assert line.startswith(f"process {i} of 3: ")
-    assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in line
+    words = shlex.split(line[len(f"process {i} of 3: "):])
+    assert words[:2] == ["JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+                         "--xla_dump_to=/tmp/d"], line
     assert MAIN.search(line) and "--config.train.steps=5" in line
     assert line.endswith(f"--coordinator_address=localhost:23456 --num_processes=3 "
                          f"--process_id={i}")

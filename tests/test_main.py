@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from stt_jax.data import sources
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.widths=(4,4,6,6,8)",
@@ -24,7 +25,7 @@ TINY = ["--config.model.widths=(4,4,6,6,8)",
 
 
 def _main(*args, check_ok=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "stt_jax.main",
                          "--config=configs/demo.py", *args],

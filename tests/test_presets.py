@@ -10,6 +10,7 @@ from stt_jax import config as config_lib
 from stt_jax import presets
 from stt_jax.errors import UserError
 from stt_jax.models import unet
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -38,7 +39,7 @@ def test_baseline_preset_has_no_attention_and_unknown_preset_is_refused():
 
 
 def test_unknown_preset_on_the_command_line_is_one_line(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo_stt.py:nope",
                          f"--workdir={tmp_path}/w"], cwd=ROOT, env=env, capture_output=True,

@@ -16,6 +16,7 @@ import pytest
 
 from stt_jax import config as config_lib
 from stt_jax.train import checkpoint, loop
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -96,7 +97,7 @@ def test_stop_resume_equals_uninterrupted_also_across_2_1_2_devices(tmp_path):
 
 def _env(devices):
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=xla_flags(devices))
 
 
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):

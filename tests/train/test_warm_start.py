@@ -15,6 +15,7 @@ from stt_jax.config import default_config
 from stt_jax.errors import UserError
 from stt_jax.models import unet
 from stt_jax.train import checkpoint, state as state_lib, warm_start
+from tests.conftest import xla_flags
 
 
 def _source(**params):
@@ -146,7 +147,7 @@ def test_sources_saved_on_two_devices_are_read_on_one(tmp_path):
             "  s = warm_start.read_source(p)\n"
             "  print(s.what, sum(float(np.abs(v).sum()) for v in s.params.values()))\n")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS="cpu", PYTHONPATH=root)
   proc = subprocess.run([sys.executable, "-c", script, export, str(run)], env=env,
                         cwd=root, capture_output=True, text=True, timeout=300)
