@@ -202,6 +202,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be instances or mask, got {c.data.label_kind!r}")
   _need(c.data.mask_threshold > 0, "data.mask_threshold",
         f"must be > 0, got {c.data.mask_threshold}")
+  if c.data.synthetic.enabled:  # it would point data.* at generated volumes, silently
+    given = [f"data.{split}.{field}" for split in ("train", "val")
+             for field in ("image", "label") if c.data[split][field]]
+    _need(not given, "data.synthetic.enabled",
+          f"is on, so it would train and score on generated volumes instead of "
+          f"{', '.join(given)}; add --config.data.synthetic.enabled=False to use yours")
   from stt_jax.models.unet import input_multiple  # pylint: disable=g-import-not-at-top
   m = c.model
   _need(m.name == "res_unet", "model.name", f"must be 'res_unet', got {m.name!r}")

@@ -363,8 +363,10 @@ def _evaluate(cfg, workdir: str) -> None:
 
 
 def _segment(cfg, workdir: str | None) -> None:
+  from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline, sliding_window  # pylint: disable=g-import-not-at-top
   image = _open_volume("input", _require(_INPUT.value, "input", "segment"))
+  datasets.check_image(image, "--input")
   out = os.path.abspath(_require(_OUTPUT.value, "output", "segment"))
   blocks.check_output(out, overwrite=_OVERWRITE.value)  # before the model loads
   cfg, model, params, mesh, what = _load(cfg, workdir)

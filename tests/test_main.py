@@ -96,6 +96,12 @@ def test_missing_config_file_and_data_path(tmp_path):
                         "--config.data.train.label=/no/such/labels.zarr",
                         check_ok=False), "data.train.image", "/no/such/image.zarr")
   assert not os.path.exists(tmp_path / "w")  # a failed start leaves no run folder behind
+  # a volume given to a config that generates its data: refused, not replaced
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.data.train.image=/my/image.zarr",
+                        "--config.data.val.label=/my/labels.zarr", check_ok=False),
+                  "config.data.synthetic.enabled: is on",
+                  "data.train.image, data.val.label", "--config.data.synthetic.enabled=False")
+  assert not os.path.exists(tmp_path / "w")
 
 
 def test_segment_needs_a_run_folder_or_an_export(tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from stt_jax.data import sources, synthetic
 from stt_jax.errors import UserError
 
@@ -26,6 +28,17 @@ def ensure_synthetic(cfg, workdir: str) -> None:
     with cfg.unlocked():
       cfg.data[split].image = os.path.join(directory, "image.zarr")
       cfg.data[split].label = os.path.join(directory, "labels.zarr")
+
+
+def check_image(volume, where: str) -> None:
+  """UserError unless `volume` is a 3D uint8 image: the model reads u / 255,
+  so 16-bit or float values would be rescaled wrongly, silently."""
+  if volume.dtype != np.uint8:
+    raise UserError(f"{where}: image {volume.path} has dtype {volume.dtype}; the model "
+                    "reads 8-bit images (0-255), so rescale it to uint8 first")
+  if len(volume.shape) != 3:
+    raise UserError(f"{where}: image {volume.path} has shape {tuple(volume.shape)}; "
+                    "it must be 3D (z, y, x), one channel")
 
 
 def open_split(cfg, split: str, *, need_labels: bool = True):
@@ -61,8 +74,13 @@ def open_split_with_context(cfg, split: str, *, need_labels: bool = True,
     except UserError as e:
       raise UserError(f"config.data.{split}.{field}: {e}") from None
   image, labels = volumes
+  check_image(image, f"config.data.{split}.image")
   if labels is not None and cfg.data.label_kind == "mask":
     labels = sources.MaskInstancesVolume(labels, cfg.data.mask_threshold)
+  elif labels is not None and labels.dtype.kind not in "ui":
+    raise UserError(f"config.data.{split}.label: {labels.path} has dtype {labels.dtype}; "
+                    "instance labels must be integers (a binary mask: "
+                    "--config.data.label_kind=mask)")
   if context is None:
     context = tuple(entry.get("context", (0, 0, 0)))
   region = tuple(entry.get("region", ()) or ())

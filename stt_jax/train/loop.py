@@ -182,11 +182,26 @@ def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
                   stop_at=stop_at, devices=devices)
 
 
+def _sampler(cfg) -> PatchSampler:
+  """The training split's patch sampler (checks the data as it opens it)."""
+  image, labels = datasets.open_split(cfg, "train")
+  return PatchSampler(image, labels, patch_shape=cfg.data.patch_shape,
+                      batch_size=cfg.train.batch_size, seed=cfg.seed,
+                      augment_config=cfg.data.augment,
+                      contour_width=cfg.data.contour_width,
+                      distance_voxel_size=(cfg.data.voxel_size_nm
+                                           if "distance" in cfg.model.outputs else None),
+                      foreground_bias=cfg.data.foreground_bias,
+                      process_index=jax.process_index(),
+                      process_count=jax.process_count())
+
+
 def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: bool,
            quiet: bool, stop_at: int | None, devices) -> Result:
   config_json = cfg.to_json_best_effort(indent=2)
+  sampler = None
   if not cfg.data.synthetic.enabled:  # check the data before touching workdir
-    datasets.open_split(cfg, "train")
+    sampler = _sampler(cfg)  # label dtype, foreground and patch size too
     datasets.open_split(cfg, "val")
   init_from = cfg.train.get("init_from", "")
   # read (and checked) before the workdir is touched too; a resumed run has
@@ -200,16 +215,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     multihost_utils.sync_global_devices("stt_jax workdir ready")
     if cfg.data.synthetic.enabled:  # written by process 0: only point at it
       datasets.ensure_synthetic(cfg, workdir)
-  image, labels = datasets.open_split(cfg, "train")
-  sampler = PatchSampler(image, labels, patch_shape=cfg.data.patch_shape,
-                         batch_size=cfg.train.batch_size, seed=cfg.seed,
-                         augment_config=cfg.data.augment,
-                         contour_width=cfg.data.contour_width,
-                         distance_voxel_size=(cfg.data.voxel_size_nm
-                                              if "distance" in cfg.model.outputs else None),
-                         foreground_bias=cfg.data.foreground_bias,
-                         process_index=jax.process_index(),
-                         process_count=jax.process_count())
+  if sampler is None:
+    sampler = _sampler(cfg)
   setup = build(cfg, devices)
   state, mesh = setup.state, setup.mesh
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
