@@ -364,9 +364,10 @@ def _evaluate(cfg, workdir: str) -> None:
 
 def _segment(cfg, workdir: str | None) -> None:
   from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  from stt_jax.infer import blocks, pipeline, sliding_window  # pylint: disable=g-import-not-at-top
+  from stt_jax.infer import blocks, pipeline, preview, sliding_window  # pylint: disable=g-import-not-at-top
   image = _open_volume("input", _require(_INPUT.value, "input", "segment"))
   datasets.check_image(image, "--input")
+  preview.check_sections(cfg.infer.preview_sections, image.shape[0])  # before the work
   out = os.path.abspath(_require(_OUTPUT.value, "output", "segment"))
   blocks.check_output(out, overwrite=_OVERWRITE.value)  # before the model loads
   cfg, model, params, mesh, what = _load(cfg, workdir)
@@ -402,6 +403,9 @@ def _decode(cfg) -> None:
   if image is not None and image.shape != probabilities.shape[:3]:
     raise _UsageError(f"--image {image.shape} and --input {probabilities.shape[:3]} "
                       "differ in shape")
+  if image is not None:
+    from stt_jax.infer import preview  # pylint: disable=g-import-not-at-top
+    preview.check_sections(cfg.infer.preview_sections, image.shape[0])  # before the work
   resumed = blocks.open_output(out, {"input": os.path.abspath(probabilities.path),
                                      "decode": cfg.decode.to_dict()}, _OVERWRITE.value)
   voxel_size = probabilities.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
@@ -414,7 +418,6 @@ def _decode(cfg) -> None:
              "morphology": morphology.write_report(instances, voxel_size, out,
                                                    tuple(cfg.decode.block_shape))}
   if image is not None:
-    from stt_jax.infer import preview  # pylint: disable=g-import-not-at-top
     summary["previews"] = preview.write_previews(image, instances, out,
                                                  cfg.infer.preview_sections)
   blocks.finish_output(out, summary)
@@ -432,6 +435,10 @@ def _evaluate_volumes(cfg) -> None:
     path = os.path.join(path, "instances.zarr")  # a segment output folder
   instances = _open_volume("input", path)
   labels = _open_volume("labels", _LABELS.value)
+  for flag, volume in (("input", instances), ("labels", labels)):
+    if volume.dtype.kind not in "ui":
+      raise _UsageError(f"--{flag} {volume.path} has dtype {volume.dtype}; scoring needs "
+                        "integer instance ids (0 = background)")
   t0 = time.perf_counter()
   scores = report.score_volumes(labels, instances, min_gt_size=cfg.eval.min_gt_size,
                                 block=tuple(cfg.decode.block_shape))

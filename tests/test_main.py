@@ -104,6 +104,22 @@ def test_missing_config_file_and_data_path(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_preview_sections_and_label_dtypes_are_checked_before_the_work(tmp_path):
+  image = sources.write_array(str(tmp_path / "im.zarr"), np.zeros((4, 32, 32), np.uint8)).path
+  export = str(tmp_path / "export")
+  _baseline_export(export)
+  out = str(tmp_path / "seg")
+  _one_line_error(_main("--mode=segment", f"--weights={export}", f"--input={image}",
+                        f"--output={out}", "--config.infer.preview_sections=(1,4)",
+                        check_ok=False),
+                  "infer.preview_sections [4] lie outside the volume's sections 0..3")
+  assert not os.path.exists(out)
+  ids = sources.write_array(str(tmp_path / "ids.zarr"), np.ones((4, 32, 32), np.uint32)).path
+  floats = sources.write_array(str(tmp_path / "f.zarr"), np.ones((4, 32, 32), np.float32)).path
+  _one_line_error(_main("--mode=evaluate", f"--input={ids}", f"--labels={floats}",
+                        check_ok=False), "--labels", "float32", "integer instance ids")
+
+
 def test_segment_needs_a_run_folder_or_an_export(tmp_path):
   _one_line_error(_main("--mode=segment", f"--input={tmp_path}/in.zarr",
                         f"--output={tmp_path}/out", check_ok=False), "--workdir", "--weights")

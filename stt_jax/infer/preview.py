@@ -56,20 +56,29 @@ def overlay(section: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.
 
 
 def default_sections(depth: int, count: int = 3) -> list[int]:
-  """`count` sections spread over the depth (quarters for 3)."""
-  return sorted({int(round((k + 1) * depth / (count + 1))) for k in range(count)})
+  """`count` sections spread over the depth (quarters for 3), fewer on a
+  shallower volume."""
+  return sorted({min(int(round((k + 1) * depth / (count + 1))), depth - 1)
+                 for k in range(count)})
+
+
+def check_sections(sections: Sequence[int], depth: int) -> list[int]:
+  """The z indices to preview (default: spread over `depth`); UserError
+  naming those outside the volume."""
+  sections = [int(z) for z in sections] or default_sections(depth)
+  bad = [z for z in sections if not 0 <= z < depth]
+  if bad:
+    from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError(f"infer.preview_sections {bad} lie outside the volume's sections "
+                    f"0..{depth - 1}")
+  return sections
 
 
 def write_previews(image, instances, out_dir: str, sections: Sequence[int] = (),
                    max_size: int = 2048) -> list[str]:
   """previews/z<index>.png for each section (default: 3 spread over the
   depth), images shrunk to at most `max_size` pixels a side."""
-  depth = instances.shape[0]
-  sections = [int(z) for z in sections] or default_sections(depth)
-  bad = [z for z in sections if not 0 <= z < depth]
-  if bad:
-    from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-    raise UserError(f"preview sections {bad} lie outside the volume's 0..{depth - 1}")
+  sections = check_sections(sections, instances.shape[0])
   folder = os.path.join(out_dir, "previews")
   os.makedirs(folder, exist_ok=True)
   h, w = instances.shape[1:3]

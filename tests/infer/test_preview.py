@@ -29,3 +29,11 @@ def test_previews_written_and_bad_sections_refused(tmp_path):
   assert Image.open(paths[0]).size == (25, 20)
   with pytest.raises(UserError, match="outside"):
     preview.write_previews(image, labels, str(tmp_path), sections=(6,))
+
+
+@pytest.mark.parametrize("depth,expected", [(1, [0]), (2, [0, 1]), (3, [1, 2]), (4, [1, 2, 3]),
+                                            (8, [2, 4, 6]), (100, [25, 50, 75])])
+def test_default_sections_stay_inside_shallow_volumes(depth, expected):
+  # quarters of the depth rounded (half to even), never past the last section
+  assert preview.default_sections(depth) == expected
+  assert preview.check_sections((), depth) == expected
