@@ -14,8 +14,9 @@ def get_config():
   # original's setup learns the foreground but hardly any instance (these
   # tubes are 10-20 px wide, so a 5x5 contour covers 44 % of their voxels and
   # the class-balanced contour head calls most of each object contour: seeds
-  # shatter). Measured side by side in session 25 (README, "What the demo
-  # does"): held-out Jaccard 0.70 -> 0.82, AP-50 0.03 -> 0.17, AP-75 0.001 -> 0.09.
+  # shatter). Measured side by side in session 25 (docs/architecture.md,
+  # "Targets and losses"): held-out Jaccard 0.70 -> 0.82, AP-50 0.03 -> 0.17,
+  # AP-75 0.001 -> 0.09.
   c.model.norm = "group"
   c.data.contour_width = 1
   c.data.synthetic.enabled = True
