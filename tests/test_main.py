@@ -14,7 +14,7 @@ from stt_jax.data import sources
 from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.widths=(4,4,6,6,8)",
+TINY = ["--config.model.widths=(4,4,6,6,8)", "--config.model.norm_groups=2",
         "--config.data.synthetic.train_shape=(8,64,64)",
         "--config.data.synthetic.val_shape=(8,64,64)",
         "--config.data.patch_shape=(4,32,32)", "--config.infer.window=(4,32,32)",
@@ -205,7 +205,7 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
          "--config.train.schedule=cosine"]
   # started from a 2-output baseline's export: all but the head copied
   source = str(tmp_path / "baseline_export")
-  leaves = _baseline_export(source)
+  leaves = _baseline_export(source, norm="group")  # the demo's GroupNorm
   proc = _main(f"--workdir={work}", *TINY, *adv, f"--config.train.init_from={source}")
   assert (f"init_from {source} (export): copied {leaves - 2} of {leaves} parameter tensors"
           in proc.stdout)
