@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -91,6 +92,14 @@ def _last_override_wins(argv: list[str]) -> list[str]:
   return [arg for i, arg in enumerate(joined) if not key(arg) or last[key(arg)] == i]
 
 
+def _exception_text(error: BaseException) -> str:
+  """The innermost message on one line (ml_collections wraps a KeyError in an AttributeError)."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  return " ".join(text.split())
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with every failure turned into one line (no traceback)."""
   try:
@@ -98,8 +107,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
   except (AttributeError, KeyError, ValueError, TypeError) as e:
-    message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-    _fail(f"bad config override: {message}")
+    text = _exception_text(e)
+    # name the override whose path has the unknown field ("'stepz' Did you mean ...")
+    field = re.match(r"'([^']+)'", text)
+    culprit = [a.split("=", 1)[0] for a in argv if field and a.startswith("--config.")
+               and field.group(1) in a.split("=", 1)[0].split(".")]
+    _fail(f"bad config override{' ' + culprit[0] if culprit else ''}: {text}")
   except Exception as e:  # pylint: disable=broad-except
     # an error raised inside the config file's get_config()
     _fail(f"cannot load --config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

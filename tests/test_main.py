@@ -46,7 +46,7 @@ def _one_line_error(proc, *needles):
 
 def test_unknown_config_key(tmp_path):
   _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.train.stepz=3",
-                        check_ok=False), "stepz", "steps")
+                        check_ok=False), "--config.train.stepz:", 'Did you mean "steps"')
 
 
 def test_bad_config_value(tmp_path):
