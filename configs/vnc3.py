@@ -69,5 +69,12 @@ def get_config(preset: str = "stt"):
   # one net at 3,000 CPU steps: decoded Jaccard 0.612 at 0.85, 0.458 at 0.5;
   # plain BCE decoded at 0.5: 0.365)
   c.decode.min_size = 500
+  # at 4.6 nm a mitochondrion spans ~80 px (median) to ~240 px in x/y, past
+  # the MitoEM-sized (8 nm) default halo of 64: with 64x512x512 blocks the
+  # stack2 segmentation had 8 foreground components cut by a halo (128: 2).
+  # A block holds a whole 1024x1024 section, so VNC-sized sections have no
+  # x/y faces and decode exactly; the 256 halo is for larger sections
+  c.decode.block_shape = (32, 1024, 1024)
+  c.decode.halo = (8, 256, 256)
   c.eval.min_gt_size = 500
   return apply_preset(c, preset)
