@@ -398,9 +398,10 @@ def _segment(cfg, workdir: str | None) -> None:
   if "decode_note" in summary:  # 0 instances: which step lost them
     print(summary["decode_note"])
   if summary["components_cut_by_halo"]:
-    print(f"note: {summary['components_cut_by_halo']} foreground components were longer "
-          "than decode.halo; ids near those block faces may differ from whole-volume "
-          "decoding (raise decode.halo)")
+    print(f"note: {summary['components_cut_by_halo']} foreground components reach past "
+          "decode.halo, so ids near those block faces may (not must) differ from "
+          "whole-volume decoding; for exact ids raise decode.halo, or decode.block_shape "
+          "to hold whole sections")
 
 
 def _decode(cfg) -> None:
