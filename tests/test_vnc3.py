@@ -20,14 +20,22 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import vnc3  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def test_masks_become_global_connected_components():
-  folder = shared_data("vnc3", "stack1", "mitochondria")
+@pytest.fixture(scope="module")
+def stack1_labels():
+  """The instance labels of sections 0-15 as the config's two splits read
+  them, [16, 1024, 1024]."""
+  shared_data("vnc3", "stack1")
   cfg = vnc3.get_config("baseline")
   _, train = datasets.open_split(cfg, "train")
   _, val = datasets.open_split(cfg, "val")
   assert train.shape == (12, 1024, 1024) and val.shape == (4, 1024, 1024)
+  return np.concatenate([train.read([0, 0, 0], train.shape), val.read([0, 0, 0], val.shape)])
+
+
+def test_masks_become_global_connected_components(stack1_labels):
+  folder = shared_data("vnc3", "stack1", "mitochondria")
   raw = sources.open_volume(folder).read([0, 0, 0], (16, 1024, 1024))
-  labels = np.concatenate([train.read([0, 0, 0], train.shape), val.read([0, 0, 0], val.shape)])
+  labels = stack1_labels
   np.testing.assert_array_equal(labels > 0, raw >= 128)
   # every section holds mitochondria, the 1-bit PNGs (sections 1 and 7) too
   assert all(0.02 < f < 0.1 for f in (labels > 0).mean(axis=(1, 2))), (labels > 0).mean((1, 2))
@@ -39,18 +47,13 @@ def test_masks_become_global_connected_components():
   assert len(pairs) == count
 
 
-def test_decode_blocks_keep_the_mitochondria_whole(tmp_path):
+def test_decode_blocks_keep_the_mitochondria_whole(tmp_path, stack1_labels):
   """The config's decode.block_shape / halo cut no VNC III mitochondrion: on
   probability maps made from the 16 labelled sections, blockwise decoding
   flags no component and equals whole-volume decoding. (The 8 nm MitoEM
   defaults, 64x512x512 blocks with a 64 halo, flag 7 here.)"""
-  shared_data("vnc3", "stack1")
-  cfg = vnc3.get_config("baseline")
-  _, train = datasets.open_split(cfg, "train")
-  _, val = datasets.open_split(cfg, "val")
-  labels = np.concatenate([train.read([0, 0, 0], train.shape), val.read([0, 0, 0], val.shape)])
-  probs = probabilities_from_labels(labels, seed=3, noise=0.1)
-  settings = blockwise.DecodeSettings.from_config(cfg.decode)
+  probs = probabilities_from_labels(stack1_labels, seed=3, noise=0.1)
+  settings = blockwise.DecodeSettings.from_config(vnc3.get_config("baseline").decode)
   whole = postprocess.decode_instances(
       probs[..., 0], probs[..., 1], seed_mask=settings.seed_mask,
       seed_contour=settings.seed_contour, foreground=settings.foreground,
