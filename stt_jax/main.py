@@ -395,13 +395,15 @@ def _segment(cfg, workdir: str | None) -> None:
   print(f"segmented {image.shape} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
         f"{', continued a previous run' if summary['resumed'] else ''}): "
         f"{summary['instances']} instances -> {out}")
-  if "decode_note" in summary:  # 0 instances: which step lost them
-    print(summary["decode_note"])
-  if summary["components_cut_by_halo"]:
-    print(f"note: {summary['components_cut_by_halo']} foreground components reach past "
-          "decode.halo, so ids near those block faces may (not must) differ from "
-          "whole-volume decoding; for exact ids raise decode.halo, or decode.block_shape "
-          "to hold whole sections")
+  _print_decode_notes(summary)
+
+
+def _print_decode_notes(stats: dict) -> None:
+  """What `blockwise.decode` noted: 0 instances (which step lost them), and
+  components a halo cut."""
+  for key in ("decode_note", "halo_note"):
+    if key in stats:
+      print(stats[key])
 
 
 def _decode(cfg) -> None:
@@ -438,8 +440,7 @@ def _decode(cfg) -> None:
   voxels = int(np.prod(probabilities.shape[:3]))
   print(f"decoded {probabilities.shape[:3]} in {seconds:.1f} s ({voxels / seconds:.3g} "
         f"voxels/s): {stats['instances']} instances -> {instances.path}")
-  if "decode_note" in stats:
-    print(stats["decode_note"])
+  _print_decode_notes(stats)
 
 
 def _evaluate_volumes(cfg) -> None:

@@ -237,6 +237,12 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
   note = why_no_instances(stats, s)
   if note:
     stats["decode_note"] = note
+  if stats["components_cut_by_halo"]:
+    stats["halo_note"] = (
+        f"note: {stats['components_cut_by_halo']} foreground components reach past "
+        "decode.halo, so ids near those block faces may (not must) differ from "
+        "whole-volume decoding; for exact ids raise decode.halo, or decode.block_shape "
+        "to hold whole sections")
   shutil.rmtree(scratch)
   return out_vol, stats
 
