@@ -196,6 +196,26 @@ def _sampler(cfg) -> PatchSampler:
                       process_count=jax.process_count())
 
 
+def _resume_point(workdir: str, ckpts: checkpoint.Checkpoints) -> tuple[str, int] | None:
+  """(directory, step) of the newest saved state: the last periodic checkpoint
+  or, when a kill came after a validation and before the next periodic save,
+  the best state (best/ holds whole train states too); None if neither."""
+  latest = ckpts.latest_step()
+  best_dir = os.path.abspath(os.path.join(workdir, "best"))
+  best_steps = checkpoint.saved_steps(best_dir)
+  if best_steps and (latest is None or best_steps[-1] > latest):
+    return best_dir, best_steps[-1]
+  return None if latest is None else (str(ckpts.manager.directory), latest)
+
+
+def _restore_from(directory: str, like, step: int):
+  source = checkpoint.Checkpoints(directory, save_every=1, keep=1)
+  try:
+    return source.restore(like, step)
+  finally:
+    source.close()
+
+
 def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: bool,
            quiet: bool, stop_at: int | None, devices) -> Result:
   config_json = cfg.to_json_best_effort(indent=2)
@@ -227,8 +247,17 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
                                        keep=1, best_metric=cfg.train.best_metric)
                 if validating else None)
   first = 0
-  if resume and ckpts.latest_step() is not None:
-    state = ckpts.restore(state)
+  best = final_validation = None
+  resumed_from = _resume_point(workdir, ckpts) if resume else None
+  if resumed_from is not None:
+    directory, step = resumed_from
+    if directory == str(ckpts.manager.directory):
+      state = ckpts.restore(state, step)
+    else:  # a kill after a validation, before the next periodic save
+      state = _restore_from(directory, state, step)
+      if _is_main():
+        print(f"resuming from {directory}/{step}: newer than any periodic "
+              "checkpoint in checkpoints/", flush=True)
     first = int(step_lib.to_host(state.step))
   elif init_from:  # also a --resume that found no checkpoint yet
     source = source or warm_start.read_source(init_from)
@@ -241,8 +270,15 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   voxels_per_step = cfg.train.batch_size * int(np.prod(cfg.data.patch_shape))
   total = int(cfg.train.steps)
   last = total if stop_at is None else min(total, int(stop_at))
-  last_good = ckpts.latest_step()
-  best = final_validation = None
+  last_good, last_good_dir = (resumed_from[1], resumed_from[0]) if resumed_from else (
+      None, ckpts.manager.directory)
+  if resume and best_ckpts and best_ckpts.best_step() is not None:
+    # the run's best so far, so that the best reported at the end is the
+    # best of the whole run, not of this part of it
+    best_step = best_ckpts.best_step()
+    best = dict(best_ckpts.manager.metrics(best_step) or {}, step=best_step)
+    if cfg.train.best_metric not in best:
+      best = None
   predict_fn = None
   if validating:  # compiled once, reused by every validation
     from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
@@ -257,7 +293,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   def kept() -> str:
     """Where the run can go on from, for the one-line errors below."""
     return (f"the last good checkpoint (step {last_good}) is kept in "
-            f"{ckpts.manager.directory}" if last_good is not None
+            f"{last_good_dir}" if last_good is not None
             else "no checkpoint was written")
 
   try:
@@ -310,7 +346,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           postfix["d"] = f"{values['d_loss']:.3f}"
         if is_ckpt:
           ckpts.save(done, state, force=True)
-          last_good = done
+          last_good, last_good_dir = done, ckpts.manager.directory
         if is_eval:
           try:
             validation = validate(cfg, workdir, predict_fn, state.inference_params(), mesh)
@@ -319,7 +355,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
               raise
             if last_good != done:  # the state is intact: keep the steps run so far
               ckpts.save(done, state, force=True)
-              last_good = done
+              last_good, last_good_dir = done, ckpts.manager.directory
             raise UserError(
                 f"out of device memory validating at step {done}: "
                 f"{errors.LOWER_INFERENCE_MEMORY}; step {done} is saved in "

@@ -258,6 +258,40 @@ def test_out_of_memory_while_validating_saves_the_step_and_says_so(tmp_path, mon
   assert int(_restore(cfg, work).step) == 2
 
 
+def test_resume_after_a_kill_goes_on_from_the_newer_best_state(tmp_path, monkeypatch,
+                                                                capsys):
+  """Killed (no SIGTERM, nothing saved on the way out) after a validation and
+  before the next periodic checkpoint: best/ holds the newest state, and
+  --resume goes on from it instead of from the start; the best reported at
+  the end is the whole run's, not the resumed part's."""
+  scores = []
+
+  def fake_validate(*args, **kwargs):  # the metric each validation reports
+    return {"ap_75": scores.pop(0), "jaccard": 0.5}, "", ""
+
+  monkeypatch.setattr(loop, "validate", fake_validate)
+  cfg = _cfg(**{"train.eval_every": 2, "train.checkpoint_every": 100,
+                "train.best_metric": "ap_75"})
+  scores[:] = [0.5, 0.7, 0.6]
+  full = loop.train(cfg, str(tmp_path / "full"), quiet=True)
+  assert full.best["step"] == 4 and not scores
+  work = tmp_path / "killed"
+  scores[:] = [0.5, 0.7]
+  loop.train(cfg, str(work), quiet=True, stop_at=4)
+  # what a SIGKILL after step 4's validation leaves: best/4 and no checkpoint
+  shutil.rmtree(work / "checkpoints")
+  assert checkpoint.saved_steps(str(work / "best")) == [4]
+  capsys.readouterr()
+  scores[:] = [0.6]
+  resumed = loop.train(cfg, str(work), quiet=True, resume=True)
+  assert f"resuming from {work / 'best'}/4" in capsys.readouterr().out
+  assert not scores  # one validation (step 6): it did not start over
+  assert int(resumed.state.step) == 6
+  _assert_same_state(full.state, resumed.state)
+  assert (resumed.best["step"], resumed.best["ap_75"]) == (4, 0.7)
+  assert checkpoint.saved_steps(str(work / "best")) == [4]
+
+
 def test_out_of_memory_in_a_training_step_is_one_line(tmp_path, monkeypatch):
   from stt_jax.errors import UserError
 
