@@ -46,8 +46,8 @@ _WEIGHTS = flags.DEFINE_string("weights", None,
                                "segment/evaluate/export: an export folder to load "
                                "instead of a checkpoint in --workdir.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "latest", "evaluate/segment/export from --workdir: its latest "
-    "checkpoint, its best state (best/, kept when train.eval_every > 0) or a step.")
+    "checkpoint", "latest", "evaluate/segment/export from --workdir: its newest "
+    "saved state (checkpoints/, or best/ where newer), its best state (best/, kept when train.eval_every > 0) or a step.")
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
@@ -268,18 +268,27 @@ def _chosen_state(workdir: str) -> tuple[str, int]:
   """(checkpoint folder, step) of the state --checkpoint names in `workdir`."""
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   which = _CHECKPOINT.value  # its form was checked in run()
-  directory = os.path.join(workdir, "best" if which == "best" else "checkpoints")
-  steps = checkpoint.saved_steps(directory)
-  if which == "best" and not steps:
-    raise _UsageError(f"--checkpoint=best: {workdir} kept no best state (training keeps "
-                      "one when it validates, --config.train.eval_every > 0); use "
-                      "--checkpoint=latest or a step")
-  if not steps:
+  if which == "best":
+    directory = os.path.abspath(os.path.join(workdir, "best"))
+    steps = checkpoint.saved_steps(directory)
+    if not steps:
+      raise _UsageError(f"--checkpoint=best: {workdir} kept no best state (training "
+                        "keeps one when it validates, --config.train.eval_every > 0); "
+                        "use --checkpoint=latest or a step")
+    return directory, steps[-1]
+  newest = checkpoint.newest_state(workdir)  # best/ may be newer: see --resume
+  if newest is None:
     raise _UsageError(f"{workdir} holds no checkpoints; train first or pass --weights")
-  if which.isdigit() and int(which) not in steps:
-    raise _UsageError(f"--checkpoint={which}: {directory} holds steps "
-                      f"{', '.join(map(str, steps))}; pick one, best or latest")
-  return directory, int(which) if which.isdigit() else steps[-1]
+  if not which.isdigit():
+    return newest
+  held = {}  # step -> folder, checkpoints/ before best/ for a step in both
+  for name in ("best", "checkpoints"):
+    directory = os.path.abspath(os.path.join(workdir, name))
+    held.update(dict.fromkeys(checkpoint.saved_steps(directory), directory))
+  if int(which) not in held:
+    raise _UsageError(f"--checkpoint={which}: {workdir} holds steps "
+                      f"{', '.join(map(str, sorted(held)))}; pick one, best or latest")
+  return held[int(which)], int(which)
 
 
 def _print_schedule_note(cfg, workdir: str) -> None:

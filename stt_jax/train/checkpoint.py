@@ -129,6 +129,20 @@ def saved_steps(directory: str) -> list[int]:
     manager.close()
 
 
+def newest_state(workdir: str) -> tuple[str, int] | None:
+  """(folder, step) of the newest train state in a run folder: the last
+  periodic checkpoint or, where a validation came after it (a run killed
+  without a signal between periodic saves), the best state; None if neither
+  `checkpoints/` nor `best/` holds one. A tie goes to `checkpoints/`."""
+  found = []
+  for name in ("checkpoints", "best"):
+    directory = os.path.abspath(os.path.join(workdir, name))
+    steps = saved_steps(directory)
+    if steps and (not found or steps[-1] > found[1]):
+      found = [directory, steps[-1]]
+  return tuple(found) if found else None
+
+
 class Checkpoints:
   """Saves every `save_every` steps (async), keeps the last `keep`; or, with
   `best_metric`, keeps the `keep` states of highest metric."""

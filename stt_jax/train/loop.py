@@ -196,18 +196,6 @@ def _sampler(cfg) -> PatchSampler:
                       process_count=jax.process_count())
 
 
-def _resume_point(workdir: str, ckpts: checkpoint.Checkpoints) -> tuple[str, int] | None:
-  """(directory, step) of the newest saved state: the last periodic checkpoint
-  or, when a kill came after a validation and before the next periodic save,
-  the best state (best/ holds whole train states too); None if neither."""
-  latest = ckpts.latest_step()
-  best_dir = os.path.abspath(os.path.join(workdir, "best"))
-  best_steps = checkpoint.saved_steps(best_dir)
-  if best_steps and (latest is None or best_steps[-1] > latest):
-    return best_dir, best_steps[-1]
-  return None if latest is None else (str(ckpts.manager.directory), latest)
-
-
 def _restore_from(directory: str, like, step: int):
   source = checkpoint.Checkpoints(directory, save_every=1, keep=1)
   try:
@@ -248,7 +236,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
                 if validating else None)
   first = 0
   best = final_validation = None
-  resumed_from = _resume_point(workdir, ckpts) if resume else None
+  resumed_from = checkpoint.newest_state(workdir) if resume else None
   if resumed_from is not None:
     directory, step = resumed_from
     if directory == str(ckpts.manager.directory):

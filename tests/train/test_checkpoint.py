@@ -96,6 +96,25 @@ def test_best_checkpoint_keeps_the_highest_metric(tmp_path):
   best.close()
 
 
+def test_newest_state_is_the_later_of_checkpoints_and_best(tmp_path):
+  tree = {"w": jnp.zeros((2,))}
+
+  def save(name, step):
+    ckpts = checkpoint.Checkpoints(str(tmp_path / name), save_every=1, keep=5)
+    ckpts.save(step, tree, force=True)
+    ckpts.close()
+
+  assert checkpoint.newest_state(str(tmp_path)) is None
+  save("best", 4)  # validated at 4, killed before the first periodic save
+  assert checkpoint.newest_state(str(tmp_path)) == (str(tmp_path / "best"), 4)
+  save("checkpoints", 3)
+  assert checkpoint.newest_state(str(tmp_path)) == (str(tmp_path / "best"), 4)
+  save("checkpoints", 4)  # a tie: the periodic checkpoint
+  assert checkpoint.newest_state(str(tmp_path)) == (str(tmp_path / "checkpoints"), 4)
+  save("checkpoints", 6)
+  assert checkpoint.newest_state(str(tmp_path)) == (str(tmp_path / "checkpoints"), 6)
+
+
 def test_resume_refuses_another_models_run(tmp_path):
   work = str(tmp_path / "run")
   checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8]}}', resume=False,
