@@ -145,6 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.model_parallel = 1           # devices per parameter shard (mesh axis "model")
   c.train.log_every = 50
   c.train.checkpoint_every = 1500
+  # and whenever this many minutes passed since the last save (0 = off): what
+  # a kill without a signal (the OOM killer, a lost node) can cost at most
+  c.train.checkpoint_minutes = 30.0
   c.train.keep_checkpoints = 3
   c.train.eval_every = 0               # segment data.val every N steps; 0 = only at the end
   c.train.best_metric = "ap_75"        # keeps the best state by this in <workdir>/best
@@ -304,6 +307,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(0 < low <= high, "data.augment.rescale_range", f"needs 0 < low <= high, got {(low, high)}")
   _need(c.train.log_every > 0, "train.log_every", "must be positive")
   _need(c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+  _need(c.train.checkpoint_minutes >= 0, "train.checkpoint_minutes",
+        "must be >= 0 (0 = save by steps only)")
   _need(c.train.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
   _need(0.0 <= c.infer.overlap < 1.0, "infer.overlap",
         f"must be in [0, 1), got {c.infer.overlap}")

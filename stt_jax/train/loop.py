@@ -196,6 +196,20 @@ def _sampler(cfg) -> PatchSampler:
                       process_count=jax.process_count())
 
 
+def _save_time_due(last_save_time: float, save_seconds: float, is_log: bool) -> bool:
+  """Whether train.checkpoint_minutes have passed since the last save. With
+  several processes all must save together: process 0's clock decides, read
+  at log steps only (they sync the host already)."""
+  if save_seconds <= 0:
+    return False
+  due = time.monotonic() - last_save_time >= save_seconds
+  if jax.process_count() == 1:
+    return due
+  if not is_log:
+    return False
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+
+
 def _restore_from(directory: str, like, step: int):
   source = checkpoint.Checkpoints(directory, save_every=1, keep=1)
   try:
@@ -277,6 +291,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   window_start, window_steps, window_sum = time.perf_counter(), 0, None
   add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   done = first
+  save_seconds = 60.0 * float(cfg.train.checkpoint_minutes)
+  last_save_time = time.monotonic()
 
   def kept() -> str:
     """Where the run can go on from, for the one-line errors below."""
@@ -303,7 +319,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
       signalled = stop.received is not None
       stopping = signalled or done == last
       is_log = done % cfg.train.log_every == 0 or stopping
-      is_ckpt = done % cfg.train.checkpoint_every == 0 or stopping
+      is_ckpt = (done % cfg.train.checkpoint_every == 0 or stopping
+                 or _save_time_due(last_save_time, save_seconds, is_log))
       is_eval = validating and (done % cfg.train.eval_every == 0 or done == total)
       if is_log or is_ckpt or is_eval:
         values = {k: float(v) / window_steps
@@ -335,6 +352,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
         if is_ckpt:
           ckpts.save(done, state, force=True)
           last_good, last_good_dir = done, ckpts.manager.directory
+          last_save_time = time.monotonic()
         if is_eval:
           try:
             validation = validate(cfg, workdir, predict_fn, state.inference_params(), mesh)

@@ -292,6 +292,19 @@ def test_resume_after_a_kill_goes_on_from_the_newer_best_state(tmp_path, monkeyp
   assert checkpoint.saved_steps(str(work / "best")) == [4]
 
 
+def test_checkpoints_are_also_saved_by_time(tmp_path):
+  """train.checkpoint_minutes saves between the step-based saves: here 60 us,
+  shorter than any step, so every step is saved; 0 saves by steps only."""
+  by_steps = _cfg(**{"train.checkpoint_every": 100, "train.keep_checkpoints": 10,
+                     "train.checkpoint_minutes": 0.0})
+  loop.train(by_steps, str(tmp_path / "steps"), quiet=True)
+  assert checkpoint.saved_steps(str(tmp_path / "steps" / "checkpoints")) == [6]
+  by_time = _cfg(**{"train.checkpoint_every": 100, "train.keep_checkpoints": 10,
+                    "train.checkpoint_minutes": 1e-6})
+  loop.train(by_time, str(tmp_path / "time"), quiet=True)
+  assert checkpoint.saved_steps(str(tmp_path / "time" / "checkpoints")) == [1, 2, 3, 4, 5, 6]
+
+
 def test_out_of_memory_in_a_training_step_is_one_line(tmp_path, monkeypatch):
   from stt_jax.errors import UserError
 
