@@ -47,7 +47,8 @@ _WEIGHTS = flags.DEFINE_string("weights", None,
                                "instead of a checkpoint in --workdir.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "evaluate/segment/export from --workdir: its newest "
-    "saved state (checkpoints/, or best/ where newer), its best state (best/, kept when train.eval_every > 0) or a step.")
+    "saved state (checkpoints/, or best/ where newer), its best state (best/, kept "
+    "when train.eval_every > 0) or a step.")
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
