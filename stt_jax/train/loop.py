@@ -27,7 +27,7 @@ from stt_jax.data import datasets, sources
 from stt_jax.data.sampler import PatchSampler
 from stt_jax.errors import UserError
 from stt_jax.models import unet
-from stt_jax.train import checkpoint, state as state_lib, step as step_lib, warm_start
+from stt_jax.train import checkpoint, history, state as state_lib, step as step_lib, warm_start
 
 
 @dataclasses.dataclass
@@ -269,6 +269,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   base_key = jax.random.wrap_key_data(step_lib.to_host(state.rng))
   step_fn = setup.jit_step(cfg.loss)
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if _is_main() else None
+  metrics_history = (history.MetricsHistory(workdir, resumed_from=first if resume else None)
+                     if _is_main() else None)
   voxels_per_step = cfg.train.batch_size * int(np.prod(cfg.data.patch_shape))
   total = int(cfg.train.steps)
   last = total if stop_at is None else min(total, int(stop_at))
@@ -339,12 +341,14 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           for k, v in values.items():
             writer.add_scalar(f"train/{k}", v, done)
           # a long run's host memory should be flat: a leak shows here first
-          for k, v in (("host_rss_mb", memory_use.resident_mb()),
-                       ("device_peak_mb", memory_use.device_peak_mb(
-                           d for d in mesh.devices.flat
-                           if d.process_index == jax.process_index()))):
-            if v is not None:
-              writer.add_scalar(f"memory/{k}", v, done)
+          memory = {k: v for k, v in (
+              ("host_rss_mb", memory_use.resident_mb()),
+              ("device_peak_mb", memory_use.device_peak_mb(
+                  d for d in mesh.devices.flat
+                  if d.process_index == jax.process_index()))) if v is not None}
+          for k, v in memory.items():
+            writer.add_scalar(f"memory/{k}", v, done)
+          metrics_history.write("train", done, {**values, **memory})
         postfix.update(loss=f"{values['loss']:.4f}",
                        vox_s=f"{values['voxels_per_s']:.3g}")
         if "d_loss" in values:
@@ -374,6 +378,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
             for k, v in scores.items():
               if isinstance(v, (int, float)):
                 writer.add_scalar(f"val/{k}", v, done)
+            metrics_history.write("val", done, scores)
           best_ckpts.save(done, state, force=True, metrics=scores)
           if best is None or scores[cfg.train.best_metric] > best[cfg.train.best_metric]:
             best = dict(scores, step=done)
@@ -393,6 +398,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     bar.close()
     if writer:
       writer.close()
+      metrics_history.close()
     ckpts.close()
     if best_ckpts:
       best_ckpts.close()

@@ -1,6 +1,7 @@
 """The training loop: exact resume, preemption by SIGTERM, and two processes
 joined by jax.distributed matching one process."""
 
+import json
 import os
 import resource
 import shutil
@@ -290,6 +291,14 @@ def test_resume_after_a_kill_goes_on_from_the_newer_best_state(tmp_path, monkeyp
   _assert_same_state(full.state, resumed.state)
   assert (resumed.best["step"], resumed.best["ap_75"]) == (4, 0.7)
   assert checkpoint.saved_steps(str(work / "best")) == [4]
+  # metrics.jsonl tells the same history as the uninterrupted run's
+  def history(run):
+    with open(run / "metrics.jsonl") as f:
+      return [(r["kind"], r["step"], r.get("loss"), r.get("ap_75"))
+              for r in map(json.loads, f)]
+  assert history(work) == history(tmp_path / "full")
+  assert [h[:2] for h in history(work) if h[0] == "val"] == [("val", 2), ("val", 4),
+                                                            ("val", 6)]
 
 
 def test_checkpoints_are_also_saved_by_time(tmp_path):
