@@ -196,18 +196,28 @@ def _sampler(cfg) -> PatchSampler:
                       process_count=jax.process_count())
 
 
-def _save_time_due(last_save_time: float, save_seconds: float, is_log: bool) -> bool:
-  """Whether train.checkpoint_minutes have passed since the last save. With
-  several processes all must save together: process 0's clock decides, read
-  at log steps only (they sync the host already)."""
-  if save_seconds <= 0:
-    return False
-  due = time.monotonic() - last_save_time >= save_seconds
+def _stop_and_save_decision(stop: _StopOnSignal, done: int, log_every: int,
+                            last_save_time: float, save_seconds: float
+                            ) -> tuple[str | None, bool]:
+  """(the signal that stops the run at this step or None, whether
+  train.checkpoint_minutes have passed since the last save).
+
+  One process decides alone, at every step. Several must stop and save at
+  the same step (a save is collective: one process saving while another runs
+  the next step waits forever, and the scheduler's SIGKILL then leaves no
+  checkpoint), but signals reach them at different steps; so they agree at
+  the multiples of train.log_every, which sync the host already: a signal
+  any process received stops all of them there, and process 0's clock
+  decides a timed save."""
+  due = save_seconds > 0 and time.monotonic() - last_save_time >= save_seconds
   if jax.process_count() == 1:
-    return due
-  if not is_log:
-    return False
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+    return stop.received, due
+  if done % log_every:
+    return None, False
+  own = signal.Signals[stop.received].value if stop.received else 0
+  views = np.asarray(multihost_utils.process_allgather(np.array([own, due], np.int32)))
+  codes = [int(c) for c in views[:, 0] if c]
+  return (signal.Signals(codes[0]).name if codes else None), bool(views[0, 1])
 
 
 def _restore_from(directory: str, like, step: int):
@@ -293,6 +303,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   window_start, window_steps, window_sum = time.perf_counter(), 0, None
   add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   done = first
+  stopped_by = None
   save_seconds = 60.0 * float(cfg.train.checkpoint_minutes)
   last_save_time = time.monotonic()
 
@@ -318,11 +329,12 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
       # read once: a signal landing later in this iteration (most land while
       # waiting for the step's metrics below) must not skip this step's save;
       # it stops the next step instead
-      signalled = stop.received is not None
+      stopped_by, time_due = _stop_and_save_decision(
+          stop, done, cfg.train.log_every, last_save_time, save_seconds)
+      signalled = stopped_by is not None
       stopping = signalled or done == last
       is_log = done % cfg.train.log_every == 0 or stopping
-      is_ckpt = (done % cfg.train.checkpoint_every == 0 or stopping
-                 or _save_time_due(last_save_time, save_seconds, is_log))
+      is_ckpt = done % cfg.train.checkpoint_every == 0 or stopping or time_due
       is_eval = validating and (done % cfg.train.eval_every == 0 or done == total)
       if is_log or is_ckpt or is_eval:
         values = {k: float(v) / window_steps
@@ -403,5 +415,5 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     if best_ckpts:
       best_ckpts.close()
   return Result(setup.model, state, mesh,
-                stopped_by=stop.received if done < total else None, best=best,
+                stopped_by=stopped_by if done < total else None, best=best,
                 final_validation=final_validation)

@@ -236,6 +236,36 @@ def test_two_processes_match_one(tmp_path):
   _assert_same_state(single.state, _restore(cfg, multi), exact=False)
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
+  """Signals reach the processes of a job at different steps; a save is
+  collective, so one process saving while the other ran on used to hang
+  until the scheduler's SIGKILL, with nothing saved. Both stop at the next
+  multiple of train.log_every, save that step together and exit 143."""
+  extra = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.log_every": 3}
+  work, port = str(tmp_path / "run"), _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-u", "-m", "stt_jax.main", "--config=configs/demo.py",
+       f"--workdir={work}", "--quiet", *_flags(**extra),
+       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"],
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    line = procs[0].stdout.readline()  # printed just before training starts
+    assert line.startswith("backend"), line + procs[0].stderr.read()
+    time.sleep(5.0)
+    procs[1].send_signal(signal.SIGTERM)  # the other process gets none
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [143, 143], outputs
+  assert "stopped by SIGTERM at step" in outputs[0][1]
+  steps = checkpoint.saved_steps(os.path.join(work, "checkpoints"))
+  assert len(steps) == 1 and steps[0] % 3 == 0, steps
+  assert f"stopped by SIGTERM at step {steps[0]};" in outputs[0][1]
+
+
 def test_out_of_memory_while_validating_saves_the_step_and_says_so(tmp_path, monkeypatch):
   """A validation that runs out of device memory between checkpoints: the
   trained steps are saved (the state is intact), one line says what to
