@@ -277,19 +277,14 @@ def _chosen_state(workdir: str) -> tuple[str, int]:
                         "keeps one when it validates, --config.train.eval_every > 0); "
                         "use --checkpoint=latest or a step")
     return directory, steps[-1]
-  newest = checkpoint.newest_state(workdir)  # best/ may be newer: see --resume
-  if newest is None:
+  held = checkpoint.saved_states(workdir)  # best/ may be newer: see --resume
+  if not held:
     raise _UsageError(f"{workdir} holds no checkpoints; train first or pass --weights")
-  if not which.isdigit():
-    return newest
-  held = {}  # step -> folder, checkpoints/ before best/ for a step in both
-  for name in ("best", "checkpoints"):
-    directory = os.path.abspath(os.path.join(workdir, name))
-    held.update(dict.fromkeys(checkpoint.saved_steps(directory), directory))
-  if int(which) not in held:
+  step = int(which) if which.isdigit() else max(held)
+  if step not in held:
     raise _UsageError(f"--checkpoint={which}: {workdir} holds steps "
                       f"{', '.join(map(str, sorted(held)))}; pick one, best or latest")
-  return held[int(which)], int(which)
+  return held[step], step
 
 
 def _print_schedule_note(cfg, workdir: str) -> None:
@@ -330,9 +325,7 @@ def _load(cfg, workdir: str | None):
   directory, step = _chosen_state(workdir)
   checkpoint.check_resumable(workdir, cfg.to_json_best_effort())
   setup = loop.build(cfg)
-  ckpts = checkpoint.Checkpoints(directory, save_every=1, keep=1_000_000)
-  state = ckpts.restore(setup.state, step)
-  ckpts.close()
+  state = checkpoint.restore_from(directory, setup.state, step)
   kind = "EMA weights" if cfg.train.ema_decay > 0 else "weights"
   what = f"{os.path.basename(directory)}/{step} of {os.path.abspath(workdir)} ({kind})"
   return cfg, setup.model, state.inference_params(), setup.mesh, what

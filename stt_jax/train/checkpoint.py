@@ -129,18 +129,34 @@ def saved_steps(directory: str) -> list[int]:
     manager.close()
 
 
+def saved_states(workdir: str) -> dict[int, str]:
+  """step -> folder of every train state saved in a run folder, in
+  `checkpoints/` or `best/` (both hold whole states); `checkpoints/` for a
+  step both hold."""
+  held = {}
+  for name in ("best", "checkpoints"):
+    directory = os.path.abspath(os.path.join(workdir, name))
+    held.update(dict.fromkeys(saved_steps(directory), directory))
+  return held
+
+
 def newest_state(workdir: str) -> tuple[str, int] | None:
   """(folder, step) of the newest train state in a run folder: the last
   periodic checkpoint or, where a validation came after it (a run killed
   without a signal between periodic saves), the best state; None if neither
-  `checkpoints/` nor `best/` holds one. A tie goes to `checkpoints/`."""
-  found = []
-  for name in ("checkpoints", "best"):
-    directory = os.path.abspath(os.path.join(workdir, name))
-    steps = saved_steps(directory)
-    if steps and (not found or steps[-1] > found[1]):
-      found = [directory, steps[-1]]
-  return tuple(found) if found else None
+  `checkpoints/` nor `best/` holds one."""
+  held = saved_states(workdir)
+  return (held[max(held)], max(held)) if held else None
+
+
+def restore_from(directory: str, like, step: int):
+  """The state saved at `step` in `directory`, into `like`'s structure,
+  shapes and shardings (read only: nothing there is deleted)."""
+  source = Checkpoints(directory, save_every=1, keep=1_000_000)
+  try:
+    return source.restore(like, step)
+  finally:
+    source.close()
 
 
 class Checkpoints:

@@ -220,14 +220,6 @@ def _stop_and_save_decision(stop: _StopOnSignal, done: int, log_every: int,
   return (signal.Signals(codes[0]).name if codes else None), bool(views[0, 1])
 
 
-def _restore_from(directory: str, like, step: int):
-  source = checkpoint.Checkpoints(directory, save_every=1, keep=1)
-  try:
-    return source.restore(like, step)
-  finally:
-    source.close()
-
-
 def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: bool,
            quiet: bool, stop_at: int | None, devices) -> Result:
   config_json = cfg.to_json_best_effort(indent=2)
@@ -266,7 +258,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     if directory == str(ckpts.manager.directory):
       state = ckpts.restore(state, step)
     else:  # a kill after a validation, before the next periodic save
-      state = _restore_from(directory, state, step)
+      state = checkpoint.restore_from(directory, state, step)
       if _is_main():
         print(f"resuming from {directory}/{step}: newer than any periodic "
               "checkpoint in checkpoints/", flush=True)
