@@ -52,6 +52,10 @@ _CHECKPOINT = flags.DEFINE_string(
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
+_INTENSITY_RANGE = flags.DEFINE_string(
+    "intensity_range", None, "convert: rescale a 16-bit, signed or float image to "
+    "the uint8 the model reads, 'low,high' -> 0..255 (clipped), or 'auto': the "
+    "0.5th-99.5th percentiles of a sample of sections (printed, to reuse).")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -489,14 +493,28 @@ def _export(cfg, workdir: str) -> None:
 
 def _convert(cfg) -> None:
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax.data import intensity  # pylint: disable=g-import-not-at-top
   source = _open_volume("input", _require(_INPUT.value, "input", "convert"))
   out = _require(_OUTPUT.value, "output", "convert")
+  value_range = None
+  if _INTENSITY_RANGE.value is not None:
+    value_range = intensity.parse_range(_INTENSITY_RANGE.value)
+    if value_range is None:
+      value_range, sampled = intensity.sample_range(source)
+      print(f"intensity range {value_range[0]:g},{value_range[1]:g} ({sampled}); "
+            f"convert other volumes of this data with --intensity_range="
+            f"{value_range[0]:g},{value_range[1]:g}")
   t0 = time.perf_counter()
   volume = sources.convert_to_zarr(
       source, out, voxel_size_nm=source.voxel_size_nm or tuple(cfg.data.voxel_size_nm),
-      overwrite=_OVERWRITE.value)
-  print(f"converted {source.path} {source.shape} {source.dtype} to {volume.path} "
-        f"in {time.perf_counter() - t0:.1f} s")
+      overwrite=_OVERWRITE.value, intensity_range=value_range)
+  mapped = (f", {value_range[0]:g}..{value_range[1]:g} -> uint8 0..255"
+            if value_range else "")
+  print(f"converted {source.path} {source.shape} {source.dtype} to {volume.path}"
+        f"{mapped} in {time.perf_counter() - t0:.1f} s")
+  if value_range is None and source.dtype != np.uint8:
+    print(f"note: kept {source.dtype}; if this is an image (not labels), the model "
+          "reads uint8: convert again with --intensity_range=auto (or low,high)")
 
 
 def _out_of_memory_hint(mode: str) -> str:

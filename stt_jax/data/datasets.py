@@ -35,7 +35,8 @@ def check_image(volume, where: str) -> None:
   so 16-bit or float values would be rescaled wrongly, silently."""
   if volume.dtype != np.uint8:
     raise UserError(f"{where}: image {volume.path} has dtype {volume.dtype}; the model "
-                    "reads 8-bit images (0-255), so rescale it to uint8 first")
+                    "reads 8-bit images (0-255): rescale it once with --mode=convert "
+                    f"--input={volume.path} --output=<new>.zarr --intensity_range=auto")
   if len(volume.shape) != 3:
     raise UserError(f"{where}: image {volume.path} has shape {tuple(volume.shape)}; "
                     "it must be 3D (z, y, x), one channel")

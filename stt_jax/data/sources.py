@@ -33,6 +33,7 @@ import numpy as np
 import tensorstore as ts
 
 from stt_jax import paths
+from stt_jax.data import intensity
 from stt_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
@@ -524,14 +525,21 @@ def write_array(path: str, array: np.ndarray, *,
 
 def convert_to_zarr(source: Volume, path: str, *, chunks: Sequence[int] | None = None,
                     voxel_size_nm: Sequence[float] | None = None,
-                    overwrite: bool = False, slab_depth: int | None = None) -> TensorStoreVolume:
+                    overwrite: bool = False, slab_depth: int | None = None,
+                    intensity_range: tuple[float, float] | None = None) -> TensorStoreVolume:
   """Copies `source` into a new chunked zarr v3 volume, one slab of z at a
-  time (memory: one slab), so any readable volume becomes a fast one."""
-  out = create_volume(path, source.shape, source.dtype, chunks=chunks,
+  time (memory: one slab), so any readable volume becomes a fast one. With
+  `intensity_range` (low, high) the values are rescaled to uint8 on the way
+  (`intensity.to_uint8`, one section at a time)."""
+  out = create_volume(path, source.shape,
+                      np.uint8 if intensity_range else source.dtype, chunks=chunks,
                       voxel_size_nm=voxel_size_nm or source.voxel_size_nm,
                       overwrite=overwrite)
   depth = slab_depth or min(source.shape[0], 16 if chunks is None else int(chunks[0]))
   for z in range(0, source.shape[0], depth):
     size = [min(depth, source.shape[0] - z), *source.shape[1:]]
-    out.write([z] + [0] * (len(size) - 1), source.read([z] + [0] * (len(size) - 1), size))
+    slab = source.read([z] + [0] * (len(size) - 1), size)
+    if intensity_range:
+      slab = np.stack([intensity.to_uint8(section, *intensity_range) for section in slab])
+    out.write([z] + [0] * (len(size) - 1), slab)
   return out
