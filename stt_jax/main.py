@@ -15,6 +15,7 @@ Any config field can be overridden: --config.train.steps=50.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -52,6 +53,10 @@ _CHECKPOINT = flags.DEFINE_string(
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
+_REGION = flags.DEFINE_string(
+    "region", None, "segment/convert: only the box ((z0,y0,x0),(z1,y1,x1)) of "
+    "--input (stops exclusive), treated as a volume of its own: outputs have its "
+    "shape and count coordinates from its start (segment.json: input_region).")
 _INTENSITY_RANGE = flags.DEFINE_string(
     "intensity_range", None, "convert: rescale a 16-bit, signed or float image to "
     "the uint8 the model reads, 'low,high' -> 0..255 (clipped), or 'auto': the "
@@ -154,6 +159,25 @@ def _open_volume(flag: str, path: str):
     raise UserError(f"--{flag}: {e}") from None
 
 
+def _input_volume(mode: str):
+  """--input, or its --region box."""
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  volume = _open_volume("input", _require(_INPUT.value, "input", mode))
+  if _REGION.value is None:
+    return volume
+  try:
+    start, stop = ast.literal_eval(_REGION.value)
+    start, stop = [int(v) for v in start], [int(v) for v in stop]
+  except (ValueError, TypeError, SyntaxError):
+    raise UserError(f"--region={_REGION.value!r}: give ((z0,y0,x0),(z1,y1,x1)), "
+                    "e.g. --region=\"((0,0,0),(64,1024,1024))\"") from None
+  try:
+    return sources.RegionVolume(volume, start, stop)
+  except UserError as e:
+    raise UserError(f"--region: {e}") from None
+
+
 def _is_main_process() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
@@ -201,6 +225,12 @@ def run(argv) -> None:
                       f"evaluate, segment or export; it does nothing with --mode={mode}"
                       + (" and --weights (an export holds one state)" if _WEIGHTS.value
                          else " and --labels" if _LABELS.value else ""))
+  if _REGION.value is not None and mode not in ("segment", "convert"):
+    raise _UsageError(f"--region picks a box of --input to segment or convert; it "
+                      f"does nothing with --mode={mode}")
+  if _INTENSITY_RANGE.value is not None and mode != "convert":
+    raise _UsageError(f"--intensity_range rescales an image with --mode=convert; it "
+                      f"does nothing with --mode={mode}")
   if mode in ("train", "evaluate", "segment", "export") and _is_main_process():
     model_parallel = int(cfg.train.model_parallel) if mode == "train" else 1
     from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -385,7 +415,7 @@ def _evaluate(cfg, workdir: str) -> None:
 def _segment(cfg, workdir: str | None) -> None:
   from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline, preview, sliding_window  # pylint: disable=g-import-not-at-top
-  image = _open_volume("input", _require(_INPUT.value, "input", "segment"))
+  image = _input_volume("segment")
   datasets.check_image(image, "--input")
   preview.check_sections(cfg.infer.preview_sections, image.shape[0])  # before the work
   out = os.path.abspath(_require(_OUTPUT.value, "output", "segment"))
@@ -399,7 +429,9 @@ def _segment(cfg, workdir: str | None) -> None:
                              quiet=_QUIET.value, sections=cfg.infer.preview_sections)
   seconds = time.perf_counter() - t0
   voxels = int(np.prod(image.shape))
-  print(f"segmented {image.shape} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
+  _, region = pipeline.input_region(image)
+  box = f" (the box {region[0]}..{region[1]} of --input)" if region else ""
+  print(f"segmented {image.shape}{box} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
         f"{', continued a previous run' if summary['resumed'] else ''}): "
         f"{summary['instances']} instances -> {out}")
   _print_decode_notes(summary)
@@ -494,7 +526,7 @@ def _export(cfg, workdir: str) -> None:
 def _convert(cfg) -> None:
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   from stt_jax.data import intensity  # pylint: disable=g-import-not-at-top
-  source = _open_volume("input", _require(_INPUT.value, "input", "convert"))
+  source = _input_volume("convert")
   out = _require(_OUTPUT.value, "output", "convert")
   value_range = None
   if _INTENSITY_RANGE.value is not None:

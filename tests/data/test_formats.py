@@ -205,6 +205,37 @@ def test_convert_on_the_command_line(tmp_path, volume):
   assert again.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0]
 
 
+def test_convert_a_region_and_one_line_region_errors(tmp_path, volume):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  stack = WRITERS["tiff_stack"](str(tmp_path / "stack"), volume)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  def main(*args):
+    return subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+                           f"--input={stack}", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+  crop = str(tmp_path / "crop.zarr")
+  proc = main("--mode=convert", f"--output={crop}", "--region=((1,4,8),(4,20,30))")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  converted = sources.open_volume(crop)
+  np.testing.assert_array_equal(converted.read([0, 0, 0], converted.shape),
+                                volume[1:4, 4:20, 8:30])
+  refused = f"--output={tmp_path / 'x.zarr'}"
+  for args, needle in [
+      (("--mode=convert", refused, "--region=(1,4,8)"), "give ((z0,y0,x0)"),
+      (("--mode=convert", refused, "--region=((0,0,0),(6,24,32))"), "not inside"),
+      (("--mode=segment", "--output=o", "--workdir=w", "--region=((0,0,0),(2,2))"),
+       "give (z, y, x)"),
+      (("--mode=train", "--workdir=w", "--region=((0,0,0),(2,8,8))"), "does nothing"),
+      (("--mode=segment", "--output=o", "--workdir=w", "--intensity_range=auto"),
+       "does nothing")]:
+    proc = main(*args)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+  assert not os.path.exists(tmp_path / "x.zarr")
+
+
 def test_config_regions_split_one_volume(tmp_path, volume):
   from stt_jax.config import default_config
   from stt_jax.data import datasets

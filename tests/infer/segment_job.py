@@ -40,14 +40,16 @@ def tiny_config(bench: bool = False):
 
 
 def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
-        bench: bool = False):
+        bench: bool = False, region=None):
   cfg = tiny_config(bench)
   model = unet.from_config(cfg.model)
   params = state.init_params(model, cfg.infer.window, seed=0)
   mesh = step.make_mesh()
   fn = sliding_window.make_predict_fn(model, mesh, cfg.infer.tta)
-  return pipeline.segment(cfg, fn, params, sources.open_volume(image_path), mesh, out,
-                          overwrite=overwrite, quiet=quiet)
+  image = sources.open_volume(image_path)
+  if region is not None:
+    image = sources.RegionVolume(image, *region)
+  return pipeline.segment(cfg, fn, params, image, mesh, out, overwrite=overwrite, quiet=quiet)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,28 @@ def test_outputs_carry_voxel_size_and_a_report(reference):
   assert not os.path.exists(os.path.join(out, "scratch"))
 
 
+def test_a_region_segments_as_its_crop_written_to_a_file_of_its_own(tmp_path, image_path):
+  box = ((2, 8, 24), (8, 56, 88))
+  whole, _ = _read(image_path)
+  crop_path = sources.write_array(str(tmp_path / "crop.zarr"),
+                                  whole[2:8, 8:56, 24:88], voxel_size_nm=(40.0, 5.0, 5.0)).path
+  from_crop = segment_job.run(crop_path, str(tmp_path / "crop_out"))
+  from_region = segment_job.run(image_path, str(tmp_path / "region_out"), region=box)
+  assert from_region["volume_shape"] == [6, 48, 64] and from_region["instances"] > 0
+  for name in ("probabilities.zarr", "instances.zarr"):
+    a, _ = _read(str(tmp_path / "crop_out" / name))
+    b, vol = _read(str(tmp_path / "region_out" / name))
+    np.testing.assert_array_equal(a, b)
+    assert vol.voxel_size_nm == (40.0, 5.0, 5.0)
+  with open(tmp_path / "crop_out" / "morphology.csv") as f_a, \
+       open(tmp_path / "region_out" / "morphology.csv") as f_b:
+    assert f_a.read() == f_b.read()
+  with open(tmp_path / "region_out" / "segment.json") as f:
+    settings = json.load(f)["settings"]
+  assert settings["input"] == os.path.abspath(image_path)
+  assert settings["input_region"] == [list(box[0]), list(box[1])]
+
+
 def test_a_finished_output_is_never_overwritten(reference, image_path):
   out, _ = reference
   before = os.path.getmtime(os.path.join(out, "segment.json"))
