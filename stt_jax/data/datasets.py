@@ -61,46 +61,66 @@ def open_split_with_context(cfg, split: str, *, need_labels: bool = True,
   sections thick, so every section of it is within reach of a face in z.
   """
   entry = cfg.data[split]
-  volumes = []
-  for field in ("image", "label"):
-    path = entry[field]
-    if field == "label" and not need_labels:
-      volumes.append(None)
-      continue
-    if not path:
-      raise UserError(f"config.data.{split}.{field} is empty; set it to a zarr path "
-                      "(or enable data.synthetic)")
-    try:
-      volumes.append(sources.open_volume(path))
-    except UserError as e:
-      raise UserError(f"config.data.{split}.{field}: {e}") from None
-  image, labels = volumes
-  check_image(image, f"config.data.{split}.image")
-  if labels is not None and cfg.data.label_kind == "mask":
-    labels = sources.MaskInstancesVolume(labels, cfg.data.mask_threshold)
-  elif labels is not None and labels.dtype.kind not in "ui":
-    raise UserError(f"config.data.{split}.label: {labels.path} has dtype {labels.dtype}; "
-                    "instance labels must be integers (a binary mask: "
-                    "--config.data.label_kind=mask)")
+  region = tuple(entry.get("region", ()) or ())
+  image, inner, labels = _open_pair(cfg, entry.image, entry.label if need_labels else None,
+                                    region, f"config.data.{split}", f"data.{split}")
   if context is None:
     context = tuple(entry.get("context", (0, 0, 0)))
-  region = tuple(entry.get("region", ()) or ())
-  offset, inner = (0, 0, 0), image
-  if region:
-    if len(region) != 2:
-      raise UserError(f"config.data.{split}.region must be ((z0, y0, x0), (z1, y1, x1)), "
-                      f"got {region}")
-    try:
-      inner = sources.RegionVolume(image, *region)
-      labels = sources.RegionVolume(labels, *region) if labels is not None else None
-    except UserError as e:
-      raise UserError(f"config.data.{split}.region: {e}") from None
-  if labels is not None and inner.shape != labels.shape:
-    raise UserError(f"data.{split}: image {inner.path} has shape {inner.shape} but "
-                    f"labels {labels.path} have shape {labels.shape}; they must match")
   if not region or not any(context):
-    return inner, labels, offset
+    return inner, labels, (0, 0, 0)
   lo = [max(int(a) - int(c), 0) for a, c in zip(region[0], context)]
   hi = [min(int(b) + int(c), n) for b, c, n in zip(region[1], context, image.shape)]
   offset = tuple(int(a) - low for a, low in zip(region[0], lo))
   return sources.RegionVolume(image, lo, hi), labels, offset
+
+
+def open_more_training_volumes(cfg) -> list[tuple[sources.Volume, sources.Volume]]:
+  """data.train.more_volumes opened and checked like data.train:
+  [(image, labels)], each cut to its region when it names one."""
+  pairs = []
+  for i, entry in enumerate(cfg.data.train.more_volumes):
+    region = tuple(entry[2]) if len(entry) > 2 and entry[2] else ()
+    where = f"config.data.train.more_volumes[{i}]"
+    _, inner, labels = _open_pair(cfg, entry[0], entry[1], region, where, where)
+    pairs.append((inner, labels))
+  return pairs
+
+
+def _open_pair(cfg, image_path: str, label_path: str | None, region: tuple, where: str,
+               shape_where: str):
+  """(whole image, image cut to `region`, labels cut to it or None), checked:
+  paths, uint8 image, integer labels (or a mask, by data.label_kind), region
+  inside, equal shapes. Errors start with `where`."""
+  volumes = []
+  for field, path in (("image", image_path), ("label", label_path)):
+    if field == "label" and label_path is None:
+      volumes.append(None)
+      continue
+    if not path:
+      raise UserError(f"{where}.{field} is empty; set it to a zarr path "
+                      "(or enable data.synthetic)")
+    try:
+      volumes.append(sources.open_volume(path))
+    except UserError as e:
+      raise UserError(f"{where}.{field}: {e}") from None
+  image, labels = volumes
+  check_image(image, f"{where}.image")
+  if labels is not None and cfg.data.label_kind == "mask":
+    labels = sources.MaskInstancesVolume(labels, cfg.data.mask_threshold)
+  elif labels is not None and labels.dtype.kind not in "ui":
+    raise UserError(f"{where}.label: {labels.path} has dtype {labels.dtype}; "
+                    "instance labels must be integers (a binary mask: "
+                    "--config.data.label_kind=mask)")
+  inner = image
+  if region:
+    if len(region) != 2:
+      raise UserError(f"{where}.region must be ((z0, y0, x0), (z1, y1, x1)), got {region}")
+    try:
+      inner = sources.RegionVolume(image, *region)
+      labels = sources.RegionVolume(labels, *region) if labels is not None else None
+    except UserError as e:
+      raise UserError(f"{where}.region: {e}") from None
+  if labels is not None and inner.shape != labels.shape:
+    raise UserError(f"{shape_where}: image {inner.path} has shape {inner.shape} but "
+                    f"labels {labels.path} have shape {labels.shape}; they must match")
+  return image, inner, labels

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,8 +25,18 @@ from stt_jax.data.sources import Volume
 from stt_jax.errors import UserError
 
 
+class _Pair(NamedTuple):
+  """One image/label pair and the box [lo, hi) patches are drawn from."""
+  image: Volume
+  labels: Volume
+  lo: np.ndarray
+  hi: np.ndarray
+
+
 class PatchSampler:
-  """Draws batches of (image, target) patches from one image/label pair.
+  """Draws batches of (image, target) patches from one image/label pair, or
+  from several (`more_volumes`: each patch from one pair, drawn in
+  proportion to the pairs' voxels).
 
   Batches: image float32 [batch, depth, height, width, 1] in [0, 1];
   target float32 [batch, depth, height, width, 2] = (mask, contour).
@@ -36,22 +47,14 @@ class PatchSampler:
                augment_config=None, contour_width: int = 2, distance_voxel_size=None,
                foreground_bias: float = 0.0, foreground_tries: int = 8,
                region: Sequence[Sequence[int]] | None = None,
+               more_volumes: Sequence[tuple[Volume, Volume]] = (),
                process_index: int = 0, process_count: int = 1,
                check_foreground: bool = True):
-    if image.shape != labels.shape:
-      raise UserError(f"image {image.path} has shape {image.shape} but labels "
-                      f"{labels.path} have shape {labels.shape}; they must match")
-    if labels.dtype.kind not in "ui":
-      raise UserError(f"labels {labels.path} have dtype {labels.dtype}; "
-                      "instance labels must be integers")
-    self.image, self.labels = image, labels
     self.patch_shape = tuple(int(p) for p in patch_shape)
-    lo, hi = (np.array(region[0]), np.array(region[1])) if region else (
-        np.zeros(3, int), np.array(image.shape))
-    if np.any(hi - lo < np.array(self.patch_shape)):
-      raise UserError(f"patch {list(self.patch_shape)} is larger than the sampled "
-                      f"region {(hi - lo).tolist()} of {image.path}; lower data.patch_shape")
-    self._lo, self._hi = lo, hi
+    self._pairs = [self._pair(image, labels, region)] + [
+        self._pair(i, l, None) for i, l in more_volumes]
+    voxels = np.array([np.prod(p.hi - p.lo, dtype=np.float64) for p in self._pairs])
+    self._pair_odds = voxels / voxels.sum()
     self.batch_size = int(batch_size)
     if self.batch_size % process_count:
       raise UserError(f"train.batch_size={batch_size} must be a multiple of the "
@@ -69,59 +72,81 @@ class PatchSampler:
     self.margin = augment.in_plane_margin(augment_config, self.patch_shape[1:])
     self.foreground_tries = int(foreground_tries)
     if check_foreground:
-      self._check_foreground()
+      for k in range(len(self._pairs)):
+        self._check_foreground(k)
 
-  def _check_foreground(self, probes: int = 16) -> None:
+  def _pair(self, image: Volume, labels: Volume, region) -> _Pair:
+    if image.shape != labels.shape:
+      raise UserError(f"image {image.path} has shape {image.shape} but labels "
+                      f"{labels.path} have shape {labels.shape}; they must match")
+    if labels.dtype.kind not in "ui":
+      raise UserError(f"labels {labels.path} have dtype {labels.dtype}; "
+                      "instance labels must be integers")
+    lo, hi = (np.array(region[0]), np.array(region[1])) if region else (
+        np.zeros(3, int), np.array(image.shape))
+    if np.any(hi - lo < np.array(self.patch_shape)):
+      raise UserError(f"patch {list(self.patch_shape)} is larger than the sampled "
+                      f"region {(hi - lo).tolist()} of {image.path}; lower data.patch_shape")
+    return _Pair(image, labels, lo, hi)
+
+  def _check_foreground(self, k: int, probes: int = 16) -> None:
     """Refuses labels with no foreground where patches are drawn. Reading a
     whole region would defeat larger-than-memory volumes, so `probes` random
     patches are read at once; all empty means a wrong path, region or label
     volume far more often than a truly sparse one."""
-    rng = np.random.default_rng([self.seed, 2 ** 31])
-    starts = [self._draw_start(rng) for _ in range(probes)]
-    reads = [self.labels.read_async(s, self.patch_shape) for s in starts]
+    pair = self._pairs[k]
+    rng = np.random.default_rng([self.seed, 2 ** 31] + ([k] if k else []))
+    starts = [self._draw_in(pair, rng) for _ in range(probes)]
+    reads = [pair.labels.read_async(s, self.patch_shape) for s in starts]
     if not any(f.result().any() for f in reads):
-      box = [self._lo.tolist(), self._hi.tolist()]
-      raise UserError(f"labels {self.labels.path} hold no foreground in {probes} random "
+      box = [pair.lo.tolist(), pair.hi.tolist()]
+      raise UserError(f"labels {pair.labels.path} hold no foreground in {probes} random "
                       f"patches of region {box}; check the label path and "
                       "data.<split>.region")
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch of `step`."""
     rngs = [np.random.default_rng([self.seed, int(step), i]) for i in self.rows]
-    starts = [self._draw_start(rng) for rng in rngs]
-    reads = [self._read_box(s) for s in starts]
-    label_reads = [self.labels.read_async(lo, shape) for lo, shape, _ in reads]
-    image_reads = [self.image.read_async(lo, shape) for lo, shape, _ in reads]
+    reads = [self._read_box(*self._draw(rng)) for rng in rngs]
+    label_reads = [self._pairs[k].labels.read_async(lo, shape) for k, lo, shape, _ in reads]
+    image_reads = [self._pairs[k].image.read_async(lo, shape) for k, lo, shape, _ in reads]
     label_patches = [f.result() for f in label_reads]
     for i, rng in enumerate(rngs):
       if rng.uniform() >= self.foreground_bias:
         continue
       # rejection sampling: redraw until the patch (not its margin) holds foreground
       for _ in range(self.foreground_tries):
-        if self._crop(label_patches[i], reads[i][2]).any():
+        if self._crop(label_patches[i], reads[i][3]).any():
           break
-        starts[i] = self._draw_start(rng)
-        reads[i] = self._read_box(starts[i])
-        image_reads[i] = self.image.read_async(*reads[i][:2])
-        label_patches[i] = self.labels.read(*reads[i][:2])
+        reads[i] = self._read_box(*self._draw(rng))
+        k, lo, shape, _ = reads[i]
+        image_reads[i] = self._pairs[k].image.read_async(lo, shape)
+        label_patches[i] = self._pairs[k].labels.read(lo, shape)
     images, target_list = [], []
     for image_future, labels, read, rng in zip(image_reads, label_patches, reads, rngs):
-      image, labels = self._augment(image_future.result(), labels, read[2], rng)
+      image, labels = self._augment(image_future.result(), labels, read[3], rng)
       images.append(image)
       target_list.append(targets.make_targets(labels, self.contour_width,
                                               self.distance_voxel_size))
     return {"image": np.stack(images)[..., None], "target": np.stack(target_list)}
 
-  def _draw_start(self, rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(self._lo, self._hi - np.array(self.patch_shape) + 1)
+  def _draw(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """(pair index, patch start). One pair draws nothing for its index, so a
+    single volume's stream is the same as before several were allowed."""
+    k = 0 if len(self._pairs) == 1 else int(rng.choice(len(self._pairs), p=self._pair_odds))
+    return k, self._draw_in(self._pairs[k], rng)
 
-  def _read_box(self, start: np.ndarray):
-    """(read start, read shape, patch offset in the read): the patch plus
-    `margin` in-plane pixels each side, cut where the volume (region) ends."""
+  def _draw_in(self, pair: _Pair, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(pair.lo, pair.hi - np.array(self.patch_shape) + 1)
+
+  def _read_box(self, k: int, start: np.ndarray):
+    """(pair, read start, read shape, patch offset in the read): the patch
+    plus `margin` in-plane pixels each side, cut where the region ends."""
+    pair = self._pairs[k]
     pad = np.array([0, self.margin, self.margin])
-    lo = np.maximum(start - pad, self._lo)
-    hi = np.minimum(start + np.array(self.patch_shape) + pad, self._hi)
-    return lo, tuple(int(n) for n in hi - lo), tuple(int(n) for n in (start - lo)[1:])
+    lo = np.maximum(start - pad, pair.lo)
+    hi = np.minimum(start + np.array(self.patch_shape) + pad, pair.hi)
+    return k, lo, tuple(int(n) for n in hi - lo), tuple(int(n) for n in (start - lo)[1:])
 
   def _crop(self, array: np.ndarray, offset) -> np.ndarray:
     (oy, ox), (_, h, w) = offset, self.patch_shape

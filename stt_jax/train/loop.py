@@ -185,7 +185,8 @@ def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
 def _sampler(cfg) -> PatchSampler:
   """The training split's patch sampler (checks the data as it opens it)."""
   image, labels = datasets.open_split(cfg, "train")
-  return PatchSampler(image, labels, patch_shape=cfg.data.patch_shape,
+  return PatchSampler(image, labels, more_volumes=datasets.open_more_training_volumes(cfg),
+                      patch_shape=cfg.data.patch_shape,
                       batch_size=cfg.train.batch_size, seed=cfg.seed,
                       augment_config=cfg.data.augment,
                       contour_width=cfg.data.contour_width,

@@ -39,7 +39,7 @@ def test_an_image_that_is_not_uint8_is_refused(tmp_path, dtype):
   image = np.full((8, 64, 64), 100, dtype)
   cfg = _cfg(tmp_path, image, _labels())
   with pytest.raises(UserError, match=f"config.data.train.image: image .*image.zarr has "
-                                      f"dtype {np.dtype(dtype).name}; .*rescale it to uint8"):
+                                      f"dtype {np.dtype(dtype).name}; .*rescale it once with --mode=convert"):
     datasets.open_split(cfg, "train")
 
 

@@ -146,3 +146,59 @@ def test_misaligned_slices_show_the_tissue_beside_the_patch(small_zarr, small_vo
           assert len(moves) == 1, (step, k)
         shifted += bool(moves) and moves[0] != (0, 0)
   assert shifted > 0
+
+
+def test_several_volumes_each_give_patches_in_proportion_to_their_voxels(tmp_path):
+  """Three labelled cubes of 8 x 32 x 32, 8 x 32 x 64 and a 8 x 32 x 32 region
+  of a larger one (voxels 1 : 2 : 1), each of one grey level: the share of
+  patches from each is 1/4, 1/2, 1/4 (binomial), and every patch is a crop of
+  its own volume, never straddling two."""
+  paths = []
+  for name, shape, grey in (("a", (8, 32, 32), 40), ("b", (8, 32, 64), 120),
+                            ("c", (8, 64, 64), 200)):
+    labels = np.zeros(shape, np.uint32)
+    labels[:, 4:28, 4:28] = 1
+    image, label = str(tmp_path / f"{name}.zarr"), str(tmp_path / f"{name}_lab.zarr")
+    sources.write_array(image, np.full(shape, grey, np.uint8))
+    sources.write_array(label, labels)
+    paths.append((sources.open_volume(image), sources.open_volume(label)))
+  region_c = sources.RegionVolume(paths[2][0], (0, 32, 0), (8, 64, 32))
+  labels_c = sources.RegionVolume(paths[2][1], (0, 32, 0), (8, 64, 32))
+  labels_c_array = labels_c.read([0, 0, 0], labels_c.shape)
+  assert not labels_c_array.any()  # c's region holds no object ...
+  # ... so the foreground check refuses it, naming that volume
+  with pytest.raises(UserError, match="c_lab.zarr.*hold no foreground"):
+    PatchSampler(*paths[0], more_volumes=[paths[1], (region_c, labels_c)],
+                 patch_shape=(4, 16, 16), batch_size=2, seed=0)
+  sampler = PatchSampler(*paths[0], more_volumes=[paths[1], (region_c, labels_c)],
+                         patch_shape=(4, 16, 16), batch_size=4, seed=0, check_foreground=False)
+  greys = np.concatenate([sampler.batch(step)["image"][:, :, :, :, 0] for step in range(150)])
+  levels = np.round(greys.reshape(len(greys), -1) * 255).astype(int)
+  assert np.all(levels.min(1) == levels.max(1))  # one grey level: one volume each
+  counts = {g: int(np.sum(levels[:, 0] == g)) for g in (40, 120, 200)}
+  n = len(levels)  # 600 patches: sd of a 1/4 share is 0.018, of 1/2 0.020
+  assert abs(counts[40] / n - 0.25) < 0.07 and abs(counts[200] / n - 0.25) < 0.07
+  assert abs(counts[120] / n - 0.5) < 0.08 and sum(counts.values()) == n
+
+
+def test_more_volumes_are_opened_and_checked_like_the_training_pair(tmp_path, small_zarr):
+  from stt_jax.config import default_config, validate  # pylint: disable=g-import-not-at-top
+  from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  cfg = default_config()
+  other = str(tmp_path / "other.zarr")
+  sources.write_array(other, np.zeros((4, 8, 8), np.uint32))
+  cfg.data.train.more_volumes = ((small_zarr["image"], small_zarr["label"],
+                                  ((0, 0, 0), (8, 96, 96))),)
+  (image, labels), = datasets.open_more_training_volumes(cfg)
+  assert image.shape == labels.shape == (8, 96, 96)
+  for entry, needle in [((small_zarr["image"], other), r"more_volumes\[0\]: image .* must match"),
+                        ((small_zarr["image"], str(tmp_path / "none.zarr")),
+                         r"more_volumes\[0\].label: volume not found"),
+                        ((small_zarr["image"], small_zarr["label"], ((0, 0, 0), (99, 9, 9))),
+                         r"more_volumes\[0\].region: .*not inside")]:
+    cfg.data.train.more_volumes = (entry,)
+    with pytest.raises(UserError, match=needle):
+      datasets.open_more_training_volumes(cfg)
+  cfg.data.train.more_volumes = (small_zarr["image"], small_zarr["label"])
+  with pytest.raises(UserError, match="entry 0 must be .*trailing comma"):
+    validate(cfg)
