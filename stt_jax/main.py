@@ -525,11 +525,14 @@ def _export(cfg, workdir: str) -> None:
 
 def _convert(cfg) -> None:
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax import paths  # pylint: disable=g-import-not-at-top
   from stt_jax.data import intensity  # pylint: disable=g-import-not-at-top
   source = _input_volume("convert")
   out = _require(_OUTPUT.value, "output", "convert")
   value_range = None
   if _INTENSITY_RANGE.value is not None:
+    if not _OVERWRITE.value:  # refuse an existing output before sampling, not after
+      paths.clear_for_output(out, overwrite=False)
     value_range = intensity.parse_range(_INTENSITY_RANGE.value)
     if value_range is None:
       value_range, sampled = intensity.sample_range(source)

@@ -132,6 +132,11 @@ def test_convert_rescales_a_16_bit_stack_that_training_refuses(tmp_path):
   want = np.vectorize(lambda v: _reference_uint8(float(v), 1000, 9160))(stack16)
   np.testing.assert_array_equal(got, want)
 
+  again = convert(tmp_path / "auto.zarr", "auto")  # refused before any sampling
+  lines = [l for l in again.stderr.strip().splitlines() if l.strip()]
+  assert again.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0]
+  assert "intensity range" not in again.stdout
+
   bad = convert(tmp_path / "bad.zarr", "9000,1000")
   lines = [l for l in bad.stderr.strip().splitlines() if l.strip()]
   assert bad.returncode == 2 and len(lines) == 1 and "low < high" in lines[0], bad.stderr
