@@ -34,9 +34,10 @@ def check_image(volume, where: str) -> None:
   """UserError unless `volume` is a 3D uint8 image: the model reads u / 255,
   so 16-bit or float values would be rescaled wrongly, silently."""
   if volume.dtype != np.uint8:
-    raise UserError(f"{where}: image {volume.path} has dtype {volume.dtype}; the model "
+    file = volume.base.path if isinstance(volume, sources.RegionVolume) else volume.path
+    raise UserError(f"{where}: image {file} has dtype {volume.dtype}; the model "
                     "reads 8-bit images (0-255): rescale it once with --mode=convert "
-                    f"--input={volume.path} --output=<new>.zarr --intensity_range=auto")
+                    f"--input={file} --output=<new>.zarr --intensity_range=auto")
   if len(volume.shape) != 3:
     raise UserError(f"{where}: image {volume.path} has shape {tuple(volume.shape)}; "
                     "it must be 3D (z, y, x), one channel")
