@@ -61,27 +61,34 @@ class _CountingVolume(sources.Volume):
   def dtype(self):
     return self.array.dtype
 
-  def read(self, start, size):
-    self.boxes.append((tuple(start), tuple(size)))
-    return self.array[tuple(slice(s, s + n) for s, n in zip(start, size))].copy()
+  def _read_box(self, box):
+    self.boxes.append(tuple((b.start, b.stop) for b in box))
+    return self.array[tuple(box)].copy()
 
 
-def test_auto_range_samples_whole_sections_and_matches_the_volume():
+def test_auto_range_samples_boxes_spread_over_z_and_matches_the_volume():
   rng = np.random.default_rng(3)
   # 16-bit FIB-SEM-like: tissue around 5000 +- 800, a few saturated outliers
   array = np.clip(rng.normal(5000, 800, (80, 300, 300)), 0, 65535).astype(np.uint16)
   array[rng.random(array.shape) < 1e-4] = 65535
   volume = _CountingVolume(array)
-  (low, high), what = intensity.sample_range(volume, sections=32, pixels_per_section=10_000)
-  # 32 whole sections, first and last included, read one at a time
-  zs = [start[0] for start, _ in volume.boxes]
-  assert len(zs) == 32 and zs[0] == 0 and zs[-1] == 79 and zs == sorted(set(zs))
-  assert all(size == (1, 300, 300) for _, size in volume.boxes)
-  assert "32 section(s)" in what and "one pixel in 3 along" in what  # ceil(sqrt(9e4 / 1e4)) = 3
+  (low, high), what = intensity.sample_range(volume, boxes=40, box_size=100)
+  # 40 single-section boxes of 100 x 100, z spread evenly from the first section to the last
+  assert len(volume.boxes) == 40 and "40 boxes of 100x100 pixels over 40 section(s)" in what
+  zs = [z for (z, _), _, _ in volume.boxes]
+  assert zs[0] == 0 and zs[-1] == 79 and zs == sorted(set(zs))
+  assert all(z1 - z0 == 1 and y1 - y0 == 100 and x1 - x0 == 100
+             for (z0, z1), (y0, y1), (x0, x1) in volume.boxes)
+  assert len({(y0, x0) for _, (y0, _), (x0, _) in volume.boxes}) > 30  # random in-plane
   exact_low, exact_high = np.percentile(array, intensity.AUTO_PERCENTILES)
-  # 32 x 100 x 100 samples: the 0.5 % tails are known to a few grey levels
+  # 400,000 samples: the 0.5 % tails are known to a few grey levels
   assert abs(low - exact_low) < 15 and abs(high - exact_high) < 15
   assert high < 65535  # the outliers do not set the range
+  # boxes as large as the sections: each section read once, the sample is the volume
+  small = _CountingVolume(array[:5, :40, :60])
+  (low, high), what = intensity.sample_range(small)
+  assert len(small.boxes) == 5 and "5 boxes of 40x60 pixels over 5 section(s)" in what
+  np.testing.assert_allclose([low, high], np.percentile(array[:5, :40, :60], [0.5, 99.5]))
 
 
 def test_auto_range_ignores_nan_and_refuses_a_flat_volume():
@@ -116,7 +123,7 @@ def test_convert_rescales_a_16_bit_stack_that_training_refuses(tmp_path):
   assert auto.returncode == 0, auto.stderr[-2000:]
   printed = re.search(r"--intensity_range=([-\d.e+]+),([-\d.e+]+)", auto.stdout)
   low, high = float(printed.group(1)), float(printed.group(2))
-  # 6 sections of 40 x 48, read whole: the sample is the volume
+  # 6 sections of 40 x 48, each a box: the sample is the volume
   np.testing.assert_allclose([low, high], np.percentile(stack16, [0.5, 99.5]), rtol=1e-5)
   got = sources.open_volume(str(tmp_path / "auto.zarr"))
   assert got.dtype == np.uint8 and got.shape == stack16.shape
