@@ -5,7 +5,7 @@ FIB-SEM and many ssTEM pipelines write 16-bit or float volumes; `--mode=convert
 --intensity_range=...` maps them once, linearly, `low` -> 0 and `high` -> 255,
 values beyond clipped. `auto` takes the range from percentiles of a sample
 (`sample_range`): 64 in-plane boxes of 512^2 pixels at sections spread over
-z, so a terabyte volume costs a few hundred megabytes of reads. The range is
+z, so a terabyte volume costs under a gigabyte of reads. The range is
 printed so other volumes (training and inference data must share one mapping)
 are converted with the same numbers.
 """
