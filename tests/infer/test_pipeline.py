@@ -104,7 +104,8 @@ def test_a_killed_run_rerun_equals_an_uninterrupted_one(tmp_path, image_path, re
   marks = os.path.join(out, "progress", stage)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(marks) and len(os.listdir(marks)) >= 2:
+    # finished marks only: a mark being written is a <index>.npz.tmp.npz for a moment
+    if os.path.isdir(marks) and sum(".tmp" not in n for n in os.listdir(marks)) >= 2:
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.005)
