@@ -413,7 +413,7 @@ def _evaluate(cfg, workdir: str) -> None:
 
 
 def _segment(cfg, workdir: str | None) -> None:
-  from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from stt_jax.data import datasets, sources  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline, preview, sliding_window  # pylint: disable=g-import-not-at-top
   image = _input_volume("segment")
   datasets.check_image(image, "--input")
@@ -429,7 +429,7 @@ def _segment(cfg, workdir: str | None) -> None:
                              quiet=_QUIET.value, sections=cfg.infer.preview_sections)
   seconds = time.perf_counter() - t0
   voxels = int(np.prod(image.shape))
-  _, region = pipeline.input_region(image)
+  _, region = sources.file_and_box(image)
   box = f" (the box {region[0]}..{region[1]} of --input)" if region else ""
   print(f"segmented {image.shape}{box} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
         f"{', continued a previous run' if summary['resumed'] else ''}): "

@@ -34,7 +34,7 @@ def check_image(volume, where: str) -> None:
   """UserError unless `volume` is a 3D uint8 image: the model reads u / 255,
   so 16-bit or float values would be rescaled wrongly, silently."""
   if volume.dtype != np.uint8:
-    file = volume.base.path if isinstance(volume, sources.RegionVolume) else volume.path
+    file, _ = sources.file_and_box(volume)
     raise UserError(f"{where}: image {file} has dtype {volume.dtype}; the model "
                     "reads 8-bit images (0-255): rescale it once with --mode=convert "
                     f"--input={file} --output=<new>.zarr --intensity_range=auto")

@@ -358,6 +358,14 @@ class RegionVolume(Volume):
     return self.base.read_here(self._in_base(start, size), size)
 
 
+def file_and_box(volume: Volume) -> tuple[str, list | None]:
+  """(the absolute path of the file behind `volume`, [start, stop] when it is
+  a `RegionVolume` box of it, else None)."""
+  if isinstance(volume, RegionVolume):
+    return os.path.abspath(volume.base.path), [volume.start, volume.stop]
+  return os.path.abspath(volume.path), None
+
+
 def _zarr_attributes(path: str) -> dict:
   meta = os.path.join(path, "zarr.json")
   if os.path.exists(meta):

@@ -34,15 +34,8 @@ def weights_fingerprint(params) -> str:
   return digest.hexdigest()[:16]
 
 
-def input_region(image: sources.Volume) -> tuple[str, list | None]:
-  """(the file, [start, stop] of the box segmented, or None: all of it)."""
-  if isinstance(image, sources.RegionVolume):
-    return os.path.abspath(image.base.path), [image.start, image.stop]
-  return os.path.abspath(image.path), None
-
-
 def _settings(cfg, image: sources.Volume, params) -> dict:
-  path, region = input_region(image)
+  path, region = sources.file_and_box(image)
   return {"input": path, "input_region": region, "input_shape": list(image.shape),
           "weights": weights_fingerprint(params), "infer": cfg.infer.to_dict(),
           "decode": cfg.decode.to_dict()}
