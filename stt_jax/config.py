@@ -85,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
   # cubes): ((image, label), ...) or ((image, label, region), ...), checked
   # like data.train; a patch comes from each volume in proportion to its voxels
   c.data.train.more_volumes = ()
+  # more labelled volumes to validate on, same form; scored with data.val as
+  # one set (AP over all their instances, Jaccard over all their voxels),
+  # each volume's own scores beside
+  c.data.val.more_volumes = ()
   # image voxels (z, y, x) read beyond each face of data.val.region (cut at
   # the volume's end) so that validation windows see the real neighbouring
   # tissue; predicted, then cropped: only the region is scored
@@ -212,7 +216,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.synthetic.enabled:  # it would point data.* at generated volumes, silently
     given = [f"data.{split}.{field}" for split in ("train", "val")
              for field in ("image", "label") if c.data[split][field]]
-    given += ["data.train.more_volumes"] if c.data.train.more_volumes else []
+    given += [f"data.{split}.more_volumes" for split in ("train", "val")
+              if c.data[split].more_volumes]
     _need(not given, "data.synthetic.enabled",
           f"is on, so it would train and score on generated volumes instead of "
           f"{', '.join(given)}; add --config.data.synthetic.enabled=False to use yours")
@@ -299,13 +304,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(c.train.best_metric in ("ap_50", "ap_75", "ap_50_95", "jaccard", "dice"),
         "train.best_metric",
         f"must be ap_50, ap_75, ap_50_95, jaccard or dice, got {c.train.best_metric!r}")
-  for i, entry in enumerate(c.data.train.more_volumes):
-    _need(isinstance(entry, (tuple, list)) and len(entry) in (2, 3)
-          and all(isinstance(p, str) and p for p in entry[:2]),
-          "data.train.more_volumes",
-          f"entry {i} must be (image, label) or (image, label, region) with two "
-          f"paths, got {entry!r}" + (" (one pair is ((image, label),), with the "
-                                     "trailing comma)" if isinstance(entry, str) else ""))
+  for split in ("train", "val"):
+    for i, entry in enumerate(c.data[split].more_volumes):
+      _need(isinstance(entry, (tuple, list)) and len(entry) in (2, 3)
+            and all(isinstance(p, str) and p for p in entry[:2]),
+            f"data.{split}.more_volumes",
+            f"entry {i} must be (image, label) or (image, label, region) with two "
+            f"paths, got {entry!r}" + (" (one pair is ((image, label),), with the "
+                                       "trailing comma)" if isinstance(entry, str) else ""))
   context = tuple(c.data.val.context)
   _need(len(context) == 3 and all(int(v) >= 0 for v in context), "data.val.context",
         f"needs 3 sizes >= 0 (depth, height, width), got {context}")

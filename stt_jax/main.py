@@ -381,8 +381,15 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
                                sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                                params, mesh)
   scores, path, out_dir = validation
-  print(report.format_table(scores, f"held-out volume {path} {tuple(scores['volume_shape'])}"))
-  print(f"segmented in {scores['segment_seconds']:.1f} s; instances in {out_dir}")
+  volumes = scores.get("per_volume")
+  title = (f"{len(volumes)} held-out volumes, scored as one set" if volumes
+           else f"held-out volume {path} {tuple(scores['volume_shape'])}")
+  print(report.format_table(scores, title))
+  if volumes:
+    print(report.format_volume_rows(volumes))
+  print(f"segmented in {scores['segment_seconds']:.1f} s; instances in {out_dir}"
+        + (f" and {len(volumes) - 1} more beside it (val_segmentation_more<i>)"
+           if volumes else ""))
   if scores.get("decode_note"):
     print(scores["decode_note"])
   at = scores["mask_threshold_sweep"].get(f"{cfg.decode.foreground:.2f}")

@@ -67,24 +67,45 @@ def open_split_with_context(cfg, split: str, *, need_labels: bool = True,
                                     region, f"config.data.{split}", f"data.{split}")
   if context is None:
     context = tuple(entry.get("context", (0, 0, 0)))
+  return _grown(image, inner, region, context, labels)
+
+
+def open_validation_volumes(cfg) -> list[tuple[sources.Volume, sources.Volume, tuple]]:
+  """data.val and each of data.val.more_volumes, checked like data.val and
+  grown by data.val.context: [(image, labels, offset)] as
+  `open_split_with_context` returns them."""
+  context = tuple(cfg.data.val.context)
+  return [open_split_with_context(cfg, "val")] + [
+      _grown(image, inner, region, context, labels)
+      for image, inner, labels, region in _open_more(cfg, "val")]
+
+
+def open_more_volumes(cfg, split: str) -> list[tuple[sources.Volume, sources.Volume]]:
+  """data.<split>.more_volumes opened and checked like data.<split>:
+  [(image, labels)], each cut to its region when it names one."""
+  return [(inner, labels) for _, inner, labels, _ in _open_more(cfg, split)]
+
+
+def _open_more(cfg, split: str):
+  """[(whole image, image cut to its region, labels, region)] of
+  data.<split>.more_volumes; errors name `more_volumes[i]`."""
+  out = []
+  for i, entry in enumerate(cfg.data[split].more_volumes):
+    region = tuple(entry[2]) if len(entry) > 2 and entry[2] else ()
+    where = f"config.data.{split}.more_volumes[{i}]"
+    out.append((*_open_pair(cfg, entry[0], entry[1], region, where, where), region))
+  return out
+
+
+def _grown(image, inner, region: tuple, context: Sequence[int], labels):
+  """(inner grown by `context` on each side of `region` within `image`,
+  labels, offset of the region inside it)."""
   if not region or not any(context):
     return inner, labels, (0, 0, 0)
   lo = [max(int(a) - int(c), 0) for a, c in zip(region[0], context)]
   hi = [min(int(b) + int(c), n) for b, c, n in zip(region[1], context, image.shape)]
   offset = tuple(int(a) - low for a, low in zip(region[0], lo))
   return sources.RegionVolume(image, lo, hi), labels, offset
-
-
-def open_more_training_volumes(cfg) -> list[tuple[sources.Volume, sources.Volume]]:
-  """data.train.more_volumes opened and checked like data.train:
-  [(image, labels)], each cut to its region when it names one."""
-  pairs = []
-  for i, entry in enumerate(cfg.data.train.more_volumes):
-    region = tuple(entry[2]) if len(entry) > 2 and entry[2] else ()
-    where = f"config.data.train.more_volumes[{i}]"
-    _, inner, labels = _open_pair(cfg, entry[0], entry[1], region, where, where)
-    pairs.append((inner, labels))
-  return pairs
 
 
 def _open_pair(cfg, image_path: str, label_path: str | None, region: tuple, where: str,

@@ -88,6 +88,30 @@ def overlap_counts(gt: np.ndarray, pred: np.ndarray, slab: int = 16):
   return counter.counts()
 
 
+def pool_counts(counts_list):
+  """One `OverlapCounter.counts()` for several volumes scored as one set:
+  each volume's ids are renumbered 1, 2, ... after the previous volume's, in
+  id order, so instances of different volumes never meet and ties in rank
+  keep (volume, id) order: the counts of the volumes laid side by side with
+  disjoint ids."""
+  parts = [[] for _ in range(7)]
+  next_gt = next_pred = 1
+  for gt_ids, gt_sizes, pred_ids, pred_sizes, pair_gt, pair_pred, pair_counts in counts_list:
+    # ids come sorted (np.unique), so searchsorted maps each to its rank
+    parts[0].append(np.arange(next_gt, next_gt + len(gt_ids), dtype=np.uint64))
+    parts[1].append(gt_sizes)
+    parts[2].append(np.arange(next_pred, next_pred + len(pred_ids), dtype=np.uint64))
+    parts[3].append(pred_sizes)
+    parts[4].append(np.searchsorted(gt_ids, pair_gt).astype(np.uint64) + np.uint64(next_gt))
+    parts[5].append(np.searchsorted(pred_ids, pair_pred).astype(np.uint64)
+                    + np.uint64(next_pred))
+    parts[6].append(pair_counts)
+    next_gt += len(gt_ids)
+    next_pred += len(pred_ids)
+  empty = (np.uint64, np.int64, np.uint64, np.int64, np.uint64, np.uint64, np.int64)
+  return tuple(np.concatenate(p) if p else np.zeros(0, d) for p, d in zip(parts, empty))
+
+
 def _ap_at(iou_rows, gt_ignored, num_pred, threshold):
   """iou_rows[d]: list of (gt_index, iou) for prediction d in rank order."""
   gt_match = np.full(len(gt_ignored), -1)

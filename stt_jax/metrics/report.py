@@ -27,19 +27,9 @@ def _read(volume, start, stop) -> np.ndarray:
   return volume.read(start, [b - a for a, b in zip(start, stop)])
 
 
-def score_volumes(gt_labels, instances, *, min_gt_size: int,
-                  block: Sequence[int] = (64, 512, 512),
-                  probabilities=None) -> dict:
-  """AP-50/75/50:95 (MitoEM), foreground Jaccard/Dice (Lucchi), voxel
-  precision/recall/F1/MCC (DA-ISC), for label volumes (numpy arrays or
-  data-layer Volumes) read one block at a time.
-
-  With `probabilities` (the [z, y, x, channels] uint8 maps the instances were
-  decoded from), the same pass also scores mask > t for t = 0.05, 0.10 ...
-  0.95, 0.96 ... 0.99 (`semantic.ThresholdSweep`): "mask_threshold_sweep" and
-  the best t by Jaccard. Voxelwise, before instance decoding and size
-  filtering, so at t = decode.foreground it is close to, not equal to, the
-  Jaccard above."""
+def _tally(gt_labels, instances, block: Sequence[int], probabilities=None):
+  """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None),
+  one block at a time."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   if _shape(gt_labels)[:3] != _shape(instances)[:3]:
     raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
@@ -53,15 +43,59 @@ def score_volumes(gt_labels, instances, *, min_gt_size: int,
     confusion.add(g > 0, p > 0)
     if sweep is not None:
       sweep.add(g > 0, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0])
-  ap = instance_ap.ap_from_counts(overlaps.counts(), min_gt_size=min_gt_size)
-  fg = confusion.scores()
-  out = {"ap_50": ap["ap_50"], "ap_75": ap["ap_75"], "ap_50_95": ap["ap"], **fg,
-         "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
+  return overlaps.counts(), confusion, sweep
+
+
+def _scores(counts, confusion: semantic.ConfusionCounter,
+            sweep: semantic.ThresholdSweep | None, min_gt_size: int) -> dict:
+  ap = instance_ap.ap_from_counts(counts, min_gt_size=min_gt_size)
+  out = {"ap_50": ap["ap_50"], "ap_75": ap["ap_75"], "ap_50_95": ap["ap"],
+         **confusion.scores(), "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
   if sweep is not None:
     table = sweep.scores(semantic.SWEEP_THRESHOLDS)
     best = max(table, key=lambda t: table[t]["jaccard"])
     out.update(mask_threshold_sweep=table, best_mask_threshold=float(best),
                best_mask_threshold_jaccard=table[best]["jaccard"])
+  return out
+
+
+def score_volumes(gt_labels, instances, *, min_gt_size: int,
+                  block: Sequence[int] = (64, 512, 512),
+                  probabilities=None) -> dict:
+  """AP-50/75/50:95 (MitoEM), foreground Jaccard/Dice (Lucchi), voxel
+  precision/recall/F1/MCC (DA-ISC), for label volumes (numpy arrays or
+  data-layer Volumes) read one block at a time.
+
+  With `probabilities` (the [z, y, x, channels] uint8 maps the instances were
+  decoded from), the same pass also scores mask > t for t = 0.05, 0.10 ...
+  0.95, 0.96 ... 0.99 (`semantic.ThresholdSweep`): "mask_threshold_sweep" and
+  the best t by Jaccard. Voxelwise, before instance decoding and size
+  filtering, so at t = decode.foreground it is close to, not equal to, the
+  Jaccard above."""
+  return score_volume_set([(gt_labels, instances, probabilities)],
+                          min_gt_size=min_gt_size, block=block)
+
+
+def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
+                     block: Sequence[int] = (64, 512, 512)) -> dict:
+  """`score_volumes` of several (gt_labels, instances, probabilities or None)
+  scored as one set: AP ranks the instances of all volumes together (as if
+  the volumes lay side by side), Jaccard and the sweep pool their voxels.
+  With more than one volume, "per_volume" holds each one's own scores (no
+  sweep); the sweep needs probabilities for every volume."""
+  tallies = [_tally(g, i, block, p) for g, i, p in volumes]
+  confusion = semantic.ConfusionCounter()
+  sweep = semantic.ThresholdSweep() if all(t[2] is not None for t in tallies) else None
+  for _, volume_confusion, volume_sweep in tallies:
+    confusion.merge(volume_confusion)
+    if sweep is not None:
+      sweep.merge(volume_sweep)
+  counts = [t[0] for t in tallies]
+  out = _scores(instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0],
+                confusion, sweep, min_gt_size)
+  if len(tallies) > 1:
+    out["per_volume"] = [_scores(c, volume_confusion, None, min_gt_size)
+                         for c, (_, volume_confusion, _) in zip(counts, tallies)]
   return out
 
 
@@ -77,4 +111,15 @@ def format_table(scores: dict[str, float], title: str) -> str:
     value = scores[key]
     text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
     lines.append(f"{name:<22}{text:>12}")
+  return "\n".join(lines)
+
+
+def format_volume_rows(volumes: Sequence[dict]) -> str:
+  """One line per volume of `score_volume_set`'s "per_volume" (with
+  "volume", its path, and "volume_shape")."""
+  lines = [f"{'':3}{'AP-50':>7}{'AP-75':>7}{'Jaccard':>9}{'Dice':>7}{'GT':>6}{'pred':>6}  volume"]
+  for i, v in enumerate(volumes):
+    lines.append(f"{i:<3}{v['ap_50']:>7.4f}{v['ap_75']:>7.4f}{v['jaccard']:>9.4f}"
+                 f"{v['dice']:>7.4f}{v['num_gt']:>6d}{v['num_pred']:>6d}  {v['volume']} "
+                 f"{tuple(v['volume_shape'])}")
   return "\n".join(lines)

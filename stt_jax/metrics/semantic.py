@@ -45,6 +45,11 @@ class ConfusionCounter:
     self.fn += n_gt - tp
     self.tn += gt.size - n_gt - n_pred + tp
 
+  def merge(self, other: ConfusionCounter) -> None:
+    """Adds another volume's counts: scores over both volumes' voxels."""
+    self.tp, self.fp = self.tp + other.tp, self.fp + other.fp
+    self.fn, self.tn = self.fn + other.fn, self.tn + other.tn
+
   def scores(self) -> dict[str, float]:
     tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
     margins = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
@@ -82,6 +87,11 @@ class ThresholdSweep:
                        f"got {mask.dtype} {mask.shape}")
     self.fg += np.bincount(mask[gt], minlength=256)
     self.bg += np.bincount(mask[~gt], minlength=256)
+
+  def merge(self, other: ThresholdSweep) -> None:
+    """Adds another volume's histograms."""
+    self.fg += other.fg
+    self.bg += other.bg
 
   def scores(self, thresholds) -> dict[str, dict[str, float]]:
     """{f"{t:.2f}": {"jaccard", "dice", "precision", "recall"}} for each t,

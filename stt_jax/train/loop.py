@@ -132,42 +132,56 @@ def _is_main() -> bool:
 
 def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, str]:
   """Segments the held-out volume with `params` into <workdir>/val_segmentation
-  (replaced each time: a derived output of the run) and scores it.
+  (replaced each time: a derived output of the run) and scores it; each of
+  data.val.more_volumes goes to val_segmentation_more<i> and all are scored
+  as one set (`report.score_volume_set`).
 
   Returns (scores, the volume's path, the output folder); scores hold the
-  metrics of `report.score` plus segment_seconds and volume_shape. With
-  data.val.context the region is segmented with the image around it and
-  only the region is scored (context_offset: where it lies in the output).
+  metrics of `report.score` plus segment_seconds and volume_shape (of
+  data.val), and with more volumes "per_volume": each one's own scores,
+  path, volume_shape and output. With data.val.context a region is segmented
+  with the image around it and only the region is scored (context_offset:
+  where it lies in the output).
   """
   from stt_jax.infer import pipeline  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
-  image, labels, offset = datasets.open_split_with_context(cfg, "val")
-  t0 = time.perf_counter()
-  out_dir = os.path.join(workdir, "val_segmentation")
-  summary = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir,
-                             overwrite=True, with_report=False)
-  seconds = time.perf_counter() - t0
-  # with data.val.context the output also covers the context: score the region
-  with_context = image.shape[:3] != labels.shape[:3]
-  stop = [o + n for o, n in zip(offset, labels.shape[:3])]
-  scored = lambda path: (sources.RegionVolume(sources.open_volume(path), offset, stop)
-                         if with_context else sources.open_volume(path))
-  scores = report.score_volumes(labels, scored(summary["instances_path"]),
-                                min_gt_size=cfg.eval.min_gt_size,
-                                block=tuple(cfg.decode.block_shape),
-                                probabilities=scored(summary["probabilities_path"]))
+  seconds, scored, described, max_probability, notes = 0.0, [], [], None, []
+  for i, (image, labels, offset) in enumerate(datasets.open_validation_volumes(cfg)):
+    out_dir = os.path.join(workdir, "val_segmentation" + (f"_more{i - 1}" if i else ""))
+    t0 = time.perf_counter()
+    summary = pipeline.segment(cfg, predict_fn, params, image, mesh, out_dir,
+                               overwrite=True, with_report=False)
+    seconds += time.perf_counter() - t0
+    # with data.val.context the output also covers the context: score the region
+    with_context = image.shape[:3] != labels.shape[:3]
+    stop = [o + n for o, n in zip(offset, labels.shape[:3])]
+    instances, probabilities = (
+        sources.RegionVolume(sources.open_volume(path), offset, stop) if with_context
+        else sources.open_volume(path)
+        for path in (summary["instances_path"], summary["probabilities_path"]))
+    scored.append((labels, instances, probabilities))
+    path = image.path + (f", scored on [{list(offset)}:{stop}] of it (data.val.context)"
+                         if with_context else "")
+    described.append(dict(volume=path, volume_shape=list(labels.shape[:3]), output=out_dir,
+                          **({"context_offset": list(offset)} if with_context else {})))
+    # of the whole segmented volume
+    if summary["max_mask_probability"] is not None:
+      max_probability = max(max_probability or 0.0, summary["max_mask_probability"])
+    if "decode_note" in summary and summary["decode_note"] not in notes:
+      notes.append(summary["decode_note"])
+  scores = report.score_volume_set(scored, min_gt_size=cfg.eval.min_gt_size,
+                                   block=tuple(cfg.decode.block_shape))
   scores["segment_seconds"] = seconds
-  scores["volume_shape"] = list(labels.shape[:3])
-  # of the whole segmented volume
-  if summary["max_mask_probability"] is not None:
-    scores["max_mask_probability"] = summary["max_mask_probability"]
-  if "decode_note" in summary:
-    scores["decode_note"] = summary["decode_note"]
-  path = image.path
-  if with_context:
-    scores["context_offset"] = list(offset)
-    path += f", scored on [{list(offset)}:{stop}] of it (data.val.context)"
-  return scores, path, out_dir
+  scores["volume_shape"] = described[0]["volume_shape"]
+  if "context_offset" in described[0]:
+    scores["context_offset"] = described[0]["context_offset"]
+  if "per_volume" in scores:
+    scores["per_volume"] = [dict(d, **s) for d, s in zip(described, scores["per_volume"])]
+  if max_probability is not None:
+    scores["max_mask_probability"] = max_probability
+  if notes:
+    scores["decode_note"] = " ".join(notes)
+  return scores, described[0]["volume"], described[0]["output"]
 
 
 def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
@@ -185,7 +199,7 @@ def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
 def _sampler(cfg) -> PatchSampler:
   """The training split's patch sampler (checks the data as it opens it)."""
   image, labels = datasets.open_split(cfg, "train")
-  return PatchSampler(image, labels, more_volumes=datasets.open_more_training_volumes(cfg),
+  return PatchSampler(image, labels, more_volumes=datasets.open_more_volumes(cfg, "train"),
                       patch_shape=cfg.data.patch_shape,
                       batch_size=cfg.train.batch_size, seed=cfg.seed,
                       augment_config=cfg.data.augment,
@@ -227,7 +241,7 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   sampler = None
   if not cfg.data.synthetic.enabled:  # check the data before touching workdir
     sampler = _sampler(cfg)  # label dtype, foreground and patch size too
-    datasets.open_split(cfg, "val")
+    datasets.open_validation_volumes(cfg)
   init_from = cfg.train.get("init_from", "")
   # read (and checked) before the workdir is touched too; a resumed run has
   # its own weights
@@ -383,6 +397,9 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
             for k, v in scores.items():
               if isinstance(v, (int, float)):
                 writer.add_scalar(f"val/{k}", v, done)
+            for i, volume in enumerate(scores.get("per_volume", ())):
+              for k in ("ap_50", "ap_75", "jaccard", "dice"):
+                writer.add_scalar(f"val_volume{i}/{k}", volume[k], done)
             metrics_history.write("val", done, scores)
           best_ckpts.save(done, state, force=True, metrics=scores)
           if best is None or scores[cfg.train.best_metric] > best[cfg.train.best_metric]:

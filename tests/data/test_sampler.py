@@ -189,7 +189,7 @@ def test_more_volumes_are_opened_and_checked_like_the_training_pair(tmp_path, sm
   sources.write_array(other, np.zeros((4, 8, 8), np.uint32))
   cfg.data.train.more_volumes = ((small_zarr["image"], small_zarr["label"],
                                   ((0, 0, 0), (8, 96, 96))),)
-  (image, labels), = datasets.open_more_training_volumes(cfg)
+  (image, labels), = datasets.open_more_volumes(cfg, "train")
   assert image.shape == labels.shape == (8, 96, 96)
   for entry, needle in [((small_zarr["image"], other), r"more_volumes\[0\]: image .* must match"),
                         ((small_zarr["image"], str(tmp_path / "none.zarr")),
@@ -198,7 +198,7 @@ def test_more_volumes_are_opened_and_checked_like_the_training_pair(tmp_path, sm
                          r"more_volumes\[0\].region: .*not inside")]:
     cfg.data.train.more_volumes = (entry,)
     with pytest.raises(UserError, match=needle):
-      datasets.open_more_training_volumes(cfg)
+      datasets.open_more_volumes(cfg, "train")
   cfg.data.train.more_volumes = (small_zarr["image"], small_zarr["label"])
   with pytest.raises(UserError, match="entry 0 must be .*trailing comma"):
     validate(cfg)

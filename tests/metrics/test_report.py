@@ -27,3 +27,66 @@ def test_shape_mismatch_is_one_clear_error():
   with pytest.raises(UserError, match="differ in shape"):
     report.score_volumes(np.zeros((2, 3, 4), np.uint32), np.zeros((2, 3, 5), np.uint32),
                          min_gt_size=0)
+
+
+def _random_pair(rng, shape, n):
+  gt = np.zeros(shape, np.uint32)
+  for i in range(1, n + 1):
+    z, y, x = rng.integers(0, [shape[0] - 2, shape[1] - 6, shape[2] - 6])
+    dz, dy, dx = rng.integers([1, 3, 3], [3, 7, 7])
+    gt[z:z + dz, y:y + dy, x:x + dx] = i
+  pred = np.roll(gt, int(rng.integers(-2, 3)), axis=2) * 3
+  pred[rng.random(shape) < 0.05] = 0
+  for i in range(40, 43):  # spurious boxes, some as large as real instances
+    z, y, x = rng.integers(0, [shape[0] - 1, shape[1] - 4, shape[2] - 4])
+    pred[z:z + 2, y:y + 4, x:x + 4] = i
+  probabilities = np.where(gt > 0, rng.integers(90, 256, shape),
+                           rng.integers(0, 160, shape)).astype(np.uint8)[..., None]
+  return gt, pred, probabilities
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_volume_set_scores_as_its_volumes_side_by_side(seed):
+  """Pooled AP equals a brute-force AP of the volumes laid side by side in z
+  (zero-padded to one plane, ids made disjoint in volume order); Jaccard,
+  Dice and the sweep equal numpy on all voxels; per_volume equals each
+  volume scored alone."""
+  from tests.metrics.test_instance_ap import _brute_force_ap
+  rng = np.random.default_rng(seed)
+  volumes = [_random_pair(rng, s, n) for s, n in (((6, 24, 24), 8), ((4, 30, 20), 5),
+                                                  ((5, 16, 28), 6))]
+  min_gt = int(rng.integers(0, 12))
+  result = report.score_volume_set(volumes, min_gt_size=min_gt, block=(3, 16, 16))
+  plane = (max(g.shape[1] for g, _, _ in volumes), max(g.shape[2] for g, _, _ in volumes))
+  gts, preds, probs, gt_offset, pred_offset = [], [], [], 0, 0
+  for g, p, m in volumes:
+    pad = ((0, 0), (0, plane[0] - g.shape[1]), (0, plane[1] - g.shape[2]))
+    gts.append(np.pad(np.where(g > 0, g + gt_offset, 0), pad))
+    preds.append(np.pad(np.where(p > 0, p + pred_offset, 0), pad))
+    probs.append(np.pad(m[..., 0], pad))  # padding: background predicted 0, no effect
+    gt_offset, pred_offset = gt_offset + int(g.max()), pred_offset + int(p.max())
+  gt, pred, prob = np.concatenate(gts), np.concatenate(preds), np.concatenate(probs)
+  for t in (0.5, 0.75):
+    assert result[f"ap_{int(t * 100)}"] == pytest.approx(
+        _brute_force_ap(gt, pred, t, min_gt), abs=1e-12)
+  inter, union = np.sum((gt > 0) & (pred > 0)), np.sum((gt > 0) | (pred > 0))
+  assert result["jaccard"] == pytest.approx(inter / union, abs=1e-12)
+  assert result["num_gt"] == sum(int(np.sum(gt == i) >= min_gt) for i in np.unique(gt) if i)
+  assert result["num_pred"] == len(np.unique(pred)) - 1
+  at = lambda t: prob > np.floor(t * 255)
+  for t in ("0.50", "0.80"):
+    hit = at(float(t))
+    sweep_j = np.sum(hit & (gt > 0)) / np.sum(hit | (gt > 0))
+    assert result["mask_threshold_sweep"][t]["jaccard"] == pytest.approx(sweep_j, abs=1e-12)
+  assert len(result["per_volume"]) == 3
+  for alone, (g, p, _) in zip(result["per_volume"], volumes):
+    for t in (0.5, 0.75):
+      assert alone[f"ap_{int(t * 100)}"] == pytest.approx(
+          _brute_force_ap(g, p, t, min_gt), abs=1e-12)
+    assert alone["jaccard"] == pytest.approx(np.sum((g > 0) & (p > 0)) / np.sum((g > 0) | (p > 0)))
+  # one volume: the plain scores, no per_volume
+  assert "per_volume" not in report.score_volume_set(volumes[:1], min_gt_size=min_gt)
+  text = report.format_volume_rows([dict(v, volume=f"v{i}", volume_shape=g.shape)
+                                    for i, (v, (g, _, _)) in enumerate(
+                                        zip(result["per_volume"], volumes))])
+  assert text.count("\n") == 3 and "v2 (5, 16, 28)" in text
