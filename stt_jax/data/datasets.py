@@ -64,7 +64,7 @@ def open_split_with_context(cfg, split: str, *, need_labels: bool = True,
   entry = cfg.data[split]
   region = tuple(entry.get("region", ()) or ())
   image, inner, labels = _open_pair(cfg, entry.image, entry.label if need_labels else None,
-                                    region, f"config.data.{split}", f"data.{split}")
+                                    region, f"config.data.{split}")
   if context is None:
     context = tuple(entry.get("context", (0, 0, 0)))
   return _grown(image, inner, region, context, labels)
@@ -93,7 +93,7 @@ def _open_more(cfg, split: str):
   for i, entry in enumerate(cfg.data[split].more_volumes):
     region = tuple(entry[2]) if len(entry) > 2 and entry[2] else ()
     where = f"config.data.{split}.more_volumes[{i}]"
-    out.append((*_open_pair(cfg, entry[0], entry[1], region, where, where), region))
+    out.append((*_open_pair(cfg, entry[0], entry[1], region, where), region))
   return out
 
 
@@ -108,8 +108,7 @@ def _grown(image, inner, region: tuple, context: Sequence[int], labels):
   return sources.RegionVolume(image, lo, hi), labels, offset
 
 
-def _open_pair(cfg, image_path: str, label_path: str | None, region: tuple, where: str,
-               shape_where: str):
+def _open_pair(cfg, image_path: str, label_path: str | None, region: tuple, where: str):
   """(whole image, image cut to `region`, labels cut to it or None), checked:
   paths, uint8 image, integer labels (or a mask, by data.label_kind), region
   inside, equal shapes. Errors start with `where`."""
@@ -143,6 +142,6 @@ def _open_pair(cfg, image_path: str, label_path: str | None, region: tuple, wher
     except UserError as e:
       raise UserError(f"{where}.region: {e}") from None
   if labels is not None and inner.shape != labels.shape:
-    raise UserError(f"{shape_where}: image {inner.path} has shape {inner.shape} but "
+    raise UserError(f"{where}: image {inner.path} has shape {inner.shape} but "
                     f"labels {labels.path} have shape {labels.shape}; they must match")
   return image, inner, labels
