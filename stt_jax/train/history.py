@@ -30,6 +30,14 @@ def _scalars(values: dict) -> dict:
   return out
 
 
+def with_volume_scalars(scores: dict) -> dict:
+  """A validation's scores plus each held-out volume's own AP-50, AP-75,
+  Jaccard and Dice ("per_volume", a list, is no scalar) as volume<i>_<key>."""
+  return dict(scores, **{f"volume{i}_{key}": volume[key]
+                         for i, volume in enumerate(scores.get("per_volume", ()))
+                         for key in ("ap_50", "ap_75", "jaccard", "dice")})
+
+
 class MetricsHistory:
   """Appends to <workdir>/metrics.jsonl; `resumed_from` (a step) first cuts
   the lines after it."""

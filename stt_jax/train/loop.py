@@ -167,8 +167,9 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
     # of the whole segmented volume
     if summary["max_mask_probability"] is not None:
       max_probability = max(max_probability or 0.0, summary["max_mask_probability"])
-    if "decode_note" in summary and summary["decode_note"] not in notes:
-      notes.append(summary["decode_note"])
+    if "decode_note" in summary:
+      notes.append((f"volume {i}: " if cfg.data.val.more_volumes else "")
+                   + summary["decode_note"])
   scores = report.score_volume_set(scored, min_gt_size=cfg.eval.min_gt_size,
                                    block=tuple(cfg.decode.block_shape))
   scores["segment_seconds"] = seconds
@@ -180,7 +181,7 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
   if max_probability is not None:
     scores["max_mask_probability"] = max_probability
   if notes:
-    scores["decode_note"] = " ".join(notes)
+    scores["decode_note"] = "\n".join(notes)
   return scores, described[0]["volume"], described[0]["output"]
 
 
@@ -394,13 +395,11 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           if done == total:
             final_validation = validation
           if writer:
-            for k, v in scores.items():
+            logged = history.with_volume_scalars(scores)
+            for k, v in logged.items():
               if isinstance(v, (int, float)):
                 writer.add_scalar(f"val/{k}", v, done)
-            for i, volume in enumerate(scores.get("per_volume", ())):
-              for k in ("ap_50", "ap_75", "jaccard", "dice"):
-                writer.add_scalar(f"val_volume{i}/{k}", volume[k], done)
-            metrics_history.write("val", done, scores)
+            metrics_history.write("val", done, logged)
           best_ckpts.save(done, state, force=True, metrics=scores)
           if best is None or scores[cfg.train.best_metric] > best[cfg.train.best_metric]:
             best = dict(scores, step=done)

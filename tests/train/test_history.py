@@ -31,3 +31,17 @@ def test_lines_are_scalars_and_a_resume_drops_the_steps_after_it(tmp_path):
   log.close()
   assert [(r["kind"], r["step"]) for r in _records(tmp_path / "metrics.jsonl")] == [
       ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("val", 4), ("train", 5)]
+
+
+def test_each_held_out_volume_gets_its_own_scalars(tmp_path):
+  scores = {"jaccard": 0.6, "num_gt": 5, "per_volume": [
+      {"ap_50": 0.1, "ap_75": 0.2, "jaccard": 0.3, "dice": 0.4, "volume": "a", "num_gt": 2},
+      {"ap_50": 0.5, "ap_75": 0.6, "jaccard": 0.7, "dice": 0.8, "volume": "b", "num_gt": 3}]}
+  log = history.MetricsHistory(str(tmp_path))
+  log.write("val", 10, history.with_volume_scalars(scores))
+  log.close()
+  record, = _records(tmp_path / "metrics.jsonl")
+  assert record["jaccard"] == 0.6 and "per_volume" not in record
+  assert [record[f"volume{i}_{k}"] for i in (0, 1) for k in ("ap_50", "ap_75", "jaccard", "dice")
+          ] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+  assert history.with_volume_scalars({"jaccard": 0.6}) == {"jaccard": 0.6}
