@@ -8,7 +8,10 @@ or ROCm GPUs and TPUs.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import platform
 
 from stt_jax import memory_use
 from stt_jax.errors import UserError
@@ -39,6 +42,11 @@ def _check(backend_cfg) -> None:
   arenas = backend_cfg.heap_arenas
   need(isinstance(arenas, int) and not isinstance(arenas, bool) and arenas >= 0,
        "heap_arenas", f"must be an integer >= 0 (0: glibc's default), got {arenas!r}")
+  need(isinstance(backend_cfg.compilation_cache, str) and backend_cfg.compilation_cache,
+       "compilation_cache", f"must be auto, off or a folder, got "
+       f"{backend_cfg.compilation_cache!r}")
+  need(backend_cfg.compilation_cache_gb > 0, "compilation_cache_gb",
+       f"must be > 0, got {backend_cfg.compilation_cache_gb}")
 
 
 def _family(platform: str) -> str:
@@ -64,6 +72,56 @@ def merged_xla_flags(present: str, platforms: str, extra: str) -> str:
   return " ".join(kept)
 
 
+def _cpu_key() -> str:
+  """This host's architecture and a hash of its CPU feature flags: cached
+  executables hold host code built for the CPU that compiled them, and a
+  home folder shared by a cluster's nodes would otherwise hand one kind of
+  node's programs to another."""
+  flags = ""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+  except OSError:
+    pass
+  return f"{platform.machine() or 'cpu'}-{hashlib.sha1(flags.encode()).hexdigest()[:10]}"
+
+
+def compilation_cache_dir(setting: str, environ=os.environ) -> str | None:
+  """The folder config.backend.compilation_cache names, or None: off, or
+  left to JAX (auto while $JAX_COMPILATION_CACHE_DIR is set, which JAX reads
+  itself)."""
+  if setting == "off":
+    return None
+  if setting != "auto":
+    return os.path.abspath(os.path.expanduser(setting))
+  if environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return None
+  root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "stt_jax", "xla", _cpu_key())
+
+
+def _use_compilation_cache(backend_cfg, jax) -> None:
+  directory = compilation_cache_dir(backend_cfg.compilation_cache)
+  if directory is None:
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    writable = os.access(directory, os.W_OK | os.X_OK)
+  except OSError:
+    writable = False
+  # JAX bounds the cache under a file lock, with the filelock package
+  locking = importlib.util.find_spec("filelock") is not None
+  if not (writable and locking):
+    if backend_cfg.compilation_cache == "auto":
+      return  # a read-only home, a bare environment: compile every time
+    raise UserError("config.backend.compilation_cache: " + (
+        f"cannot write to {directory}; give a writable folder, or off" if not writable
+        else "needs the filelock package (requirements.txt); install it, or off"))
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_compilation_cache_max_size",
+                    int(backend_cfg.compilation_cache_gb * 2**30))
+
+
 def configure(backend_cfg) -> None:
   """Applies config.backend to the process (before the first JAX backend
   starts; raises UserError on a bad value or when it is too late)."""
@@ -87,6 +145,7 @@ def configure(backend_cfg) -> None:
     os.environ["XLA_FLAGS"] = merged
   if backend_cfg.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", backend_cfg.matmul_precision)
+  _use_compilation_cache(backend_cfg, jax)
 
 
 def start(backend_cfg) -> None:

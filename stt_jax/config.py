@@ -34,6 +34,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.backend.matmul_precision = "default"   # default | high | highest (float32 matmuls)
   # glibc malloc arenas (0: glibc's default, 8 per core); MALLOC_ARENA_MAX wins
   c.backend.heap_arenas = 2
+  # compiled programs kept on disk for the next run of the same program
+  # (resume, evaluate, segment): auto = $JAX_COMPILATION_CACHE_DIR if set,
+  # else ~/.cache/stt_jax/xla/<this CPU>; off; or a folder. Bounded to
+  # compilation_cache_gb, least recently used evicted first.
+  c.backend.compilation_cache = "auto"
+  c.backend.compilation_cache_gb = 4.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "res_unet"

@@ -1,6 +1,7 @@
 """config.backend: XLA flags per backend, dtype choice, bad values, start-up line."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -41,6 +42,8 @@ def test_compute_dtype_auto_is_float32_on_cpu():
     ("xla_flags", 3, "config.backend.xla_flags"),
     ("heap_arenas", -1, "config.backend.heap_arenas"),
     ("heap_arenas", "two", "config.backend.heap_arenas"),
+    ("compilation_cache", "", "config.backend.compilation_cache: must be auto, off"),
+    ("compilation_cache_gb", 0.0, "config.backend.compilation_cache_gb"),
 ])
 def test_bad_backend_values_are_named(key, value, match):
   cfg = config_lib.default_config()
@@ -98,3 +101,59 @@ def test_start_line_names_backend_devices_processes_and_mesh(tmp_path):
   assert first == ("backend cpu: 2 device(s) (cpu) in 1 process(es), 2 local, "
                    "mesh {'data': 2, 'model': 1}"), out.stdout + out.stderr
   assert out.returncode == 2 and "holds no checkpoints" in out.stderr
+
+
+def test_the_compilation_cache_folder_auto_off_or_given(tmp_path):
+  environ = {"XDG_CACHE_HOME": str(tmp_path)}
+  auto = backend.compilation_cache_dir("auto", environ)
+  assert os.path.dirname(auto) == str(tmp_path / "stt_jax" / "xla")
+  assert auto == backend.compilation_cache_dir("auto", environ)  # one folder per CPU kind
+  assert backend.compilation_cache_dir("auto", {"HOME": "/h"}).startswith(
+      os.path.expanduser("~/.cache/stt_jax/xla/"))
+  # JAX reads $JAX_COMPILATION_CACHE_DIR itself: left to it
+  assert backend.compilation_cache_dir("auto", {"JAX_COMPILATION_CACHE_DIR": "/c"}) is None
+  assert backend.compilation_cache_dir("off", environ) is None
+  assert backend.compilation_cache_dir(str(tmp_path / "mine"), environ) == str(tmp_path / "mine")
+  blocked = tmp_path / "a_file"
+  blocked.write_text("")
+  cfg = config_lib.default_config()
+  cfg.backend.compilation_cache = str(blocked / "cache")
+  with pytest.raises(UserError, match=r"config.backend.compilation_cache: cannot write to "
+                                      r".*a_file/cache; give a writable folder, or off"):
+    backend.configure(cfg.backend)
+
+
+_COMPILE_TWICE = """
+import sys, jax, jax.numpy as jnp
+from stt_jax import backend, config
+cfg = config.default_config()
+backend.configure(cfg.backend)
+f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + 1.0)
+print(float(f(jnp.arange(64.0).reshape(8, 8)).sum()))
+"""
+
+
+def test_a_second_run_loads_what_the_first_compiled(tmp_path):
+  """With auto and no $JAX_COMPILATION_CACHE_DIR: the first run writes the
+  program under ~/.cache (here $XDG_CACHE_HOME), the second reads it (the
+  bounded cache stamps an entry's access time on each read, never on a
+  repeated write) and computes the same."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  run = lambda: subprocess.run([sys.executable, "-c", _COMPILE_TWICE], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+  first = run()
+  assert first.returncode == 0, first.stderr
+  folder = backend.compilation_cache_dir("auto", env)
+  entries = lambda: sorted(n for n in os.listdir(folder) if n.endswith("-cache"))
+  written = entries()
+  assert any(n.startswith("jit__lambda") for n in written), written
+  stamp = lambda: {n: (pathlib.Path(folder) / n).read_bytes()
+                   for n in os.listdir(folder) if n.endswith("-atime")}
+  before = stamp()
+  assert set(before) == {n.replace("-cache", "-atime") for n in written}  # bounded: stamped
+  second = run()
+  assert second.returncode == 0 and second.stdout == first.stdout, second.stderr
+  assert entries() == written
+  after = stamp()
+  assert any(after[n] != before[n] for n in before if n.startswith("jit__lambda"))
