@@ -28,13 +28,16 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "evaluate", "segment", "decode", "export", "convert"],
+                          ["train", "evaluate", "segment", "decode", "export", "convert",
+                           "pyramid"],
                           "What to do. segment: --input image -> --output folder "
                           "(probabilities, instances, morphology, previews). decode: "
                           "--input probabilities.zarr -> instances (no model). "
                           "evaluate: score the validation volume, or --input "
                           "instances against --labels. convert: copy --input (any "
-                          "format) into a chunked zarr at --output.")
+                          "format) into a chunked zarr at --output. pyramid: --input "
+                          "(instances or a uint8 image) -> a multiscale neuroglancer "
+                          "precomputed folder at --output, for viewers.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, outputs.")
 _RESUME = flags.DEFINE_bool("resume", False, "train: continue the run in --workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
@@ -241,6 +244,9 @@ def run(argv) -> None:
     return
   if mode == "decode":
     _decode(cfg)
+    return
+  if mode == "pyramid":
+    _pyramid(cfg)
     return
   if mode == "evaluate" and _LABELS.value:
     _evaluate_volumes(cfg)
@@ -557,6 +563,21 @@ def _convert(cfg) -> None:
   if value_range is None and source.dtype != np.uint8:
     print(f"note: kept {source.dtype}; if this is an image (not labels), the model "
           "reads uint8: convert again with --intensity_range=auto (or low,high)")
+
+
+def _pyramid(cfg) -> None:
+  from stt_jax.data import pyramid  # pylint: disable=g-import-not-at-top
+  source = _input_volume("pyramid")
+  out = _require(_OUTPUT.value, "output", "pyramid")
+  t0 = time.perf_counter()
+  info = pyramid.write_precomputed(
+      source, out, voxel_size_nm=source.voxel_size_nm or tuple(cfg.data.voxel_size_nm),
+      overwrite=_OVERWRITE.value)
+  scales = ", ".join("x".join(str(n) for n in s["shape_zyx"]) for s in info["scales"])
+  print(f"wrote {os.path.abspath(out)}: neuroglancer precomputed {info['type']} "
+        f"({info['data_type']}), {len(info['scales'])} scales (z x y x x: {scales}) in "
+        f"{time.perf_counter() - t0:.1f} s; serve its parent folder over HTTP and open "
+        f"precomputed://http://<host>/{os.path.basename(os.path.abspath(out))} in neuroglancer")
 
 
 def _out_of_memory_hint(mode: str) -> str:

@@ -1,0 +1,126 @@
+"""Neuroglancer precomputed pyramids: every scale against a numpy reference
+(mode of each 2x2(x2) box, ties to the smaller id; mean, half to even)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stt_jax.data import pyramid, sources
+from stt_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _boxes(shape, factors):
+  """Yields (output index, slices of the input box) for every output voxel."""
+  out = [math.ceil(n / f) for n, f in zip(shape, factors)]
+  for index in np.ndindex(*out):
+    yield index, tuple(slice(i * f, min((i + 1) * f, n))
+                       for i, f, n in zip(index, factors, shape))
+
+
+def _mode_reference(volume, factors):
+  out = np.zeros([math.ceil(n / f) for n, f in zip(volume.shape, factors)], volume.dtype)
+  for index, box in _boxes(volume.shape, factors):
+    values, counts = np.unique(volume[box], return_counts=True)  # sorted: first max = smallest
+    out[index] = values[np.argmax(counts)]
+  return out
+
+
+def _mean_reference(volume, factors):
+  out = np.zeros([math.ceil(n / f) for n, f in zip(volume.shape, factors)], np.uint8)
+  for index, box in _boxes(volume.shape, factors):
+    out[index] = np.round(volume[box].astype(np.float64).mean())  # half to even
+  return out
+
+
+def test_scales_halve_y_x_and_z_where_that_keeps_voxels_near_cubic():
+  # MitoEM: 30 x 8 x 8 nm -> 30x16x16, 30x32x32, then z too: 60x64x64 ...
+  assert pyramid.scale_factors((1000, 4096, 4096), (30, 8, 8)) == [
+      (1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]
+  assert pyramid.scale_factors((64, 1024, 1024), (8, 8, 8)) == [(2, 2, 2), (2, 2, 2)]
+  assert pyramid.scale_factors((1, 2048, 600), (8, 8, 8)) == [(1, 2, 2)] * 3
+  assert pyramid.scale_factors((10, 256, 100), (30, 8, 8)) == []
+  assert pyramid.scale_factors((1000, 4096, 4096), (30, 8, 8), max_scales=2) == [(1, 2, 2)]
+
+
+def test_labels_pyramid_equals_mode_downsampling_at_every_scale(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.zeros((5, 24, 600), np.uint32)
+  for i in range(1, 40):  # boxes of ids over a background, some touching, odd sizes
+    z, y, x = rng.integers(0, [5, 20, 590])
+    labels[z:z + rng.integers(1, 4), y:y + rng.integers(1, 9), x:x + rng.integers(1, 30)] = i
+  labels[:, :, 300:303] = rng.integers(0, 3, (5, 24, 3))  # ties in many boxes
+  source = sources.write_array(str(tmp_path / "labels.zarr"), labels)
+  out = str(tmp_path / "labels_ng")
+  info = pyramid.write_precomputed(source, out, voxel_size_nm=(30, 8, 8),
+                                   block_chunks=(1, 1, 1))
+  assert info["type"] == "segmentation" and info["data_type"] == "uint32"
+  assert [s["shape_zyx"] for s in info["scales"]] == [[5, 24, 600], [5, 12, 300], [5, 6, 150]]
+  expected = labels
+  for k, factors in enumerate([None, (1, 2, 2), (1, 2, 2)]):
+    if factors:
+      expected = _mode_reference(expected, factors)
+    scale = sources.open_volume(f"{out}#scale={k}")
+    assert scale.voxel_size_nm == (30.0, 8.0 * 2 ** k, 8.0 * 2 ** k)
+    np.testing.assert_array_equal(scale.read([0, 0, 0], scale.shape), expected)
+  with open(os.path.join(out, "info")) as f:
+    meta = json.load(f)
+  assert meta["type"] == "segmentation" and meta["data_type"] == "uint32"
+  assert [s["resolution"] for s in meta["scales"]] == [[8, 8, 30], [16, 16, 30], [32, 32, 30]]
+  assert {s["encoding"] for s in meta["scales"]} == {"compressed_segmentation"}
+  assert [s["size"] for s in meta["scales"]][0] == [600, 24, 5]  # x, y, z on disk
+
+
+def test_image_pyramid_equals_mean_downsampling_in_z_too(tmp_path):
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (7, 300, 21)).astype(np.uint8)
+  source = sources.write_array(str(tmp_path / "image.zarr"), image)
+  out = str(tmp_path / "image_ng")
+  info = pyramid.write_precomputed(source, out, voxel_size_nm=(8, 8, 8),
+                                   block_chunks=(1, 1, 1))
+  assert info["type"] == "image" and len(info["scales"]) == 2
+  scale = sources.open_volume(f"{out}#scale=1")
+  assert scale.shape == (4, 150, 11) and scale.voxel_size_nm == (16.0, 16.0, 16.0)
+  np.testing.assert_array_equal(scale.read([0, 0, 0], scale.shape),
+                                _mean_reference(image, (2, 2, 2)))
+  whole = sources.open_volume(out)
+  np.testing.assert_array_equal(whole.read([0, 0, 0], whole.shape), image)
+
+
+def test_refusals_are_one_line_and_touch_nothing(tmp_path):
+  floats = sources.write_array(str(tmp_path / "f.zarr"), np.zeros((2, 8, 8), np.float32))
+  with pytest.raises(UserError, match=r"is float32: a pyramid is made of uint8 images or "
+                                      r"integer labels"):
+    pyramid.write_precomputed(floats, str(tmp_path / "f_ng"), voxel_size_nm=(8, 8, 8))
+  assert not os.path.exists(tmp_path / "f_ng")
+  labels = sources.write_array(str(tmp_path / "l.zarr"), np.ones((2, 8, 8), np.uint16))
+  existing = tmp_path / "l_ng"
+  existing.mkdir()
+  (existing / "keep.txt").write_text("mine")
+  with pytest.raises(UserError, match="already exists; pass --overwrite"):
+    pyramid.write_precomputed(labels, str(existing), voxel_size_nm=(8, 8, 8))
+  assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_command_line_writes_a_pyramid_and_refuses_an_existing_output(tmp_path):
+  labels = np.zeros((4, 40, 500), np.uint32)
+  labels[1:3, 5:30, 100:400] = 7
+  path = sources.write_array(str(tmp_path / "instances.zarr"), labels).path
+  out = tmp_path / "instances_ng"
+  command = [sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+             "--mode=pyramid", f"--input={path}", f"--output={out}"]
+  first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert first.returncode == 0, first.stderr
+  assert "neuroglancer precomputed segmentation (uint32), 2 scales" in first.stdout
+  assert "precomputed://http://<host>/instances_ng" in first.stdout
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert again.returncode != 0
+  assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+  scale = sources.open_volume(f"{out}#scale=1")
+  assert scale.shape[1:] == (20, 250) and set(np.unique(scale.read([0, 0, 0], scale.shape))) == {0, 7}
