@@ -103,6 +103,10 @@ def default_config() -> ml_collections.ConfigDict:
   # instances: label volumes hold instance ids; mask: binary masks, voxels >=
   # mask_threshold are foreground and 3D connected components are instances
   c.data.label_kind = "instances"      # instances | mask
+  # partly annotated labels: voxels of this id are "not annotated" (neither
+  # object nor background): the losses skip them, validation scores around
+  # them; -1 = every voxel is annotated
+  c.data.unlabelled_id = -1
   c.data.mask_threshold = 128
   c.data.patch_shape = (32, 320, 320)
   c.data.contour_width = 2
@@ -219,6 +223,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be instances or mask, got {c.data.label_kind!r}")
   _need(c.data.mask_threshold > 0, "data.mask_threshold",
         f"must be > 0, got {c.data.mask_threshold}")
+  _need(c.data.unlabelled_id == -1 or c.data.unlabelled_id >= 1, "data.unlabelled_id",
+        f"must be -1 (all annotated) or a label id >= 1, got {c.data.unlabelled_id}")
+  _need(c.data.unlabelled_id == -1 or c.data.label_kind == "instances", "data.unlabelled_id",
+        "needs instance labels (data.label_kind=instances): a binary mask has no id "
+        "for 'not annotated'")
   if c.data.synthetic.enabled:  # it would point data.* at generated volumes, silently
     given = [f"data.{split}.{field}" for split in ("train", "val")
              for field in ("image", "label") if c.data[split][field]]

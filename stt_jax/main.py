@@ -508,7 +508,8 @@ def _evaluate_volumes(cfg) -> None:
                         "integer instance ids (0 = background)")
   t0 = time.perf_counter()
   scores = report.score_volumes(labels, instances, min_gt_size=cfg.eval.min_gt_size,
-                                block=tuple(cfg.decode.block_shape))
+                                block=tuple(cfg.decode.block_shape),
+                                unlabelled_id=cfg.data.unlabelled_id)
   scores["seconds"] = time.perf_counter() - t0
   print(report.format_table(scores, f"{instances.path} vs {labels.path} {labels.shape}"))
   out = _OUTPUT.value or os.path.join(os.path.dirname(os.path.abspath(path)), "eval.json")

@@ -39,7 +39,9 @@ class PatchSampler:
   proportion to the pairs' voxels).
 
   Batches: image float32 [batch, depth, height, width, 1] in [0, 1];
-  target float32 [batch, depth, height, width, 2] = (mask, contour).
+  target float32 [batch, depth, height, width, 2] = (mask, contour); with
+  `unlabelled_id` >= 0, valid float32 [batch, depth, height, width, 1]: 0 on
+  voxels of that id (not annotated) and where targets read one.
   """
 
   def __init__(self, image: Volume, labels: Volume, *,
@@ -49,7 +51,7 @@ class PatchSampler:
                region: Sequence[Sequence[int]] | None = None,
                more_volumes: Sequence[tuple[Volume, Volume]] = (),
                process_index: int = 0, process_count: int = 1,
-               check_foreground: bool = True):
+               check_foreground: bool = True, unlabelled_id: int = -1):
     self.patch_shape = tuple(int(p) for p in patch_shape)
     self._pairs = [self._pair(image, labels, region)] + [
         self._pair(i, l, None) for i, l in more_volumes]
@@ -71,6 +73,8 @@ class PatchSampler:
     # in-plane pixels read beyond each side for the geometric augmentations
     self.margin = augment.in_plane_margin(augment_config, self.patch_shape[1:])
     self.foreground_tries = int(foreground_tries)
+    # labels of this id are not annotated: no target there (batch "valid")
+    self.unlabelled_id = int(unlabelled_id)
     if check_foreground:
       for k in range(len(self._pairs)):
         self._check_foreground(k)
@@ -98,7 +102,7 @@ class PatchSampler:
     rng = np.random.default_rng([self.seed, 2 ** 31] + ([k] if k else []))
     starts = [self._draw_in(pair, rng) for _ in range(probes)]
     reads = [pair.labels.read_async(s, self.patch_shape) for s in starts]
-    if not any(f.result().any() for f in reads):
+    if not any(self._foreground(f.result()).any() for f in reads):
       box = [pair.lo.tolist(), pair.hi.tolist()]
       raise UserError(f"labels {pair.labels.path} hold no foreground in {probes} random "
                       f"patches of region {box}; check the label path and "
@@ -116,19 +120,30 @@ class PatchSampler:
         continue
       # rejection sampling: redraw until the patch (not its margin) holds foreground
       for _ in range(self.foreground_tries):
-        if self._crop(label_patches[i], reads[i][3]).any():
+        if self._foreground(self._crop(label_patches[i], reads[i][3])).any():
           break
         reads[i] = self._read_box(*self._draw(rng))
         k, lo, shape, _ = reads[i]
         image_reads[i] = self._pairs[k].image.read_async(lo, shape)
         label_patches[i] = self._pairs[k].labels.read(lo, shape)
-    images, target_list = [], []
+    images, target_list, valid_list = [], [], []
     for image_future, labels, read, rng in zip(image_reads, label_patches, reads, rngs):
       image, labels = self._augment(image_future.result(), labels, read[3], rng)
       images.append(image)
+      if self.unlabelled_id >= 0:
+        valid_list.append(targets.annotated_mask(labels, self.unlabelled_id,
+                                                 self.contour_width))
+        labels = np.where(labels == self.unlabelled_id, 0, labels).astype(labels.dtype)
       target_list.append(targets.make_targets(labels, self.contour_width,
                                               self.distance_voxel_size))
-    return {"image": np.stack(images)[..., None], "target": np.stack(target_list)}
+    batch = {"image": np.stack(images)[..., None], "target": np.stack(target_list)}
+    if valid_list:
+      batch["valid"] = np.stack(valid_list)[..., None]
+    return batch
+
+  def _foreground(self, labels: np.ndarray) -> np.ndarray:
+    """Annotated objects: ids > 0 other than data.unlabelled_id."""
+    return (labels > 0) & (labels != self.unlabelled_id)
 
   def _draw(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
     """(pair index, patch start). One pair draws nothing for its index, so a

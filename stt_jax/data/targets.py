@@ -78,6 +78,17 @@ def normalized_distance(separated: np.ndarray, voxel_size=(1.0, 1.0, 1.0)) -> np
   return (distance / peak[inverse.reshape(separated.shape)]).astype(np.float32)
 
 
+def annotated_mask(labels: np.ndarray, unlabelled_id: int, contour_width: int = 2
+                   ) -> np.ndarray:
+  """float32 [depth, height, width]: 1 where the targets are known, 0 on
+  voxels labelled `unlabelled_id` (not annotated) and on those whose targets
+  read one: within the contour's in-plane (2w+1)x(2w+1) window or one section
+  of it. The losses weigh only the 1s."""
+  unknown = labels == unlabelled_id
+  reach = (3 if labels.shape[0] > 1 else 1, 2 * contour_width + 1, 2 * contour_width + 1)
+  return (~ndimage.maximum_filter(unknown, size=reach, mode="nearest")).astype(np.float32)
+
+
 def make_targets(labels: np.ndarray, contour_width: int = 2,
                  distance_voxel_size=None) -> np.ndarray:
   """Targets [depth, height, width, channels] float32: (mask, contour) in

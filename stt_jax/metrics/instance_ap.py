@@ -88,6 +88,23 @@ def overlap_counts(gt: np.ndarray, pred: np.ndarray, slab: int = 16):
   return counter.counts()
 
 
+def set_aside_unlabelled(counts, unlabelled_id: int):
+  """`OverlapCounter.counts()` of partly annotated ground truth, where id
+  `unlabelled_id` marks voxels nobody annotated: that id is no instance, and
+  a prediction with more than half its voxels on it is dropped (it may be a
+  real, unannotated object: neither TP nor FP, like COCO's crowd regions).
+  Predictions reaching less far in keep all their voxels."""
+  gt_ids, gt_sizes, pred_ids, pred_sizes, pair_gt, pair_pred, pair_counts = counts
+  on_unlabelled = pair_gt == np.uint64(unlabelled_id)
+  reach = dict(zip(pair_pred[on_unlabelled].tolist(), pair_counts[on_unlabelled].tolist()))
+  dropped = np.array([2 * reach.get(int(p), 0) > s for p, s in zip(pred_ids, pred_sizes)],
+                     bool)
+  kept_pairs = ~on_unlabelled & ~np.isin(pair_pred, pred_ids[dropped])
+  kept_gt = gt_ids != np.uint64(unlabelled_id)
+  return (gt_ids[kept_gt], gt_sizes[kept_gt], pred_ids[~dropped], pred_sizes[~dropped],
+          pair_gt[kept_pairs], pair_pred[kept_pairs], pair_counts[kept_pairs])
+
+
 def pool_counts(counts_list):
   """One `OverlapCounter.counts()` for several volumes scored as one set:
   each volume's ids are renumbered 1, 2, ... after the previous volume's, in

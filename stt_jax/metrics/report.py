@@ -27,9 +27,11 @@ def _read(volume, start, stop) -> np.ndarray:
   return volume.read(start, [b - a for a, b in zip(start, stop)])
 
 
-def _tally(gt_labels, instances, block: Sequence[int], probabilities=None):
+def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
+           unlabelled_id: int = -1):
   """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None),
-  one block at a time."""
+  one block at a time. Voxels labelled `unlabelled_id` are left out of the
+  voxel counts; the overlap counts keep them (AP sets them aside)."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   if _shape(gt_labels)[:3] != _shape(instances)[:3]:
     raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
@@ -40,9 +42,11 @@ def _tally(gt_labels, instances, block: Sequence[int], probabilities=None):
   for b in blocks.iterate(_shape(gt_labels)[:3], block):
     g, p = _read(gt_labels, b.start, b.stop), _read(instances, b.start, b.stop)
     overlaps.add(g, p)
+    known = slice(None) if unlabelled_id < 0 else g != unlabelled_id
+    g, p = g[known], p[known]
     confusion.add(g > 0, p > 0)
     if sweep is not None:
-      sweep.add(g > 0, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0])
+      sweep.add(g > 0, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0][known])
   return overlaps.counts(), confusion, sweep
 
 
@@ -61,7 +65,7 @@ def _scores(counts, confusion: semantic.ConfusionCounter,
 
 def score_volumes(gt_labels, instances, *, min_gt_size: int,
                   block: Sequence[int] = (64, 512, 512),
-                  probabilities=None) -> dict:
+                  probabilities=None, unlabelled_id: int = -1) -> dict:
   """AP-50/75/50:95 (MitoEM), foreground Jaccard/Dice (Lucchi), voxel
   precision/recall/F1/MCC (DA-ISC), for label volumes (numpy arrays or
   data-layer Volumes) read one block at a time.
@@ -71,26 +75,34 @@ def score_volumes(gt_labels, instances, *, min_gt_size: int,
   0.95, 0.96 ... 0.99 (`semantic.ThresholdSweep`): "mask_threshold_sweep" and
   the best t by Jaccard. Voxelwise, before instance decoding and size
   filtering, so at t = decode.foreground it is close to, not equal to, the
-  Jaccard above."""
+  Jaccard above.
+
+  With `unlabelled_id` >= 0 (partly annotated ground truth), voxels of that
+  id count in no voxel score, and a predicted instance lying mostly (over
+  half its voxels) in them is set aside from AP, neither TP nor FP
+  (`instance_ap.set_aside_unlabelled`)."""
   return score_volume_set([(gt_labels, instances, probabilities)],
-                          min_gt_size=min_gt_size, block=block)
+                          min_gt_size=min_gt_size, block=block,
+                          unlabelled_id=unlabelled_id)
 
 
 def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
-                     block: Sequence[int] = (64, 512, 512)) -> dict:
+                     block: Sequence[int] = (64, 512, 512),
+                     unlabelled_id: int = -1) -> dict:
   """`score_volumes` of several (gt_labels, instances, probabilities or None)
   scored as one set: AP ranks the instances of all volumes together (as if
   the volumes lay side by side), Jaccard and the sweep pool their voxels.
   With more than one volume, "per_volume" holds each one's own scores (no
   sweep); the sweep needs probabilities for every volume."""
-  tallies = [_tally(g, i, block, p) for g, i, p in volumes]
+  tallies = [_tally(g, i, block, p, unlabelled_id) for g, i, p in volumes]
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if all(t[2] is not None for t in tallies) else None
   for _, volume_confusion, volume_sweep in tallies:
     confusion.merge(volume_confusion)
     if sweep is not None:
       sweep.merge(volume_sweep)
-  counts = [t[0] for t in tallies]
+  counts = [instance_ap.set_aside_unlabelled(t[0], unlabelled_id) if unlabelled_id >= 0
+            else t[0] for t in tallies]
   out = _scores(instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0],
                 confusion, sweep, min_gt_size)
   if len(tallies) > 1:

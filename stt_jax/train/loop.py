@@ -171,7 +171,8 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
       notes.append((f"volume {i}: " if cfg.data.val.more_volumes else "")
                    + summary["decode_note"])
   scores = report.score_volume_set(scored, min_gt_size=cfg.eval.min_gt_size,
-                                   block=tuple(cfg.decode.block_shape))
+                                   block=tuple(cfg.decode.block_shape),
+                                   unlabelled_id=cfg.data.unlabelled_id)
   scores["segment_seconds"] = seconds
   scores["volume_shape"] = described[0]["volume_shape"]
   if "context_offset" in described[0]:
@@ -208,6 +209,7 @@ def _sampler(cfg) -> PatchSampler:
                       distance_voxel_size=(cfg.data.voxel_size_nm
                                            if "distance" in cfg.model.outputs else None),
                       foreground_bias=cfg.data.foreground_bias,
+                      unlabelled_id=cfg.data.unlabelled_id,
                       process_index=jax.process_index(),
                       process_count=jax.process_count())
 

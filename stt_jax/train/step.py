@@ -68,8 +68,10 @@ def generator_loss_fn(model, discriminator, loss_cfg, batch: dict, disc_params):
     supervised, metrics = losses.supervised_loss(
         logits, batch["target"], bce_weight=loss_cfg.bce_weight,
         dice_weight=loss_cfg.dice_weight, distance_weight=loss_cfg.distance_weight,
-        class_balance=loss_cfg.class_balance)
+        class_balance=loss_cfg.class_balance, valid=batch.get("valid"))
     pred_mask = jax.nn.sigmoid(logits[..., :1])
+    if "valid" in batch:  # D compares annotated voxels only: both masks 0 elsewhere
+      pred_mask = pred_mask * batch["valid"]
     total = supervised
     metrics["supervised"] = supervised
     if discriminator is not None:
@@ -90,7 +92,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   """One update of G (and D). Returns (new_state, scalar metrics).
 
   batch: image [b, d, h, w, 1], target [b, d, h, w, 2 or 3] (mask, contour
-  and, with model.outputs' "distance", the normalised distance).
+  and, with model.outputs' "distance", the normalised distance), and with
+  data.unlabelled_id valid [b, d, h, w, 1] (1 = annotated).
   `rng` (key data from the run's base key and the step) is for stochastic
   layers; the models have none today.
   """
@@ -104,7 +107,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   new = dict(step=state.step + 1, params=params, opt_state=opt_state)
 
   if discriminator is not None:
-    real_mask = batch["target"][..., :1]
+    real_mask = batch["target"][..., :1] * batch.get("valid", 1.0)
     fake_mask = jax.lax.stop_gradient(pred_mask)
 
     def d_loss_fn(disc_params):

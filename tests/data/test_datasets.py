@@ -89,3 +89,18 @@ def test_a_config_that_generates_its_data_refuses_given_volumes():
                                       "data.val.image; add --config.data.synthetic.enabled"
                                       "=False"):
     config_lib.validate(cfg)
+
+
+def test_unlabelled_id_is_minus_one_or_an_id_and_needs_instance_labels():
+  from stt_jax import config as config_lib
+  cfg = config_lib.default_config()
+  for bad, message in ((0, "must be -1 .* or a label id >= 1, got 0"),
+                       (-5, "must be .*, got -5")):
+    cfg.data.unlabelled_id = bad
+    with pytest.raises(UserError, match=f"config.data.unlabelled_id: {message}"):
+      config_lib.validate(cfg)
+  cfg.data.unlabelled_id = 65535
+  config_lib.validate(cfg)
+  cfg.data.label_kind = "mask"
+  with pytest.raises(UserError, match="config.data.unlabelled_id: needs instance labels"):
+    config_lib.validate(cfg)

@@ -202,3 +202,46 @@ def test_more_volumes_are_opened_and_checked_like_the_training_pair(tmp_path, sm
   cfg.data.train.more_volumes = (small_zarr["image"], small_zarr["label"])
   with pytest.raises(UserError, match="entry 0 must be .*trailing comma"):
     validate(cfg)
+
+
+def test_unlabelled_voxels_get_no_target_and_no_weight(tmp_path, small_zarr, small_volume):
+  """data.unlabelled_id: "valid" is 0 on that id (and its target reach),
+  the targets treat it as background, and labels holding nothing else are
+  refused like empty ones. Checked against the volume, without augmentation
+  so that each patch is found where it was cut."""
+  image, labels = small_volume
+  partial = labels.copy()
+  partial[:, :, 48:] = 999  # the right half not annotated
+  path = sources.write_array(str(tmp_path / "partial.zarr"), partial).path
+  sampler = PatchSampler(sources.open_volume(small_zarr["image"]), sources.open_volume(path),
+                         patch_shape=(4, 32, 32), batch_size=4, seed=1, unlabelled_id=999,
+                         contour_width=2)
+  volume = image.astype(np.float32) / 255
+  seen_unlabelled = 0
+  for step in range(4):
+    batch = sampler.batch(step)
+    assert batch["valid"].shape == (4, 4, 32, 32, 1)
+    for row in range(4):
+      cut = batch["image"][row, ..., 0]
+      (z, y, x), = [(z, y, x) for z in range(volume.shape[0] - 3)
+                    for y in range(volume.shape[1] - 31) for x in range(volume.shape[2] - 31)
+                    if np.array_equal(volume[z:z + 4, y:y + 32, x:x + 32], cut)]
+      patch = partial[z:z + 4, y:y + 32, x:x + 32]
+      valid = batch["valid"][row, ..., 0]
+      assert np.all(valid[patch == 999] == 0)
+      # two columns beyond the unlabelled edge (contour_width) are unweighted too
+      edge = max(48 - x, 0)
+      if 0 < edge <= 32:
+        assert np.all(valid[:, :, max(edge - 2, 0):] == 0) and np.all(valid[:, :, :max(edge - 2, 0)] == 1)
+      elif edge > 32 + 2:
+        assert np.all(valid == 1)
+      assert np.all(batch["target"][row, ..., 0][patch == 999] == 0)
+      seen_unlabelled += int((patch == 999).any())
+  assert seen_unlabelled > 0
+  plain = _sampler(small_zarr).batch(0)
+  assert "valid" not in plain
+  only_unlabelled = sources.write_array(str(tmp_path / "none.zarr"),
+                                        np.where(labels > 0, 999, 0).astype(np.uint32)).path
+  with pytest.raises(UserError, match="hold no foreground"):
+    PatchSampler(sources.open_volume(small_zarr["image"]), sources.open_volume(only_unlabelled),
+                 patch_shape=(4, 32, 32), batch_size=1, seed=0, unlabelled_id=999)

@@ -82,3 +82,20 @@ def test_normalized_distance_matches_brute_force_anisotropic():
     assert np.isclose(t[..., 2][separated == label].max(), 1.0)
   assert (t[..., 2][separated == 0] == 0).all()
   np.testing.assert_array_equal(t[..., :2], targets.make_targets(labels, contour_width=1))
+
+
+def test_annotated_mask_drops_unlabelled_voxels_and_their_target_reach():
+  """0 exactly where an unlabelled voxel lies within one section and the
+  contour's in-plane window (brute force over every voxel)."""
+  rng = np.random.default_rng(5)
+  labels = rng.integers(0, 4, (4, 12, 13)).astype(np.uint32)
+  labels[rng.random(labels.shape) < 0.03] = 9
+  for width in (1, 2):
+    mask = targets.annotated_mask(labels, 9, width)
+    expected = np.ones(labels.shape, np.float32)
+    for z, y, x in np.ndindex(*labels.shape):
+      near = labels[max(z - 1, 0):z + 2, max(y - width, 0):y + width + 1,
+                    max(x - width, 0):x + width + 1]
+      expected[z, y, x] = 0.0 if (near == 9).any() else 1.0
+    np.testing.assert_array_equal(mask, expected)
+  assert targets.annotated_mask(labels, 7, 2).min() == 1.0  # an id not present

@@ -90,3 +90,39 @@ def test_a_volume_set_scores_as_its_volumes_side_by_side(seed):
                                     for i, (v, (g, _, _)) in enumerate(
                                         zip(result["per_volume"], volumes))])
   assert text.count("\n") == 3 and "v2 (5, 16, 28)" in text
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_unlabelled_voxels_are_scored_around(seed):
+  """data.unlabelled_id: voxel scores leave its voxels out; AP equals the
+  brute-force AP after removing, in numpy, the unlabelled id from the ground
+  truth and every prediction with over half its voxels on it."""
+  from tests.metrics.test_instance_ap import _brute_force_ap
+  rng = np.random.default_rng(seed)
+  gt, pred, probabilities = _random_pair(rng, (6, 24, 24), 8)
+  gt[:, :, 16:][gt[:, :, 16:] == 0] = 77        # unannotated strip
+  for i in range(50, 54):                        # predictions inside it
+    z, y, x = rng.integers(0, [5, 20, 16])
+    pred[z:z + 2, y:y + 4, 17 + x % 5:21 + x % 5] = i
+  result = report.score_volumes(gt, pred, min_gt_size=0, block=(3, 16, 16),
+                                probabilities=probabilities, unlabelled_id=77)
+  known = gt != 77
+  inter = np.sum((gt > 0) & (pred > 0) & known)
+  union = np.sum(((gt > 0) | (pred > 0)) & known)
+  assert result["jaccard"] == pytest.approx(inter / union, abs=1e-12)
+  kept = pred.copy()
+  dropped = 0
+  for i in np.unique(pred[pred > 0]):
+    if 2 * np.sum((pred == i) & (gt == 77)) > np.sum(pred == i):
+      kept[pred == i] = 0
+      dropped += 1
+  assert dropped >= 4
+  truth = np.where(gt == 77, 0, gt)
+  for t in (0.5, 0.75):
+    assert result[f"ap_{int(t * 100)}"] == pytest.approx(_brute_force_ap(truth, kept, t),
+                                                         abs=1e-12)
+  assert result["num_pred"] == len(np.unique(kept)) - 1
+  assert result["num_gt"] == len(np.unique(truth)) - 1
+  hit = probabilities[..., 0] > np.floor(0.5 * 255)
+  sweep_j = np.sum(hit & (gt > 0) & known) / np.sum((hit | (gt > 0)) & known)
+  assert result["mask_threshold_sweep"]["0.50"]["jaccard"] == pytest.approx(sweep_j)

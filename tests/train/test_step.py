@@ -96,3 +96,34 @@ def test_bfloat16_compute_keeps_float32_state():
               if np.issubdtype(x.dtype, np.floating)]
     assert floats and all(x.dtype == np.float32 for x in floats), part
   assert all(np.isfinite(v) for h in history for v in h.values())
+
+
+def test_targets_where_valid_is_zero_change_nothing():
+  """A batch with "valid" (data.unlabelled_id): generator and discriminator
+  updates do not depend on the targets of unannotated voxels, and do on the
+  others."""
+  cfg = _cfg(adversarial=0.5)
+  setup = loop.build(cfg, jax.devices()[:1])
+  fn = setup.jit_step(cfg.loss)
+  batch = _batch(3)
+  batch["valid"] = np.ones(batch["image"].shape, np.float32)
+  batch["valid"][:, :, :, 16:] = 0.0
+  initial = jax.tree.map(np.asarray, setup.state)
+
+  def run(target):
+    state = jax.tree.map(jax.numpy.asarray, initial)
+    new, metrics = fn(state, step_lib.shard_batch(dict(batch, target=target), setup.mesh),
+                      jax.random.key_data(jax.random.key(0)))
+    return jax.tree.map(np.asarray, new), {k: float(v) for k, v in metrics.items()}
+
+  base_state, base = run(batch["target"])
+  outside = batch["target"].copy()
+  outside[:, :, :, 16:] = 1.0 - outside[:, :, :, 16:]
+  same_state, same = run(outside)
+  assert same == base
+  for a, b in zip(jax.tree.leaves(base_state), jax.tree.leaves(same_state)):
+    np.testing.assert_array_equal(a, b)
+  inside = batch["target"].copy()
+  inside[:, :, :, :16] = 1.0 - inside[:, :, :, :16]
+  _, changed = run(inside)
+  assert changed["bce"] != base["bce"] and changed["d_loss"] != base["d_loss"]
