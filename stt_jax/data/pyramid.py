@@ -3,8 +3,8 @@
 A whole MitoEM volume (1000 x 4096 x 4096) is 16 G voxels; a viewer zoomed out
 over a single-scale array reads all of it. Neuroglancer's precomputed format
 holds a pyramid of scales that any static file server can serve (neuroglancer
-then opens `precomputed://https://<server>/<folder>`), and napari,
-webKnossos and CloudVolume read it too.
+then opens `precomputed://https://<server>/<folder>`), and CloudVolume and
+webKnossos read it too.
 
 * Label volumes (any integer dtype but uint8) become a `segmentation` of
   uint32/uint64 ids, compressed_segmentation encoded; each coarser scale takes
@@ -59,7 +59,8 @@ def _chunk_zyx(voxel_size_nm: Sequence[float], shape: Sequence[int]) -> list[int
   return [min(c, int(n)) for c, n in zip(chunk, shape)]
 
 
-def _open_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, *, create: bool):
+def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm):
+  """A new scale of the pyramid at `path` (the first one writes `info`)."""
   chunk = _chunk_zyx(size_nm, shape_zyx)
   scale = {"size": [int(n) for n in shape_zyx[::-1]],
            "resolution": [float(s) for s in size_nm[::-1]],
@@ -70,7 +71,7 @@ def _open_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, *, create:
   spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": path},
           "multiscale_metadata": {"type": kind, "data_type": dtype, "num_channels": 1},
           "scale_metadata": scale}
-  return ts.open(spec, create=create, open=not create).result(), chunk
+  return ts.open(spec, create=True).result(), chunk
 
 
 def _blocks(shape_zyx: Sequence[int], chunk_zyx: Sequence[int], block_chunks: Sequence[int]):
@@ -86,8 +87,8 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
                       max_scales: int | None = None, overwrite: bool = False,
                       block_chunks: Sequence[int] = BLOCK_CHUNKS) -> dict:
   """Writes `source` ([z, y, x], one channel) as a neuroglancer precomputed
-  pyramid at `path` (an existing one refused unless `overwrite`). Returns {"type", "data_type", "scales":
-  [{"shape_zyx", "voxel_size_nm"}]}."""
+  pyramid at `path` (an existing one refused unless `overwrite`). Returns
+  {"type", "data_type", "scales": [{"shape_zyx", "voxel_size_nm"}]}."""
   if len(source.shape) != 3:
     raise UserError(f"{source.path} has shape {tuple(source.shape)}; a pyramid is made "
                     "of a 3D volume (z, y, x)")
@@ -107,7 +108,7 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
   path = paths.clear_for_output(path, overwrite)
   shape = [int(n) for n in source.shape]
   size = [float(s) for s in voxel_size_nm]
-  store, chunk = _open_scale(path, kind, stored, shape, size, create=True)
+  store, chunk = _create_scale(path, kind, stored, shape, size)
   for start, extent in _blocks(shape, chunk, block_chunks):
     block = np.asarray(source.read(start, extent)).astype(stored, copy=False)
     box = tuple(slice(a, a + n) for a, n in zip(start[::-1], extent[::-1]))
@@ -117,7 +118,7 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
     coarse = ts.downsample(store, [fx, fy, fz, 1], method=method)
     shape = [math.ceil(shape[0] / fz), math.ceil(shape[1] / fy), math.ceil(shape[2] / fx)]
     size = [size[0] * fz, size[1] * fy, size[2] * fx]
-    store, chunk = _open_scale(path, kind, stored, shape, size, create=True)
+    store, chunk = _create_scale(path, kind, stored, shape, size)
     for start, extent in _blocks(shape, chunk, block_chunks):
       box = tuple(slice(a, a + n) for a, n in zip(start[::-1], extent[::-1]))
       store[box].write(coarse[box].read().result()).result()
