@@ -104,3 +104,16 @@ def test_unlabelled_id_is_minus_one_or_an_id_and_needs_instance_labels():
   cfg.data.label_kind = "mask"
   with pytest.raises(UserError, match="config.data.unlabelled_id: needs instance labels"):
     config_lib.validate(cfg)
+
+
+def test_an_unlabelled_id_the_labels_cannot_hold_is_one_line(tmp_path):
+  image = sources.write_array(str(tmp_path / "im.zarr"), np.zeros((2, 8, 8), np.uint8)).path
+  labels = sources.write_array(str(tmp_path / "lab.zarr"), np.ones((2, 8, 8), np.uint16)).path
+  cfg = default_config()
+  cfg.data.val.update(image=image, label=labels)
+  cfg.data.unlabelled_id = 70000
+  with pytest.raises(UserError, match=r"config.data.val.label: .*lab.zarr is uint16, which "
+                                      r"cannot hold data.unlabelled_id=70000"):
+    datasets.open_split(cfg, "val")
+  cfg.data.unlabelled_id = 65535
+  datasets.open_split(cfg, "val")
