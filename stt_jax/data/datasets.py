@@ -132,7 +132,7 @@ def _open_pair(cfg, image_path: str, label_path: str | None, region: tuple, wher
     raise UserError(f"{where}.label: {labels.path} has dtype {labels.dtype}; "
                     "instance labels must be integers (a binary mask: "
                     "--config.data.label_kind=mask)")
-  unlabelled = int(cfg.data.get("unlabelled_id", -1))
+  unlabelled = int(cfg.data.unlabelled_id)
   if labels is not None and unlabelled >= 0 and unlabelled > np.iinfo(labels.dtype).max:
     raise UserError(f"{where}.label: {labels.path} is {labels.dtype}, which cannot hold "
                     f"data.unlabelled_id={unlabelled}; give the id painted in it")

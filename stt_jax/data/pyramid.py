@@ -32,6 +32,7 @@ import tensorstore as ts
 from stt_jax import paths
 from stt_jax.data.sources import Volume
 from stt_jax.errors import UserError
+from stt_jax.infer import blocks
 
 COARSEST_IN_PLANE = 256
 BLOCK_CHUNKS = (2, 8, 8)  # chunks (z, y, x) per copied block
@@ -74,15 +75,6 @@ def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm):
   return ts.open(spec, create=True).result(), chunk
 
 
-def _blocks(shape_zyx: Sequence[int], chunk_zyx: Sequence[int], block_chunks: Sequence[int]):
-  step = [c * k for c, k in zip(chunk_zyx, block_chunks)]
-  for z in range(0, shape_zyx[0], step[0]):
-    for y in range(0, shape_zyx[1], step[1]):
-      for x in range(0, shape_zyx[2], step[2]):
-        start = (z, y, x)
-        yield start, [min(s, n - a) for a, s, n in zip(start, step, shape_zyx)]
-
-
 def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
                       max_scales: int | None = None, overwrite: bool = False,
                       block_chunks: Sequence[int] = BLOCK_CHUNKS) -> dict:
@@ -109,9 +101,9 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
   shape = [int(n) for n in source.shape]
   size = [float(s) for s in voxel_size_nm]
   store, chunk = _create_scale(path, kind, stored, shape, size)
-  for start, extent in _blocks(shape, chunk, block_chunks):
-    block = np.asarray(source.read(start, extent)).astype(stored, copy=False)
-    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], extent[::-1]))
+  for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
+    block = np.asarray(source.read(b.start, b.shape)).astype(stored, copy=False)
+    box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
     store[box + (0,)].write(block.transpose(2, 1, 0)).result()
   scales = [{"shape_zyx": shape, "voxel_size_nm": size}]
   for fz, fy, fx in scale_factors(shape, size, max_scales):
@@ -119,8 +111,8 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
     shape = [math.ceil(shape[0] / fz), math.ceil(shape[1] / fy), math.ceil(shape[2] / fx)]
     size = [size[0] * fz, size[1] * fy, size[2] * fx]
     store, chunk = _create_scale(path, kind, stored, shape, size)
-    for start, extent in _blocks(shape, chunk, block_chunks):
-      box = tuple(slice(a, a + n) for a, n in zip(start[::-1], extent[::-1]))
+    for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
+      box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
       store[box].write(coarse[box].read().result()).result()
     scales.append({"shape_zyx": shape, "voxel_size_nm": size})
   return {"type": kind, "data_type": stored, "scales": scales}

@@ -28,16 +28,27 @@ def _jaccard_dice(gt, pred):
   return inter / union, 2 * inter / (gt.sum() + pred.sum())
 
 
-def test_context_is_predicted_then_only_the_region_scored(tmp_path):
-  image, label_path, labels = _volumes(tmp_path)
+def _tiny_cfg(image, label_path, region=((0, 0, 0), (4, 32, 32))):
+  """A tiny model validating on `region` of the volume."""
   cfg = default_config()
   cfg.model.widths = (4, 4, 6, 6, 8)
   cfg.data.patch_shape = (4, 32, 32)
-  cfg.data.val.update(image=image, label=label_path, region=((3, 0, 0), (6, 32, 32)))
+  cfg.data.val.update(image=image, label=label_path, region=region)
   cfg.infer.update(window=(4, 32, 32), overlap=0.5, batch_size=2, block_shape=(8, 32, 32))
   cfg.decode.update(block_shape=(8, 32, 32), halo=(0, 0, 0), min_size=4,
                     foreground=0.45, seed_mask=0.45)
   cfg.eval.min_gt_size = 1
+  return cfg
+
+
+def _read_all(path):
+  volume = sources.open_volume(path)
+  return volume.read([0] * len(volume.shape), volume.shape)
+
+
+def test_context_is_predicted_then_only_the_region_scored(tmp_path):
+  image, label_path, labels = _volumes(tmp_path)
+  cfg = _tiny_cfg(image, label_path, region=((3, 0, 0), (6, 32, 32)))
   setup = loop.build(cfg, jax.devices()[:1])
   predict_fn = sliding_window.make_predict_fn(setup.model, setup.mesh)
   params = setup.state.inference_params()
@@ -46,9 +57,8 @@ def test_context_is_predicted_then_only_the_region_scored(tmp_path):
     cfg.data.val.context = context
     scores, path, out = loop.validate(cfg, str(tmp_path / name), predict_fn, params,
                                       setup.mesh)
-    read = lambda n: (lambda v: v.read([0] * len(v.shape), v.shape))(
-        sources.open_volume(f"{out}/{n}"))
-    return scores, path, read("probabilities.zarr"), read("instances.zarr")
+    return (scores, path, _read_all(f"{out}/probabilities.zarr"),
+            _read_all(f"{out}/instances.zarr"))
 
   plain, plain_path, plain_probs, _ = run((0, 0, 0), "plain")
   # z: 3 - 2 .. 6 + 2, cut at the volume's 8; y, x: the region is the whole slice, nothing to add
@@ -76,18 +86,6 @@ def test_context_must_be_three_sizes_of_at_least_zero():
       config_lib.validate(cfg)
 
 
-def _tiny_cfg(image, label_path):
-  cfg = default_config()
-  cfg.model.widths = (4, 4, 6, 6, 8)
-  cfg.data.patch_shape = (4, 32, 32)
-  cfg.data.val.update(image=image, label=label_path, region=((0, 0, 0), (4, 32, 32)))
-  cfg.infer.update(window=(4, 32, 32), overlap=0.5, batch_size=2, block_shape=(8, 32, 32))
-  cfg.decode.update(block_shape=(8, 32, 32), halo=(0, 0, 0), min_size=4,
-                    foreground=0.45, seed_mask=0.45)
-  cfg.eval.min_gt_size = 1
-  return cfg
-
-
 def test_more_validation_volumes_are_scored_as_one_set(tmp_path):
   image, label_path, labels = _volumes(tmp_path)
   cfg = _tiny_cfg(image, label_path)
@@ -106,12 +104,12 @@ def test_more_validation_volumes_are_scored_as_one_set(tmp_path):
   params = setup.state.inference_params()
   workdir = tmp_path / "run"
   scores, path, out = loop.validate(cfg, str(workdir), predict_fn, params, setup.mesh)
-  read = lambda d: (lambda v: v.read([0] * len(v.shape), v.shape))(
-      sources.open_volume(f"{d}/instances.zarr"))
   outputs = [out, str(workdir / "val_segmentation_more0"), str(workdir / "val_segmentation_more1")]
   assert [v["output"] for v in scores["per_volume"]] == outputs
   # context: z 0..4 grows to 0..5, 4..8 to 3..8; the second file has no region
-  predicted = [read(outputs[0])[0:4], read(outputs[1])[1:5], read(outputs[2])]
+  predicted = [_read_all(f"{outputs[0]}/instances.zarr")[0:4],
+               _read_all(f"{outputs[1]}/instances.zarr")[1:5],
+               _read_all(f"{outputs[2]}/instances.zarr")]
   truth = [labels[0:4], labels[4:8], other]
   assert [v["volume_shape"] for v in scores["per_volume"]] == [[4, 32, 32]] * 2 + [[8, 32, 32]]
   assert scores["per_volume"][1]["context_offset"] == [1, 0, 0]
