@@ -58,8 +58,9 @@ _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance l
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
 _REGION = flags.DEFINE_string(
     "region", None, "segment/convert: only the box ((z0,y0,x0),(z1,y1,x1)) of "
-    "--input (stops exclusive), treated as a volume of its own: outputs have its "
-    "shape and count coordinates from its start (segment.json: input_region).")
+    "--input (stops exclusive): outputs have its shape and count coordinates from "
+    "its start (segment.json: input_region). segment predicts it with the image "
+    "around it, so its probabilities equal the whole volume's there.")
 _INTENSITY_RANGE = flags.DEFINE_string(
     "intensity_range", None, "convert: rescale a 16-bit, signed or float image to "
     "the uint8 the model reads, 'low,high' -> 0..255 (clipped), or 'auto': the "
@@ -439,7 +440,8 @@ def _segment(cfg, workdir: str | None) -> None:
   t0 = time.perf_counter()
   summary = pipeline.segment(cfg, sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                              params, image, mesh, out, overwrite=_OVERWRITE.value,
-                             quiet=_QUIET.value, sections=cfg.infer.preview_sections)
+                             quiet=_QUIET.value, sections=cfg.infer.preview_sections,
+                             region_context=True)
   seconds = time.perf_counter() - t0
   voxels = int(np.prod(image.shape))
   _, region = sources.file_and_box(image)

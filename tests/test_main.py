@@ -166,7 +166,7 @@ def _baseline_export(directory, widths=(4, 4, 6, 6, 8), norm="none", info=None):
   return len(jax.tree.leaves(params))
 
 
-def test_group_norm_export_on_other_windows_says_so(tmp_path):
+def test_group_norm_export_on_other_windows_says_so_and_a_region_reads_around(tmp_path):
   """GroupNorm's statistics span the window: inferring on windows of another
   shape than the training patches shifts the calibration, and segment says so."""
   export = str(tmp_path / "export")
@@ -182,6 +182,13 @@ def test_group_norm_export_on_other_windows_says_so(tmp_path):
                    "(4,64,64) windows, which shifts its calibration (larger windows "
                    "over-cover at a fixed decode.foreground); to match, pass "
                    '--config.infer.window="(4,32,32)"'], proc.stdout
+  # --region reads the image around its box: the whole run's probabilities there
+  _main("--mode=segment", f"--weights={export}", f"--input={image}", "--region=((1,8,8),(4,56,40))",
+        f"--output={tmp_path / 'box'}", "--config.infer.window=(4,64,64)",
+        "--config.infer.block_shape=(4,64,64)", *[a for a in TINY if "infer." not in a])
+  read = lambda d: sources.open_volume(str(tmp_path / d / "probabilities.zarr")).read(
+      [0, 0, 0, 0], [*sources.open_volume(str(tmp_path / d / "probabilities.zarr")).shape])
+  np.testing.assert_array_equal(read("box"), read("seg")[1:4, 8:56, 8:40])
 
 
 def test_nan_loss_stops_with_one_line(tmp_path):

@@ -34,23 +34,42 @@ def weights_fingerprint(params) -> str:
   return digest.hexdigest()[:16]
 
 
-def _settings(cfg, image: sources.Volume, params) -> dict:
+def _settings(cfg, image: sources.Volume, params, region_context: bool) -> dict:
   path, region = sources.file_and_box(image)
   return {"input": path, "input_region": region, "input_shape": list(image.shape),
+          **({"region_context": region_context} if region else {}),
           "weights": weights_fingerprint(params), "infer": cfg.infer.to_dict(),
           "decode": cfg.decode.to_dict()}
 
 
+def _whole_volume(image: sources.Volume, region_context: bool
+                  ) -> tuple[sources.Volume, list[int]]:
+  """(the volume whose window grid predicts `image`: with `region_context`
+  the one it is a box of, else itself; `image`'s start in it)."""
+  if region_context and isinstance(image, sources.RegionVolume):
+    return image.base, list(image.start)
+  return image, [0, 0, 0]
+
+
 def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
-            voxel_size_nm, quiet: bool = True) -> tuple[sources.Volume, dict]:
+            voxel_size_nm, quiet: bool = True, region_context: bool = False
+            ) -> tuple[sources.Volume, dict]:
   """Blended probabilities of `image` into <out_dir>/probabilities.zarr
   (uint8), skipping blocks a previous run finished. Returns the volume and
-  the plan: blocks, windows computed / the grid's, accumulator bytes."""
+  the plan: blocks, windows computed / the grid's, accumulator bytes.
+
+  `region_context`: a `RegionVolume` box is predicted on its whole volume's
+  window grid, the windows reading the image around the box, so its
+  probabilities equal the whole volume's there (neighbouring boxes join
+  without seams). Without it the box is predicted as a volume of its own
+  (validation's data.val.context sets its own margin that way)."""
   i = cfg.infer
   block = tuple(int(b) for b in i.block_shape)
+  source, origin = _whole_volume(image, region_context)
   predictor = sliding_window.BlockPredictor(
-      predict_fn, params, mesh, image.shape, window=i.window, overlap=i.overlap,
-      batch_size=i.batch_size, block=block)
+      predict_fn, params, mesh, source.shape, window=i.window, overlap=i.overlap,
+      batch_size=i.batch_size, block=block,
+      box=(origin, [o + n for o, n in zip(origin, image.shape)]))
   path = os.path.join(out_dir, "probabilities.zarr")
   shape = (*image.shape, predictor.channels)
   if os.path.exists(path):
@@ -60,7 +79,7 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
                                 chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
                                 voxel_size_nm=voxel_size_nm)
   done = blocks_lib.Progress(out_dir, "predict")
-  every = list(blocks_lib.iterate(image.shape, block))
+  every = predictor.blocks()
   todo = [b for b in every if not done.done(b.index)]
   plan = {"block_shape": list(block), "blocks": len(every),
           "blocks_done_before": len(every) - len(todo),
@@ -75,8 +94,8 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
           "per device", flush=True)
   bar = tqdm.tqdm(total=len(todo), desc="predict blocks", disable=quiet, leave=False)
   # uint8 on the devices; each block is written while the next one computes
-  for b, probs in predictor.run(image, todo, as_uint8=True):
-    out.write((*b.start, 0), probs)
+  for b, probs in predictor.run(source, todo, as_uint8=True):
+    out.write((*[a - o for a, o in zip(b.start, origin)], 0), probs)
     done.mark(b.index)
     memory_use.return_free_heap()
     bar.update()
@@ -109,15 +128,18 @@ def _peak_rss_mb() -> float:
 
 def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
             overwrite: bool = False, quiet: bool = True, with_report: bool = True,
-            sections=()) -> dict:
+            sections=(), region_context: bool = False) -> dict:
   """Segments `image` into `out_dir` (see the module doc). An unfinished
   run there with the same settings is continued; anything else is refused
-  unless `overwrite`. Returns the summary also written to segment.json."""
-  resumed = blocks_lib.open_output(out_dir, _settings(cfg, image, params), overwrite)
+  unless `overwrite`. Returns the summary also written to segment.json.
+  `region_context`: see `predict`; instances are decoded within the box."""
+  resumed = blocks_lib.open_output(out_dir, _settings(cfg, image, params, region_context),
+                                   overwrite)
   voxel_size = image.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
   t0 = time.perf_counter()
   probabilities, plan = predict(cfg, predict_fn, params, image, mesh, out_dir,
-                                voxel_size_nm=voxel_size, quiet=quiet)
+                                voxel_size_nm=voxel_size, quiet=quiet,
+                                region_context=region_context)
   t1 = time.perf_counter()
   rss = {"predict": _peak_rss_mb()}
   blocks_lib.release_free_memory()

@@ -197,11 +197,16 @@ class BlockPredictor:
 
   def __init__(self, predict_fn: Callable, params, mesh, volume_shape: Sequence[int], *,
                window: Sequence[int], overlap: float, batch_size: int,
-               block: Sequence[int]):
+               block: Sequence[int], box: tuple[Sequence[int], Sequence[int]] | None = None):
+    """`box`: [start, stop) of the volume whose blocks are wanted (default:
+    all of it). Its windows stay on the whole volume's grid and read the
+    image around the box, so its probabilities equal the whole volume's."""
     self.predict_fn, self.params, self.mesh = predict_fn, params, mesh
     self.shape = tuple(int(s) for s in volume_shape)
     self.window = tuple(int(w) for w in window)
     self.block = tuple(int(b) for b in block)
+    box = box or ((0, 0, 0), self.shape)
+    self.box = tuple(tuple(int(v) for v in corner[:3]) for corner in box)
     self.starts = [window_starts(s, w, overlap) for s, w in zip(self.shape, self.window)]
     self.n_data = mesh.shape["data"]
     self.batch_size = max(batch_size - batch_size % self.n_data, self.n_data)
@@ -214,11 +219,21 @@ class BlockPredictor:
     self._programs = _programs(predict_fn, mesh, self.window, self.buffer, self.batch_size,
                                self.channels)
 
+  def blocks(self, block: Sequence[int] | None = None) -> list[blocks_lib.Block]:
+    """The blocks tiling the box in raster order, in volume coordinates;
+    `index` and `position` count within the box's own grid."""
+    start, stop = self.box
+    return [blocks_lib.Block(b.index, b.position,
+                             tuple(a + o for a, o in zip(b.start, start)),
+                             tuple(a + o for a, o in zip(b.stop, start)))
+            for b in blocks_lib.iterate([hi - lo for lo, hi in zip(start, stop)],
+                                        block or self.block)]
+
   def _buffer(self, block: Sequence[int]) -> tuple[int, ...]:
     """The largest span of windows touching one block, per axis: one
     accumulator shape for every block."""
     return tuple(max(self._span(axis, b.start[axis], b.stop[axis])[1]
-                     for b in blocks_lib.iterate(self.shape, block))
+                     for b in self.blocks(block))
                  for axis in range(3))
 
   def _accumulator_bytes(self, buffer: Sequence[int]) -> int:
@@ -232,7 +247,7 @@ class BlockPredictor:
     halved, down to half a window, until the accumulator fits."""
     if not limit or self.accumulator_bytes <= 0.9 * limit:
       return
-    smaller = [min(b, n) for b, n in zip(self.block, self.shape)]
+    smaller = [min(b, hi - lo) for b, lo, hi in zip(self.block, *self.box)]
     while self._accumulator_bytes(self._buffer(smaller)) > 0.9 * limit:
       axis = max(range(3), key=lambda a: smaller[a] / self.window[a])
       if smaller[axis] <= self.window[axis] // 2:
@@ -383,7 +398,7 @@ def predict_volume(predict_fn: Callable, params, image: Volume, mesh, *,
   predictor = BlockPredictor(predict_fn, params, mesh, image.shape, window=window,
                              overlap=overlap, batch_size=batch_size, block=block)
   out = np.zeros((*image.shape, predictor.channels), np.float32)
-  for b, probs in predictor.run(image, list(blocks_lib.iterate(image.shape, block))):
+  for b, probs in predictor.run(image, predictor.blocks()):
     out[b.slices()] = probs
   return out
 

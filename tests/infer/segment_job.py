@@ -40,7 +40,7 @@ def tiny_config(bench: bool = False):
 
 
 def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
-        bench: bool = False, region=None):
+        bench: bool = False, region=None, region_context: bool = False):
   cfg = tiny_config(bench)
   model = unet.from_config(cfg.model)
   params = state.init_params(model, cfg.infer.window, seed=0)
@@ -49,7 +49,8 @@ def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
   image = sources.open_volume(image_path)
   if region is not None:
     image = sources.RegionVolume(image, *region)
-  return pipeline.segment(cfg, fn, params, image, mesh, out, overwrite=overwrite, quiet=quiet)
+  return pipeline.segment(cfg, fn, params, image, mesh, out, overwrite=overwrite, quiet=quiet,
+                          region_context=region_context)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from stt_jax.data import sources, synthetic
 from stt_jax.errors import UserError
-from stt_jax.infer import blocks
+from stt_jax.infer import blocks, blockwise
 
 sys.path.insert(0, os.path.dirname(__file__))
 import segment_job  # noqa: E402  pylint: disable=wrong-import-position
@@ -76,6 +76,34 @@ def test_a_region_segments_as_its_crop_written_to_a_file_of_its_own(tmp_path, im
     settings = json.load(f)["settings"]
   assert settings["input"] == os.path.abspath(image_path)
   assert settings["input_region"] == [list(box[0]), list(box[1])]
+
+
+def test_a_region_with_context_has_the_whole_volumes_probabilities(tmp_path, image_path,
+                                                                   reference):
+  """--region's way: windows on the whole volume's grid read the image around
+  the box (box corners off the window and block grids), so the box's
+  probabilities are the whole run's, byte for byte, and its instances those
+  decoded from that crop."""
+  box = ((1, 5, 27), (7, 50, 90))
+  crop = tuple(slice(a, b) for a, b in zip(*box))
+  ref_out, _ = reference
+  whole_probs, _ = _read(os.path.join(ref_out, "probabilities.zarr"))
+  out = str(tmp_path / "region_out")
+  summary = segment_job.run(image_path, out, region=box, region_context=True)
+  probs, _ = _read(os.path.join(out, "probabilities.zarr"))
+  np.testing.assert_array_equal(probs, whole_probs[crop])
+  # the same box predicted as a volume of its own differs at its faces
+  alone = segment_job.run(image_path, str(tmp_path / "alone"), region=box)
+  assert alone["instances"] > 0
+  assert (_read(str(tmp_path / "alone" / "probabilities.zarr"))[0] != probs).any()
+  cropped = sources.write_array(str(tmp_path / "cropped.zarr"), whole_probs[crop])
+  settings = blockwise.DecodeSettings.from_config(segment_job.tiny_config().decode)
+  expected, _ = blockwise.decode(cropped, str(tmp_path / "decoded"), settings)
+  np.testing.assert_array_equal(_read(os.path.join(out, "instances.zarr"))[0],
+                                expected.read((0, 0, 0), expected.shape))
+  assert summary["instances"] > 0
+  with open(os.path.join(out, "segment.json")) as f:
+    assert json.load(f)["settings"]["region_context"] is True
 
 
 def test_a_finished_output_is_never_overwritten(reference, image_path):
