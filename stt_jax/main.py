@@ -61,6 +61,11 @@ _REGION = flags.DEFINE_string(
     "--input (stops exclusive): outputs have its shape and count coordinates from "
     "its start (segment.json: input_region). segment predicts it with the image "
     "around it, so its probabilities equal the whole volume's there.")
+_PART = flags.DEFINE_string(
+    "part", None, "segment: I/N, this process's share of the blocks when N "
+    "processes (machines, array jobs) segment one --input into one --output on a "
+    "shared filesystem, e.g. --part=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; "
+    "the part that finds every block predicted decodes.")
 _INTENSITY_RANGE = flags.DEFINE_string(
     "intensity_range", None, "convert: rescale a 16-bit, signed or float image to "
     "the uint8 the model reads, 'low,high' -> 0..255 (clipped), or 'auto': the "
@@ -182,6 +187,27 @@ def _input_volume(mode: str):
     raise UserError(f"--region: {e}") from None
 
 
+def jax_process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
+
+
+def _part() -> tuple[int, int]:
+  """(i, n) of --part=i/n; (0, 1) without it."""
+  if _PART.value is None:
+    return 0, 1
+  try:
+    index, count = (int(v) for v in _PART.value.split("/"))
+  except ValueError:
+    index, count = -1, 0
+  if not 0 <= index < count:
+    raise _UsageError(f"--part={_PART.value}: give I/N with 0 <= I < N, e.g. --part=0/4")
+  if count > 1 and _OVERWRITE.value:
+    raise _UsageError("--overwrite with --part would let one part delete the others' "
+                      "work: remove the output folder first, or choose another --output")
+  return index, count
+
+
 def _is_main_process() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
@@ -232,6 +258,13 @@ def run(argv) -> None:
   if _REGION.value is not None and mode not in ("segment", "convert"):
     raise _UsageError(f"--region picks a box of --input to segment or convert; it "
                       f"does nothing with --mode={mode}")
+  if _PART.value is not None and mode != "segment":
+    raise _UsageError(f"--part splits --mode=segment over processes; it does nothing "
+                      f"with --mode={mode}")
+  if mode == "segment" and jax_process_count() > 1:
+    raise _UsageError("--mode=segment runs as independent processes, one per part "
+                      "(each uses its machine's devices): start them without "
+                      "jax.distributed and give each --part=I/N")
   if _INTENSITY_RANGE.value is not None and mode != "convert":
     raise _UsageError(f"--intensity_range rescales an image with --mode=convert; it "
                       f"does nothing with --mode={mode}")
@@ -429,6 +462,7 @@ def _evaluate(cfg, workdir: str) -> None:
 def _segment(cfg, workdir: str | None) -> None:
   from stt_jax.data import datasets, sources  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline, preview, sliding_window  # pylint: disable=g-import-not-at-top
+  part = _part()
   image = _input_volume("segment")
   datasets.check_image(image, "--input")
   preview.check_sections(cfg.infer.preview_sections, image.shape[0])  # before the work
@@ -441,14 +475,26 @@ def _segment(cfg, workdir: str | None) -> None:
   summary = pipeline.segment(cfg, sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                              params, image, mesh, out, overwrite=_OVERWRITE.value,
                              quiet=_QUIET.value, sections=cfg.infer.preview_sections,
-                             region_context=True)
+                             region_context=True, part=part)
   seconds = time.perf_counter() - t0
+  if part[1] > 1 and "instances" not in summary:
+    left = summary["blocks_left"]
+    print(f"part {part[0]}/{part[1]}: predicted {summary['predicted_blocks']} blocks in "
+          f"{seconds:.1f} s; " + (f"{left} blocks of other parts still to predict (the "
+                                  "part that finishes last decodes)" if left else
+                                  "another part decodes (or has decoded)") + f" -> {out}")
+    return
   voxels = int(np.prod(image.shape))
   _, region = sources.file_and_box(image)
   box = f" (the box {region[0]}..{region[1]} of --input)" if region else ""
-  print(f"segmented {image.shape}{box} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
-        f"{', continued a previous run' if summary['resumed'] else ''}): "
-        f"{summary['instances']} instances -> {out}")
+  if part[1] > 1:  # this process's time covers its blocks and the decoding only
+    print(f"part {part[0]}/{part[1]}: predicted {summary['predicted_blocks']} blocks; with "
+          f"every part's blocks done it decoded {image.shape}{box}, in {seconds:.1f} s: "
+          f"{summary['instances']} instances -> {out}")
+  else:
+    print(f"segmented {image.shape}{box} in {seconds:.1f} s ({voxels / seconds:.3g} voxels/s"
+          f"{', continued a previous run' if summary['resumed'] else ''}): "
+          f"{summary['instances']} instances -> {out}")
   _print_decode_notes(summary)
 
 

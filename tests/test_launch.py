@@ -34,7 +34,8 @@ def test_scripts_parse(script):
 
 @pytest.mark.parametrize("script,args", [
     ("local.sh", []), ("processes.sh", ["2"]), ("slurm.sbatch", []),
-    ("tpu_pod.sh", ["tpu", "zone"]), ("container.sh", ["cuda"])])
+    ("tpu_pod.sh", ["tpu", "zone"]), ("container.sh", ["cuda"]),
+    ("segment_parts.sbatch", ["4"]), ("segment_parts.sbatch", ["x", "configs/demo.py"])])
 def test_missing_arguments_print_usage(script, args):
   out = _run(script, "--dry-run", *args)
   assert out.returncode == 2 and out.stderr.startswith("usage:"), out.stderr
@@ -92,6 +93,32 @@ def test_slurm_dry_run_follows_the_sbatch_header():
   out = _run("slurm.sbatch", "--dry-run", "configs/demo.py", "runs/x",
              env={"SLURM_NNODES": "3", "SLURM_NTASKS_PER_NODE": "2"})
   assert len(out.stdout.strip().splitlines()) == 1 + 6
+
+
+def test_segment_parts_dry_run_and_array_task_numbering(tmp_path):
+  flags = ["--weights=w", "--input=im.zarr", "--output=/shared/seg"]
+  out = _run("segment_parts.sbatch", "--dry-run", "3", "configs/demo.py", *flags)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert line.startswith(f"task {i} of 3: ")
+    assert line.endswith("-m stt_jax.main --config=configs/demo.py --mode=segment "
+                         f"--weights=w --input=im.zarr --output=/shared/seg --part={i}/3")
+  # as an array task (--array=1-4, task 3): part 2 of 4, the command exec'd
+  fake = tmp_path / "python"
+  fake.write_text('#!/usr/bin/env bash\necho "ran: $*"\n')
+  fake.chmod(0o755)
+  env = {"PYTHON": str(fake), "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1",
+         "SLURM_ARRAY_TASK_COUNT": "4"}
+  out = _run("segment_parts.sbatch", "configs/demo.py", *flags, env=env)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip().splitlines()[-1] == (
+      "ran: -u -m stt_jax.main --config=configs/demo.py --mode=segment --weights=w "
+      "--input=im.zarr --output=/shared/seg --part=2/4")
+  alone = _run("segment_parts.sbatch", "configs/demo.py", *flags,
+               env={"SLURM_ARRAY_TASK_ID": "", "SLURM_ARRAY_TASK_COUNT": ""})
+  assert alone.returncode == 2 and "not an array task" in alone.stderr
 
 
 def test_tpu_pod_dry_run_copies_installs_and_runs_on_all_workers():

@@ -191,6 +191,42 @@ def test_group_norm_export_on_other_windows_says_so_and_a_region_reads_around(tm
   np.testing.assert_array_equal(read("box"), read("seg")[1:4, 8:56, 8:40])
 
 
+def test_segment_in_parts_from_the_command_line(tmp_path):
+  """Two parts, one after the other (as two array jobs might run): the first
+  says what is left, the second predicts the rest and decodes."""
+  export = str(tmp_path / "export")
+  _baseline_export(export)
+  image = str(tmp_path / "image.zarr")
+  sources.write_array(image, np.random.default_rng(0).integers(0, 255, (4, 64, 64), np.uint8))
+  out = tmp_path / "seg"
+  tiny = [a for a in TINY if "block_shape" not in a]
+  part = lambda i, *more, ok=True: _main(
+      "--mode=segment", f"--weights={export}", f"--input={image}", f"--output={out}",
+      "--config.infer.block_shape=(4,32,32)", "--config.decode.block_shape=(4,32,32)",
+      f"--part={i}/2", *more, *tiny, check_ok=ok)
+  first = part(0).stdout.splitlines()[-1]  # rows of blocks 0 and 1 of 2
+  assert first.startswith("part 0/2: predicted 2 blocks in "), first
+  assert first.endswith(f"s; 2 blocks of other parts still to predict (the part that "
+                        f"finishes last decodes) -> {out}"), first
+  [last] = [l for l in part(1).stdout.splitlines() if l.startswith("part")]
+  assert last.startswith("part 1/2: predicted 2 blocks; with every part's blocks done it "
+                         "decoded (4, 64, 64), in "), last
+  assert json.load(open(out / "segment.json"))["finished"]
+  _one_line_error(part(1, ok=False), "already holds a finished segmentation")
+  for flag, needle in (("--part=2/2", "give I/N with 0 <= I < N"),
+                       ("--part=a/b", "give I/N"),
+                       ("--overwrite", "would let one part delete the others' work")):
+    _one_line_error(_main("--mode=segment", f"--weights={export}", f"--input={image}",
+                          f"--output={tmp_path / 'other'}", f"--part=0/2", flag, *tiny,
+                          check_ok=False) if flag == "--overwrite" else
+                    _main("--mode=segment", f"--weights={export}", f"--input={image}",
+                          f"--output={tmp_path / 'other'}", flag, *tiny, check_ok=False),
+                    needle)
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--part=0/2", *TINY, check_ok=False),
+                  "--part splits --mode=segment", "--mode=train")
+  assert not os.path.exists(tmp_path / "other")
+
+
 def test_nan_loss_stops_with_one_line(tmp_path):
   work = tmp_path / "nan"
   proc = _main(f"--workdir={work}", *TINY, "--config.train.learning_rate=1e30",

@@ -9,6 +9,7 @@ recorded blocks, so its output equals an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -92,6 +93,32 @@ class Progress:
 
 
 MANIFEST = "segment.json"
+# lock files of runs split in parts (`output_lock`): not a sign of foreign content
+LOCKS = (".lock", ".decode.lock")
+
+
+def _foreign_entries(out_dir: str) -> list[str]:
+  return [n for n in os.listdir(out_dir) if n not in LOCKS]
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str, name: str = ".lock", wait: bool = True) -> Iterator[bool]:
+  """Holds the lock file `<out_dir>/<name>` (creating the folder), for the
+  parts of a run split with --part that share the folder: yields True once
+  held, or False at once when `wait` is False and another process holds it.
+  An OS lock (fcntl), so a killed holder releases it."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  lock = filelock.FileLock(os.path.join(out_dir, name), timeout=-1 if wait else 0)
+  try:
+    lock.acquire()
+  except filelock.Timeout:
+    yield False
+    return
+  try:
+    yield True
+  finally:
+    lock.release()
 
 
 def check_output(out_dir: str, overwrite: bool) -> None:
@@ -106,7 +133,7 @@ def check_output(out_dir: str, overwrite: bool) -> None:
     if finished:
       raise UserError(f"{out_dir} already holds a finished segmentation; pass "
                       "--overwrite to replace it or choose another --output")
-  elif os.path.isfile(out_dir) or os.listdir(out_dir):
+  elif os.path.isfile(out_dir) or _foreign_entries(out_dir):
     raise UserError(f"{out_dir} already exists and is not an stt_jax output; pass "
                     "--overwrite to replace it or choose another --output")
 
@@ -135,11 +162,21 @@ def open_output(out_dir: str, settings: dict, overwrite: bool) -> bool:
         raise UserError(f"{out_dir} holds an unfinished run with a different {key}; "
                         "rerun with its settings to continue, or pass --overwrite")
     return True
-  paths.clear_for_output(out_dir, overwrite)
-  os.makedirs(out_dir)
+  if overwrite or (os.path.exists(out_dir) and not os.path.isdir(out_dir)) or (
+      os.path.isdir(out_dir) and _foreign_entries(out_dir)):
+    paths.clear_for_output(out_dir, overwrite)
+  os.makedirs(out_dir, exist_ok=True)  # a split run's lock may be there already
   with open(manifest_path, "w") as f:
     json.dump({"settings": settings, "finished": False}, f, indent=2)
   return False
+
+
+def is_finished(out_dir: str) -> bool:
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    return False
+  with open(manifest_path) as f:
+    return bool(json.load(f).get("finished"))
 
 
 def finish_output(out_dir: str, summary: dict) -> None:

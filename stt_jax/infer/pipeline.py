@@ -52,8 +52,8 @@ def _whole_volume(image: sources.Volume, region_context: bool
 
 
 def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
-            voxel_size_nm, quiet: bool = True, region_context: bool = False
-            ) -> tuple[sources.Volume, dict]:
+            voxel_size_nm, quiet: bool = True, region_context: bool = False,
+            part: tuple[int, int] = (0, 1)) -> tuple[sources.Volume, dict]:
   """Blended probabilities of `image` into <out_dir>/probabilities.zarr
   (uint8), skipping blocks a previous run finished. Returns the volume and
   the plan: blocks, windows computed / the grid's, accumulator bytes.
@@ -62,7 +62,10 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   window grid, the windows reading the image around the box, so its
   probabilities equal the whole volume's there (neighbouring boxes join
   without seams). Without it the box is predicted as a volume of its own
-  (validation's data.val.context sets its own margin that way)."""
+  (validation's data.val.context sets its own margin that way).
+
+  `part` (i, n): only rows of blocks (along x) i, i + n, ... are predicted,
+  so n processes sharing `out_dir` split the work (`segment`)."""
   i = cfg.infer
   block = tuple(int(b) for b in i.block_shape)
   source, origin = _whole_volume(image, region_context)
@@ -72,24 +75,30 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
       box=(origin, [o + n for o, n in zip(origin, image.shape)]))
   path = os.path.join(out_dir, "probabilities.zarr")
   shape = (*image.shape, predictor.channels)
-  if os.path.exists(path):
-    out = sources.reopen_for_writing(path)
-  else:
-    out = sources.create_volume(path, shape, np.uint8,
-                                chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
-                                voxel_size_nm=voxel_size_nm)
+  with blocks_lib.output_lock(out_dir):  # parts of a split run start together
+    if os.path.exists(path):
+      out = sources.reopen_for_writing(path)
+    else:
+      out = sources.create_volume(
+          path, shape, np.uint8, chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
+          voxel_size_nm=voxel_size_nm)
   done = blocks_lib.Progress(out_dir, "predict")
   every = predictor.blocks()
-  todo = [b for b in every if not done.done(b.index)]
+  # whole rows per part: a block along x carries its neighbour's sums
+  rows = blocks_lib.grid_shape(image.shape, block)[1]
+  mine = [b for b in every if (b.position[0] * rows + b.position[1]) % part[1] == part[0]]
+  todo = [b for b in mine if not done.done(b.index)]
   plan = {"block_shape": list(block), "blocks": len(every),
-          "blocks_done_before": len(every) - len(todo),
+          **({"part": list(part), "part_blocks": len(mine)} if part[1] > 1 else {}),
+          "blocks_done_before": len(mine) - len(todo),
           "windows_vs_grid": round(sliding_window.redundancy(
               tuple(image.shape), tuple(i.window), float(i.overlap), block), 4),
           "accumulator_bytes_per_device": predictor.accumulator_bytes}
   if not quiet:
     size = predictor.accumulator_bytes
     size = f"{size / 2 ** 30:.2f} GiB" if size >= 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
-    print(f"predicting {len(todo)} of {len(every)} blocks of {block}: "
+    print(f"predicting {len(todo)} of {len(mine)} blocks of {block}"
+          f"{f' (part {part[0]}/{part[1]} of {len(every)})' if part[1] > 1 else ''}: "
           f"{plan['windows_vs_grid']:.2f}x the grid's windows, accumulator {size} "
           "per device", flush=True)
   bar = tqdm.tqdm(total=len(todo), desc="predict blocks", disable=quiet, leave=False)
@@ -128,29 +137,64 @@ def _peak_rss_mb() -> float:
 
 def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
             overwrite: bool = False, quiet: bool = True, with_report: bool = True,
-            sections=(), region_context: bool = False) -> dict:
+            sections=(), region_context: bool = False,
+            part: tuple[int, int] = (0, 1)) -> dict:
   """Segments `image` into `out_dir` (see the module doc). An unfinished
   run there with the same settings is continued; anything else is refused
   unless `overwrite`. Returns the summary also written to segment.json.
-  `region_context`: see `predict`; instances are decoded within the box."""
-  resumed = blocks_lib.open_output(out_dir, _settings(cfg, image, params, region_context),
-                                   overwrite)
+  `region_context`: see `predict`; instances are decoded within the box.
+
+  `part` (i, n), n > 1: one of n processes (machines, array jobs) sharing
+  `out_dir` on one filesystem, each predicting its share of the blocks; the
+  part that finds every block predicted decodes and reports (one part, under
+  a lock), the others return {"part", "predicted_blocks", "blocks_left"}
+  (blocks that other parts have still to predict) without "finished".
+  """
+  settings = _settings(cfg, image, params, region_context)
+  if part[1] > 1:
+    with blocks_lib.output_lock(out_dir):  # the first part creates, the rest join
+      resumed = blocks_lib.open_output(out_dir, settings, overwrite=False)
+  else:
+    resumed = blocks_lib.open_output(out_dir, settings, overwrite)
   voxel_size = image.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
   t0 = time.perf_counter()
   probabilities, plan = predict(cfg, predict_fn, params, image, mesh, out_dir,
                                 voxel_size_nm=voxel_size, quiet=quiet,
-                                region_context=region_context)
+                                region_context=region_context, part=part)
   t1 = time.perf_counter()
+  times = {"resumed": resumed, "predict_plan": plan, "predict_seconds": t1 - t0}
+  if part[1] == 1:
+    return _decode_and_report(cfg, image, probabilities, out_dir, times, voxel_size,
+                              quiet=quiet, with_report=with_report, sections=sections)
+  own = {"part": list(part), "predicted_blocks": plan["part_blocks"] - plan[
+      "blocks_done_before"], "predict_seconds": t1 - t0}
+  left = plan["blocks"] - blocks_lib.Progress(out_dir, "predict").count()
+  if left:
+    return dict(own, blocks_left=left)
+  with blocks_lib.output_lock(out_dir, ".decode.lock", wait=False) as decoding:
+    if not decoding or blocks_lib.is_finished(out_dir):  # another part's work
+      return dict(own, blocks_left=0)
+    return dict(_decode_and_report(cfg, image, probabilities, out_dir, times, voxel_size,
+                                   quiet=quiet, with_report=with_report,
+                                   sections=sections), **own)
+
+
+def _decode_and_report(cfg, image: sources.Volume, probabilities: sources.Volume,
+                       out_dir: str, times: dict, voxel_size, *, quiet: bool,
+                       with_report: bool, sections) -> dict:
+  """The stages after prediction; writes the finished segment.json."""
   rss = {"predict": _peak_rss_mb()}
   blocks_lib.release_free_memory()
+  t1 = time.perf_counter()
   instances, stats = decode(cfg, probabilities, out_dir, voxel_size_nm=voxel_size,
                             quiet=quiet)
   t2 = time.perf_counter()
   rss["decode"] = _peak_rss_mb()
   blocks_lib.release_free_memory()
-  summary = {"resumed": resumed, "volume_shape": list(image.shape),
+  summary = {"resumed": times["resumed"], "volume_shape": list(image.shape),
              "voxel_size_nm": list(voxel_size), **stats,
-             "predict_plan": plan, "predict_seconds": t1 - t0, "decode_seconds": t2 - t1,
+             "predict_plan": times["predict_plan"],
+             "predict_seconds": times["predict_seconds"], "decode_seconds": t2 - t1,
              "probabilities_path": probabilities.path,
              "instances_path": instances.path}
   if with_report:

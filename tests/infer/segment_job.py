@@ -1,5 +1,5 @@
 """A segment run of a tiny untrained model (fixed weights) for the pipeline
-tests: python tests/infer/segment_job.py IMAGE OUT [--overwrite]."""
+tests: python tests/infer/segment_job.py IMAGE OUT [--overwrite] [--part=I/N]."""
 
 import sys
 
@@ -40,7 +40,7 @@ def tiny_config(bench: bool = False):
 
 
 def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
-        bench: bool = False, region=None, region_context: bool = False):
+        bench: bool = False, region=None, region_context: bool = False, part=(0, 1)):
   cfg = tiny_config(bench)
   model = unet.from_config(cfg.model)
   params = state.init_params(model, cfg.infer.window, seed=0)
@@ -50,11 +50,16 @@ def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
   if region is not None:
     image = sources.RegionVolume(image, *region)
   return pipeline.segment(cfg, fn, params, image, mesh, out, overwrite=overwrite, quiet=quiet,
-                          region_context=region_context)
+                          region_context=region_context, part=part)
 
 
 if __name__ == "__main__":
   backend.configure(tiny_config().backend)  # as stt_jax.main does, first
+  parts = [a.split("=")[1].split("/") for a in sys.argv if a.startswith("--part=")]
   summary = run(sys.argv[1], sys.argv[2], overwrite="--overwrite" in sys.argv,
-                bench="--bench" in sys.argv)
-  print("instances", summary["instances"], np.prod(summary["volume_shape"]))
+                bench="--bench" in sys.argv,
+                part=tuple(int(v) for v in parts[0]) if parts else (0, 1))
+  if "instances" in summary:
+    print("instances", summary["instances"], np.prod(summary["volume_shape"]))
+  else:
+    print("predicted", summary["predicted_blocks"], "left", summary["blocks_left"])

@@ -106,6 +106,57 @@ def test_a_region_with_context_has_the_whole_volumes_probabilities(tmp_path, ima
     assert json.load(f)["settings"]["region_context"] is True
 
 
+def _assert_equals_reference(out, reference):
+  for name in ("probabilities.zarr", "instances.zarr"):
+    np.testing.assert_array_equal(_read(os.path.join(out, name))[0],
+                                  _read(os.path.join(reference[0], name))[0])
+  with open(os.path.join(out, "morphology.csv")) as f_a, \
+       open(os.path.join(reference[0], "morphology.csv")) as f_b:
+    assert f_a.read() == f_b.read()
+
+
+def test_parts_one_after_another_equal_one_run_and_the_last_decodes(tmp_path, image_path,
+                                                                      reference):
+  out = str(tmp_path / "out")
+  # 2 x 2 rows of 3 blocks: parts 0, 1, 2 of 3 own rows {0, 3}, {1}, {2}
+  first = segment_job.run(image_path, out, part=(0, 3))
+  assert first == {"part": [0, 3], "predicted_blocks": 6, "blocks_left": 6,
+                   "predict_seconds": first["predict_seconds"]}
+  assert not blocks.is_finished(out)
+  again = segment_job.run(image_path, out, part=(0, 3))  # a rerun skips its blocks
+  assert (again["predicted_blocks"], again["blocks_left"]) == (0, 6)
+  assert segment_job.run(image_path, out, part=(2, 3))["blocks_left"] == 3
+  last = segment_job.run(image_path, out, part=(1, 3))
+  assert last["predicted_blocks"] == 3 and last["instances"] == reference[1]["instances"]
+  assert blocks.is_finished(out)
+  _assert_equals_reference(out, reference)
+  with pytest.raises(UserError, match="finished segmentation"):
+    segment_job.run(image_path, out, part=(2, 3))
+
+
+def test_a_part_left_unfinished_is_completed_by_a_run_without_parts(tmp_path, image_path,
+                                                                   reference):
+  out = str(tmp_path / "out")
+  segment_job.run(image_path, out, part=(1, 2))
+  whole = segment_job.run(image_path, out)
+  assert whole["resumed"] and whole["predict_plan"]["blocks_done_before"] == 6
+  _assert_equals_reference(out, reference)
+
+
+def test_parts_started_together_decode_once(tmp_path, image_path, reference):
+  out = str(tmp_path / "out")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests/infer/segment_job.py"),
+                             image_path, out, f"--part={i}/2"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outputs]
+  decoded = [o for o, _ in outputs if o.startswith("instances")]
+  assert len(decoded) == 1, outputs
+  _assert_equals_reference(out, reference)
+
+
 def test_a_finished_output_is_never_overwritten(reference, image_path):
   out, _ = reference
   before = os.path.getmtime(os.path.join(out, "segment.json"))
