@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
+
+import numpy as np
 
 FILE = "metrics.jsonl"
 
 
 def _scalars(values: dict) -> dict:
-  """Numbers only (as TensorBoard keeps them); NaN and inf as strings, which
-  JSON has no literal for."""
+  """Numbers only (as TensorBoard keeps them; numpy's too), counts as
+  integers; NaN and inf as strings, which JSON has no literal for."""
   out = {}
   for key, value in values.items():
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+      continue
+    if isinstance(value, numbers.Integral):
+      out[key] = int(value)
       continue
     value = float(value)
     out[key] = value if math.isfinite(value) else str(value)

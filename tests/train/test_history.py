@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 from stt_jax.train import history
 
 
@@ -23,14 +25,17 @@ def test_lines_are_scalars_and_a_resume_drops_the_steps_after_it(tmp_path):
       ("train", s) for s in range(1, 7)] + [("val", 4)]
   assert set(records[0]) == {"step", "time", "kind", "loss", "count"}
   assert records[5]["loss"] == 1.0 / 6 and records[-1]["ap_75"] == "nan"
+  assert records[0]["count"] == 3 and isinstance(records[0]["count"], int)
   # killed mid-line at step 7, then resumed from a state saved at step 4
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 7, "ti')
   log = history.MetricsHistory(str(tmp_path), resumed_from=4)
-  log.write("train", 5, {"loss": 0.25})
+  log.write("train", 5, {"loss": np.float32(0.25), "seen": np.int64(7), "ok": np.bool_(True)})
   log.close()
   assert [(r["kind"], r["step"]) for r in _records(tmp_path / "metrics.jsonl")] == [
       ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("val", 4), ("train", 5)]
+  last = _records(tmp_path / "metrics.jsonl")[-1]  # numpy scalars kept, as numbers
+  assert (last["loss"], last["seen"], "ok" in last) == (0.25, 7, False)
 
 
 def test_each_held_out_volume_gets_its_own_scalars(tmp_path):
