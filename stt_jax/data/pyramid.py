@@ -16,6 +16,10 @@ webKnossos read it too.
   (z size < sqrt(2) x the y/x size): MitoEM's 30 x 8 x 8 nm goes 30x16x16,
   30x32x32, 60x64x64 ... Scales stop once y and x fit in 256 voxels.
 
+With `mesh_scale` a labels pyramid also gets surface meshes of every id
+(`mesh/`, from that scale: see `meshes`) for neuroglancer's 3D view and
+`segment_properties/` (every id with its volume) for its segment list.
+
 Scale 0 is copied from any readable volume one block of chunks at a time;
 scale k is computed from scale k-1 through TensorStore's `downsample` view,
 so memory stays at one block whatever the volume's size.
@@ -23,13 +27,16 @@ so memory stays at one block whatever the volume's size.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from stt_jax import paths
+from stt_jax.data import meshes, sources
 from stt_jax.data.sources import Volume
 from stt_jax.errors import UserError
 from stt_jax.infer import blocks
@@ -77,10 +84,17 @@ def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm):
 
 def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
                       max_scales: int | None = None, overwrite: bool = False,
-                      block_chunks: Sequence[int] = BLOCK_CHUNKS) -> dict:
+                      block_chunks: Sequence[int] = BLOCK_CHUNKS,
+                      mesh_scale: int | None = None,
+                      mesh_cubes: Sequence[int] = meshes.CUBES_PER_BLOCK) -> dict:
   """Writes `source` ([z, y, x], one channel) as a neuroglancer precomputed
   pyramid at `path` (an existing one refused unless `overwrite`). Returns
-  {"type", "data_type", "scales": [{"shape_zyx", "voxel_size_nm"}]}."""
+  {"type", "data_type", "scales": [{"shape_zyx", "voxel_size_nm"}]}.
+
+  `mesh_scale` (labels only): surface meshes of every id from that scale
+  (the coarsest where the pyramid has fewer), and their volumes as segment
+  properties (`meshes`); the result then holds "meshes": {"scale",
+  "objects", "fragments", "triangles", "without_mesh"}."""
   if len(source.shape) != 3:
     raise UserError(f"{source.path} has shape {tuple(source.shape)}; a pyramid is made "
                     "of a 3D volume (z, y, x)")
@@ -97,14 +111,21 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
     raise UserError(f"{source.path} is {dtype}: a pyramid is made of uint8 images or "
                     "integer labels (rescale a float image with --mode=convert "
                     "--intensity_range=auto first)")
+  if mesh_scale is not None and kind != "segmentation":
+    raise UserError(f"{source.path} is a uint8 image: meshes are made of instance labels")
   path = paths.clear_for_output(path, overwrite)
   shape = [int(n) for n in source.shape]
   size = [float(s) for s in voxel_size_nm]
   store, chunk = _create_scale(path, kind, stored, shape, size)
+  voxels: dict[int, int] = {}
   for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
     block = np.asarray(source.read(b.start, b.shape)).astype(stored, copy=False)
     box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
     store[box + (0,)].write(block.transpose(2, 1, 0)).result()
+    if mesh_scale is not None:  # full-resolution volumes, for the segment list
+      for i, n in zip(*[v.tolist() for v in np.unique(block, return_counts=True)]):
+        if i:
+          voxels[i] = voxels.get(i, 0) + n
   scales = [{"shape_zyx": shape, "voxel_size_nm": size}]
   for fz, fy, fx in scale_factors(shape, size, max_scales):
     coarse = ts.downsample(store, [fx, fy, fz, 1], method=method)
@@ -115,4 +136,27 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
       box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
       store[box].write(coarse[box].read().result()).result()
     scales.append({"shape_zyx": shape, "voxel_size_nm": size})
-  return {"type": kind, "data_type": stored, "scales": scales}
+  result = {"type": kind, "data_type": stored, "scales": scales}
+  if mesh_scale is not None:
+    result["meshes"] = _add_meshes(path, min(int(mesh_scale), len(scales) - 1),
+                                   scales, voxels, mesh_cubes)
+  return result
+
+
+def _add_meshes(path: str, scale: int, scales: list[dict], voxels: dict[int, int],
+                cubes: Sequence[int]) -> dict:
+  """mesh/ and segment_properties/ beside the scales, named in `info`."""
+  labels = sources.open_volume(f"{path}#scale={scale}")
+  stats = meshes.write_legacy_meshes(labels, os.path.join(path, "mesh"),
+                                     scales[scale]["voxel_size_nm"], cubes=cubes)
+  meshes.write_segment_properties(os.path.join(path, "segment_properties"), voxels,
+                                  scales[0]["voxel_size_nm"])
+  info_path = os.path.join(path, "info")
+  with open(info_path) as f:
+    info = json.load(f)
+  info.update(mesh="mesh", segment_properties="segment_properties")
+  with open(info_path + ".tmp", "w") as f:
+    json.dump(info, f)
+  os.replace(info_path + ".tmp", info_path)
+  # ids too small to survive mode downsampling to that scale have no mesh
+  return dict(stats, scale=scale, without_mesh=len(voxels) - stats["objects"])

@@ -114,13 +114,20 @@ def test_command_line_writes_a_pyramid_and_refuses_an_existing_output(tmp_path):
   path = sources.write_array(str(tmp_path / "instances.zarr"), labels).path
   out = tmp_path / "instances_ng"
   command = [sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
-             "--mode=pyramid", f"--input={path}", f"--output={out}"]
+             "--mode=pyramid", f"--input={path}", f"--output={out}", "--mesh_scale=1"]
   first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert first.returncode == 0, first.stderr
   assert "neuroglancer precomputed segmentation (uint32), 2 scales" in first.stdout
+  assert "meshes of 1 objects from scale 1: " in first.stdout
+  assert os.path.isfile(out / "mesh" / "7:0") and os.path.isfile(out / "segment_properties" / "info")
   assert "precomputed://http://<host>/instances_ng" in first.stdout
   again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert again.returncode != 0
   assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+  elsewhere = subprocess.run(command[:4] + ["--mode=convert", f"--input={path}",
+                                              f"--output={tmp_path / 'c.zarr'}", "--mesh_scale=1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert elsewhere.returncode == 2 and elsewhere.stderr.strip().count("\n") == 0
+  assert "--mesh_scale adds meshes to --mode=pyramid" in elsewhere.stderr
   scale = sources.open_volume(f"{out}#scale=1")
   assert scale.shape[1:] == (20, 250) and set(np.unique(scale.read([0, 0, 0], scale.shape))) == {0, 7}
