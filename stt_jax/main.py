@@ -37,7 +37,8 @@ _MODE = flags.DEFINE_enum("mode", "train",
                           "instances against --labels. convert: copy --input (any "
                           "format) into a chunked zarr at --output. pyramid: --input "
                           "(instances or a uint8 image) -> a multiscale neuroglancer "
-                          "precomputed folder at --output, for viewers.")
+                          "precomputed folder at --output, or OME-Zarr 0.5 where "
+                          "--output ends in .ome.zarr, for viewers.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, outputs.")
 _RESUME = flags.DEFINE_bool("resume", False, "train: continue the run in --workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
@@ -627,7 +628,7 @@ def _pyramid(cfg) -> None:
   source = _input_volume("pyramid")
   out = _require(_OUTPUT.value, "output", "pyramid")
   t0 = time.perf_counter()
-  info = pyramid.write_precomputed(
+  info = pyramid.write_pyramid(
       source, out, voxel_size_nm=source.voxel_size_nm or tuple(cfg.data.voxel_size_nm),
       overwrite=_OVERWRITE.value, mesh_scale=_MESH_SCALE.value)
   scales = ", ".join("x".join(str(n) for n in s["shape_zyx"]) for s in info["scales"])
@@ -637,10 +638,18 @@ def _pyramid(cfg) -> None:
           f"triangles in {m['fragments']} fragments; segment properties: volume_um3"
           + (f"; {m['without_mesh']} ids vanish at that scale and have none "
              "(--mesh_scale=0 meshes every id)" if m["without_mesh"] else ""))
+  name = os.path.basename(os.path.abspath(out))
+  if info.get("format", "").startswith("OME-Zarr"):
+    what = "labels" if info["type"] == "segmentation" else "image"
+    print(f"wrote {os.path.abspath(out)}: {info['format']} {what} ({info['data_type']}), "
+          f"{len(info['scales'])} scales (z x y x x: {scales}) in "
+          f"{time.perf_counter() - t0:.1f} s; napari opens it with the napari-ome-zarr "
+          f"plugin, neuroglancer as zarr3://http://<host>/{name}")
+    return
   print(f"wrote {os.path.abspath(out)}: neuroglancer precomputed {info['type']} "
         f"({info['data_type']}), {len(info['scales'])} scales (z x y x x: {scales}) in "
         f"{time.perf_counter() - t0:.1f} s; serve its parent folder over HTTP and open "
-        f"precomputed://http://<host>/{os.path.basename(os.path.abspath(out))} in neuroglancer")
+        f"precomputed://http://<host>/{name} in neuroglancer")
 
 
 def _out_of_memory_hint(mode: str) -> str:

@@ -1,4 +1,4 @@
-"""Multiscale copies for viewing: neuroglancer precomputed, written by TensorStore.
+"""Multiscale copies for viewing: neuroglancer precomputed or OME-Zarr 0.5.
 
 A whole MitoEM volume (1000 x 4096 x 4096) is 16 G voxels; a viewer zoomed out
 over a single-scale array reads all of it. Neuroglancer's precomputed format
@@ -15,6 +15,11 @@ webKnossos read it too.
 * Scales halve y and x, and z too where that keeps voxels closer to cubic
   (z size < sqrt(2) x the y/x size): MitoEM's 30 x 8 x 8 nm goes 30x16x16,
   30x32x32, 60x64x64 ... Scales stop once y and x fit in 256 voxels.
+
+An output path ending in `.ome.zarr` gets the same levels as an OME-Zarr 0.5
+image (zarr v3 arrays `0`, `1`, ... under a group whose `ome` attributes give
+each level's scale and translation; labels marked `image-label`), which napari
+opens through napari-ome-zarr.
 
 With `mesh_scale` a labels pyramid also gets surface meshes of every id
 (`mesh/`, from that scale: see `meshes`) for neuroglancer's 3D view and
@@ -67,9 +72,18 @@ def _chunk_zyx(voxel_size_nm: Sequence[float], shape: Sequence[int]) -> list[int
   return [min(c, int(n)) for c, n in zip(chunk, shape)]
 
 
-def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm):
-  """A new scale of the pyramid at `path` (the first one writes `info`)."""
+def is_ome_zarr(path: str) -> bool:
+  return path.rstrip("/").lower().endswith(".ome.zarr")
+
+
+def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, level: int = 0):
+  """A new scale of the pyramid at `path` (precomputed: the first one writes
+  `info`; OME-Zarr: the array `<path>/<level>`), as an [x, y, z, 1] view."""
   chunk = _chunk_zyx(size_nm, shape_zyx)
+  if is_ome_zarr(path):
+    array = sources.create_volume(os.path.join(path, str(level)), shape_zyx, dtype,
+                                  chunks=chunk)
+    return array.store[ts.d[2, 1, 0].transpose[:]][..., ts.newaxis], chunk
   scale = {"size": [int(n) for n in shape_zyx[::-1]],
            "resolution": [float(s) for s in size_nm[::-1]],
            "chunk_size": chunk[::-1], "voxel_offset": [0, 0, 0],
@@ -82,7 +96,7 @@ def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm):
   return ts.open(spec, create=True).result(), chunk
 
 
-def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
+def write_pyramid(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
                       max_scales: int | None = None, overwrite: bool = False,
                       block_chunks: Sequence[int] = BLOCK_CHUNKS,
                       mesh_scale: int | None = None,
@@ -113,6 +127,9 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
                     "--intensity_range=auto first)")
   if mesh_scale is not None and kind != "segmentation":
     raise UserError(f"{source.path} is a uint8 image: meshes are made of instance labels")
+  if mesh_scale is not None and is_ome_zarr(path):
+    raise UserError(f"{path}: meshes go into neuroglancer precomputed pyramids; name the "
+                    "output without .ome.zarr, or leave out --mesh_scale")
   path = paths.clear_for_output(path, overwrite)
   shape = [int(n) for n in source.shape]
   size = [float(s) for s in voxel_size_nm]
@@ -131,16 +148,45 @@ def write_precomputed(source: Volume, path: str, *, voxel_size_nm: Sequence[floa
     coarse = ts.downsample(store, [fx, fy, fz, 1], method=method)
     shape = [math.ceil(shape[0] / fz), math.ceil(shape[1] / fy), math.ceil(shape[2] / fx)]
     size = [size[0] * fz, size[1] * fy, size[2] * fx]
-    store, chunk = _create_scale(path, kind, stored, shape, size)
+    store, chunk = _create_scale(path, kind, stored, shape, size, len(scales))
     for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
       box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
       store[box].write(coarse[box].read().result()).result()
     scales.append({"shape_zyx": shape, "voxel_size_nm": size})
   result = {"type": kind, "data_type": stored, "scales": scales}
+  if is_ome_zarr(path):
+    _write_ome_group(path, kind, method, scales)
+    result["format"] = "OME-Zarr 0.5"
   if mesh_scale is not None:
     result["meshes"] = _add_meshes(path, min(int(mesh_scale), len(scales) - 1),
                                    scales, voxels, mesh_cubes)
   return result
+
+
+def _write_ome_group(path: str, kind: str, method: str, scales: list[dict]) -> None:
+  """The OME-Zarr 0.5 image group over the levels (labels: an image-label,
+  which napari opens as a labels layer). Each level's scale transform is its
+  voxel size; its translation puts a coarse voxel's centre at the centre of
+  the fine voxels it stands for."""
+  base = np.asarray(scales[0]["voxel_size_nm"], float)
+  datasets = []
+  for level, scale in enumerate(scales):
+    size = np.asarray(scale["voxel_size_nm"], float)
+    datasets.append({"path": str(level), "coordinateTransformations": [
+        {"type": "scale", "scale": size.tolist()},
+        {"type": "translation", "translation": ((size - base) / 2).tolist()}]})
+  ome = {"version": "0.5", "multiscales": [{
+      "name": os.path.basename(os.path.normpath(path)),
+      "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in ("z", "y", "x")],
+      "datasets": datasets, "type": method,
+      "metadata": {"method": "tensorstore.downsample", "description": (
+          "most frequent id of each box, ties to the smaller" if method == "mode"
+          else "mean of each box, rounded half to even")}}]}
+  if kind == "segmentation":
+    ome["image-label"] = {}
+  with open(os.path.join(path, "zarr.json"), "w") as f:
+    json.dump({"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome}}, f,
+              indent=2)
 
 
 def _add_meshes(path: str, scale: int, scales: list[dict], voxels: dict[int, int],

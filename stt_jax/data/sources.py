@@ -10,6 +10,9 @@ Formats (`open_volume` picks one from the path):
     an `axes` attribute and precomputed (x, y, z[, c] on disk) are transposed to
     z, y, x; a precomputed volume's first scale is used (`path#scale=k` picks
     another), its single channel dropped;
+  * OME-Zarr images (0.5 on zarr v3, 0.4 on zarr v2): level 0, or `#scale=k`,
+    as z, y, x (a time or channel axis of one element dropped), the voxel size
+    in nm from the level's scale transform and the axes' units;
   * a multi-page TIFF (`stack.tif`): memory-mapped where the pages are
     uncompressed and contiguous, else one page decoded per slice read;
   * a folder of PNG or TIFF slices (MitoEM's `im0000.png ...`), sorted by the
@@ -96,6 +99,11 @@ class TensorStoreVolume(Volume):
     self._store = store[ts.d[:].translate_to[0]]  # precomputed may start elsewhere
     self.path = path
     self._voxel_size = tuple(float(v) for v in voxel_size_nm) if voxel_size_nm else None
+
+  @property
+  def store(self) -> ts.TensorStore:
+    """The TensorStore behind, its origin at 0."""
+    return self._store
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -416,6 +424,70 @@ def _open_precomputed(path: str, scale: int) -> TensorStoreVolume:
   return TensorStoreVolume(store, path, resolution[::-1])
 
 
+# OME-Zarr axis units (the spec's UDUNITS-2 names) in nm
+_NM_PER_UNIT = {"angstrom": 0.1, "picometer": 1e-3, "nanometer": 1.0, "micrometer": 1e3,
+                "millimeter": 1e6, "centimeter": 1e7, "meter": 1e9}
+
+
+def ome_multiscale(path: str) -> tuple[dict, str] | None:
+  """(the first `multiscales` entry, "zarr3" or "zarr") of an OME-Zarr image
+  group at `path` (0.5: zarr v3, under attributes.ome; 0.4: zarr v2
+  .zattrs), or None when `path` is no such group."""
+  meta = os.path.join(path, "zarr.json")
+  if os.path.exists(meta):
+    with open(meta) as f:
+      node = json.load(f)
+    scales = node.get("attributes", {}).get("ome", {}).get("multiscales")
+    if node.get("node_type") == "group" and scales:
+      return scales[0], "zarr3"
+    return None
+  attrs = os.path.join(path, ".zattrs")
+  if os.path.exists(attrs) and not os.path.exists(os.path.join(path, ".zarray")):
+    with open(attrs) as f:
+      scales = json.load(f).get("multiscales")
+    return (scales[0], "zarr") if scales else None
+  return None
+
+
+def _open_ome_zarr(path: str, multiscale: dict, driver: str, scale: int) -> TensorStoreVolume:
+  """Level `scale` of an OME-Zarr image as a z, y, x volume: other axes
+  (time, channel) must have one element; the voxel size in nm comes from
+  the level's scale transform (times the multiscale's own) and the units."""
+  datasets = multiscale.get("datasets", [])
+  if not 0 <= scale < len(datasets):
+    raise UserError(f"{path} is an OME-Zarr image with {len(datasets)} levels; "
+                    f"#scale={scale} is not one of them")
+  axes = [a if isinstance(a, dict) else {"name": a} for a in multiscale.get("axes", [])]
+  names = [str(a.get("name", "")).lower() for a in axes]
+  if not {"z", "y", "x"} <= set(names):
+    raise UserError(f"{path}: OME-Zarr axes {names} lack z, y and x; stt_jax reads 3D "
+                    "volumes")
+  store = _open_tensorstore({"driver": driver, "kvstore": {
+      "driver": "file", "path": os.path.join(path, datasets[scale]["path"])}}, path)
+  if store.rank != len(names):
+    raise UserError(f"{path}: level {scale} has {store.rank} dimensions but "
+                    f"{len(names)} OME-Zarr axes")
+  for name, n in zip(names, store.shape):
+    if name not in ("z", "y", "x") and n != 1:
+      raise UserError(f"{path}: OME-Zarr axis {name!r} has {n} elements; stt_jax reads one "
+                      "channel and one time point (convert that one first)")
+  store = store[tuple(slice(None) if n in ("z", "y", "x") else 0 for n in names)]
+  kept = [n for n in names if n in ("z", "y", "x")]
+  store = store[ts.d[[kept.index(a) for a in ("z", "y", "x")]].transpose[:]]
+  factor = np.ones(len(names))
+  for transforms in (multiscale.get("coordinateTransformations", []),
+                     datasets[scale].get("coordinateTransformations", [])):
+    for t in transforms:
+      if t.get("type") == "scale" and "scale" in t:
+        factor = factor * np.asarray(t["scale"], float)
+  units = [a.get("unit") for a in axes]
+  voxel = None
+  if all(units[names.index(a)] in _NM_PER_UNIT for a in ("z", "y", "x")):
+    voxel = [float(factor[names.index(a)] * _NM_PER_UNIT[units[names.index(a)]])
+             for a in ("z", "y", "x")]
+  return TensorStoreVolume(store, path, voxel)
+
+
 def open_volume(path: str) -> Volume:
   """Opens an existing volume in any supported format; a one-line UserError
   naming the path otherwise."""
@@ -434,6 +506,9 @@ def open_volume(path: str) -> Volume:
   if not os.path.exists(path):
     raise UserError(f"volume not found: {path}")
   if os.path.isdir(path):
+    multiscale = ome_multiscale(path)
+    if multiscale is not None:
+      return _open_ome_zarr(path, *multiscale, scale)
     if os.path.exists(os.path.join(path, "zarr.json")):
       store = _open_tensorstore({"driver": "zarr3",
                                  "kvstore": {"driver": "file", "path": path}}, path)

@@ -280,3 +280,63 @@ def test_validation_context_reads_the_image_around_the_region(tmp_path, volume):
   cfg.data.val.update(region=(), context=(2, 2, 2))
   whole, _, offset = datasets.open_split_with_context(cfg, "val")
   assert whole.shape == volume.shape and offset == (0, 0, 0)
+
+
+def _ome_04_group(path, levels, axes, dataset_scales, global_scale=None):
+  """An OME-Zarr 0.4 image written as the spec lays it out: zarr v2 arrays
+  s0, s1, ... and the multiscales list in the group's .zattrs."""
+  import tensorstore as ts
+  os.makedirs(path)
+  with open(os.path.join(path, ".zgroup"), "w") as f:
+    json.dump({"zarr_format": 2}, f)
+  for k, level in enumerate(levels):
+    store = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
+                                                   "path": os.path.join(path, f"s{k}")},
+                     "metadata": {"shape": list(level.shape), "chunks": list(level.shape),
+                                  "dtype": level.dtype.str}}, create=True).result()
+    store.write(level).result()
+  multiscale = {"version": "0.4", "axes": axes, "datasets": [
+      {"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": s}]}
+      for k, s in enumerate(dataset_scales)]}
+  if global_scale:
+    multiscale["coordinateTransformations"] = [{"type": "scale", "scale": global_scale}]
+  with open(os.path.join(path, ".zattrs"), "w") as f:
+    json.dump({"multiscales": [multiscale]}, f)
+
+
+def test_ome_zarr_04_images_open_as_zyx_with_their_voxel_size(tmp_path, volume):
+  """t, c, z, y, x in micrometres with a multiscale-wide scale on top (the
+  level's z scale 0.015 um x 2 = 30 nm); time and channel of one element."""
+  axes = [{"name": "t", "type": "time", "unit": "second"},
+          {"name": "c", "type": "channel"}] + [
+              {"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
+  coarse = volume[:, ::2, ::2]
+  path = str(tmp_path / "em.ome.zarr")
+  _ome_04_group(path, [volume[None, None], coarse[None, None]], axes,
+                [[1, 1, 0.015, 0.008, 0.008], [1, 1, 0.015, 0.016, 0.016]],
+                global_scale=[1, 1, 2, 1, 1])
+  whole = sources.open_volume(path)
+  assert whole.shape == volume.shape
+  np.testing.assert_allclose(whole.voxel_size_nm, (30.0, 8.0, 8.0))
+  np.testing.assert_array_equal(whole.read([0, 0, 0], whole.shape), volume)
+  level = sources.open_volume(path + "#scale=1")
+  np.testing.assert_allclose(level.voxel_size_nm, (30.0, 16.0, 16.0))
+  np.testing.assert_array_equal(level.read([1, 2, 3], (2, 5, 6)), coarse[1:3, 2:7, 3:9])
+  with pytest.raises(UserError, match="2 levels; #scale=2 is not one of them"):
+    sources.open_volume(path + "#scale=2")
+
+
+def test_ome_zarr_refusals_name_what_is_wrong(tmp_path, volume):
+  space = [{"name": a, "type": "space", "unit": "nanometer"} for a in ("z", "y", "x")]
+  channels = str(tmp_path / "rgb.ome.zarr")
+  _ome_04_group(channels, [np.stack([volume] * 3)], [{"name": "c", "type": "channel"}] + space,
+                [[1, 30, 8, 8]])
+  with pytest.raises(UserError, match="axis 'c' has 3 elements; stt_jax reads one channel"):
+    sources.open_volume(channels)
+  flat = str(tmp_path / "flat.ome.zarr")
+  _ome_04_group(flat, [volume[0]], space[1:], [[8, 8]])
+  with pytest.raises(UserError, match=r"lack z, y and x"):
+    sources.open_volume(flat)
+  unitless = str(tmp_path / "unitless.ome.zarr")
+  _ome_04_group(unitless, [volume], [{"name": a, "type": "space"} for a in "zyx"], [[1, 1, 1]])
+  assert sources.open_volume(unitless).voxel_size_nm is None  # the config's size then

@@ -121,7 +121,7 @@ def test_pyramid_with_meshes_names_them_and_lists_every_volume(tmp_path):
   labels[2, 590:, 39] = 70000
   source = sources.write_array(str(tmp_path / "labels.zarr"), labels)
   out = str(tmp_path / "ng")
-  info = pyramid.write_precomputed(source, out, voxel_size_nm=SPACING, mesh_scale=5)
+  info = pyramid.write_pyramid(source, out, voxel_size_nm=SPACING, mesh_scale=5)
   assert len(info["scales"]) == 3 and info["meshes"]["scale"] == 2  # the coarsest
   # the 10 x 2 and the 10 x 1 voxel objects vanish at 4x coarser y/x: listed, no mesh
   assert (info["meshes"]["objects"], info["meshes"]["without_mesh"]) == (1, 2)
@@ -151,5 +151,5 @@ def test_pyramid_with_meshes_names_them_and_lists_every_volume(tmp_path):
 def test_meshes_of_an_image_are_refused(tmp_path):
   image = sources.write_array(str(tmp_path / "im.zarr"), np.zeros((2, 8, 8), np.uint8))
   with pytest.raises(UserError, match="meshes are made of instance labels"):
-    pyramid.write_precomputed(image, str(tmp_path / "ng"), voxel_size_nm=SPACING, mesh_scale=0)
+    pyramid.write_pyramid(image, str(tmp_path / "ng"), voxel_size_nm=SPACING, mesh_scale=0)
   assert not os.path.exists(tmp_path / "ng")

@@ -58,8 +58,8 @@ def test_labels_pyramid_equals_mode_downsampling_at_every_scale(tmp_path):
   labels[:, :, 300:303] = rng.integers(0, 3, (5, 24, 3))  # ties in many boxes
   source = sources.write_array(str(tmp_path / "labels.zarr"), labels)
   out = str(tmp_path / "labels_ng")
-  info = pyramid.write_precomputed(source, out, voxel_size_nm=(30, 8, 8),
-                                   block_chunks=(1, 1, 1))
+  info = pyramid.write_pyramid(source, out, voxel_size_nm=(30, 8, 8),
+                               block_chunks=(1, 1, 1))
   assert info["type"] == "segmentation" and info["data_type"] == "uint32"
   assert [s["shape_zyx"] for s in info["scales"]] == [[5, 24, 600], [5, 12, 300], [5, 6, 150]]
   expected = labels
@@ -82,8 +82,8 @@ def test_image_pyramid_equals_mean_downsampling_in_z_too(tmp_path):
   image = rng.integers(0, 256, (7, 300, 21)).astype(np.uint8)
   source = sources.write_array(str(tmp_path / "image.zarr"), image)
   out = str(tmp_path / "image_ng")
-  info = pyramid.write_precomputed(source, out, voxel_size_nm=(8, 8, 8),
-                                   block_chunks=(1, 1, 1))
+  info = pyramid.write_pyramid(source, out, voxel_size_nm=(8, 8, 8),
+                               block_chunks=(1, 1, 1))
   assert info["type"] == "image" and len(info["scales"]) == 2
   scale = sources.open_volume(f"{out}#scale=1")
   assert scale.shape == (4, 150, 11) and scale.voxel_size_nm == (16.0, 16.0, 16.0)
@@ -97,14 +97,14 @@ def test_refusals_are_one_line_and_touch_nothing(tmp_path):
   floats = sources.write_array(str(tmp_path / "f.zarr"), np.zeros((2, 8, 8), np.float32))
   with pytest.raises(UserError, match=r"is float32: a pyramid is made of uint8 images or "
                                       r"integer labels"):
-    pyramid.write_precomputed(floats, str(tmp_path / "f_ng"), voxel_size_nm=(8, 8, 8))
+    pyramid.write_pyramid(floats, str(tmp_path / "f_ng"), voxel_size_nm=(8, 8, 8))
   assert not os.path.exists(tmp_path / "f_ng")
   labels = sources.write_array(str(tmp_path / "l.zarr"), np.ones((2, 8, 8), np.uint16))
   existing = tmp_path / "l_ng"
   existing.mkdir()
   (existing / "keep.txt").write_text("mine")
   with pytest.raises(UserError, match="already exists; pass --overwrite"):
-    pyramid.write_precomputed(labels, str(existing), voxel_size_nm=(8, 8, 8))
+    pyramid.write_pyramid(labels, str(existing), voxel_size_nm=(8, 8, 8))
   assert (existing / "keep.txt").read_text() == "mine"
 
 
@@ -131,3 +131,58 @@ def test_command_line_writes_a_pyramid_and_refuses_an_existing_output(tmp_path):
   assert "--mesh_scale adds meshes to --mode=pyramid" in elsewhere.stderr
   scale = sources.open_volume(f"{out}#scale=1")
   assert scale.shape[1:] == (20, 250) and set(np.unique(scale.read([0, 0, 0], scale.shape))) == {0, 7}
+
+
+@pytest.mark.parametrize("kind", ["labels", "image"])
+def test_ome_zarr_pyramid_follows_the_spec_and_equals_the_references(tmp_path, kind):
+  """OME-Zarr 0.5: a zarr v3 group whose attributes.ome names each level,
+  its scale and translation; levels read here with TensorStore alone."""
+  import tensorstore as ts
+  rng = np.random.default_rng(2)
+  if kind == "labels":
+    volume = rng.integers(0, 4, (3, 600, 40)).astype(np.uint32)
+    reference, method = _mode_reference, "mode"
+  else:
+    volume = rng.integers(0, 256, (3, 600, 40)).astype(np.uint8)
+    reference, method = _mean_reference, "mean"
+  source = sources.write_array(str(tmp_path / "v.zarr"), volume)
+  out = tmp_path / "v.ome.zarr"
+  info = pyramid.write_pyramid(source, str(out), voxel_size_nm=(30, 8, 8),
+                               block_chunks=(1, 1, 1))
+  assert info["format"] == "OME-Zarr 0.5" and len(info["scales"]) == 3
+  group = json.load(open(out / "zarr.json"))
+  assert (group["zarr_format"], group["node_type"]) == (3, "group")
+  ome = group["attributes"]["ome"]
+  assert ome["version"] == "0.5" and ("image-label" in ome) == (kind == "labels")
+  [multiscale] = ome["multiscales"]
+  assert multiscale["axes"] == [{"name": a, "type": "space", "unit": "nanometer"}
+                                for a in ("z", "y", "x")]
+  assert multiscale["type"] == method
+  expected = volume
+  for level, dataset in enumerate(multiscale["datasets"]):
+    size = [30.0, 8.0 * 2 ** level, 8.0 * 2 ** level]
+    # a coarse voxel's centre sits at the centre of the fine voxels it covers
+    assert dataset == {"path": str(level), "coordinateTransformations": [
+        {"type": "scale", "scale": size},
+        {"type": "translation", "translation": [0.0, (size[1] - 8) / 2, (size[2] - 8) / 2]}]}
+    if level:
+      expected = reference(expected, (1, 2, 2))
+    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                    "path": str(out / str(level))}}).result()
+    assert json.load(open(out / str(level) / "zarr.json"))["dimension_names"] == ["z", "y", "x"]
+    np.testing.assert_array_equal(array.read().result(), expected)
+  # and our reader opens any level with its voxel size
+  coarse = sources.open_volume(f"{out}#scale=2")
+  assert coarse.voxel_size_nm == (30.0, 32.0, 32.0)
+  np.testing.assert_array_equal(coarse.read([0, 0, 0], coarse.shape), expected)
+  if kind == "labels":
+    cli = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+                          "--mode=pyramid", f"--input={source.path}",
+                          f"--output={tmp_path / 'cli.ome.zarr'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert ": OME-Zarr 0.5 labels (uint32), 3 scales" in cli.stdout
+    assert "napari-ome-zarr" in cli.stdout
+    with pytest.raises(UserError, match="meshes go into neuroglancer precomputed"):
+      pyramid.write_pyramid(source, str(tmp_path / "m.ome.zarr"), voxel_size_nm=(30, 8, 8),
+                            mesh_scale=0)
