@@ -56,6 +56,10 @@ _CHECKPOINT = flags.DEFINE_string(
     "when train.eval_every > 0) or a step.")
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
+_COMPARE = flags.DEFINE_string(
+    "compare", None, "evaluate --labels: a second segmentation of the same volume; "
+    "prints Jaccard(--input) - Jaccard(--compare) with a paired tile-bootstrap "
+    "interval (eval.json: compare).")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
 _REGION = flags.DEFINE_string(
     "region", None, "segment/convert: only the box ((z0,y0,x0),(z1,y1,x1)) of "
@@ -271,6 +275,10 @@ def run(argv) -> None:
     raise _UsageError("--mode=segment runs as independent processes, one per part "
                       "(each uses its machine's devices): start them without "
                       "jax.distributed and give each --part=I/N")
+  if _COMPARE.value is not None and not (mode == "evaluate" and _LABELS.value):
+    raise _UsageError("--compare scores a second segmentation with --mode=evaluate "
+                      f"--labels; it does nothing with --mode={mode}"
+                      + ("" if mode != "evaluate" else " without --labels"))
   if _MESH_SCALE.value is not None and mode != "pyramid":
     raise _UsageError(f"--mesh_scale adds meshes to --mode=pyramid; it does nothing "
                       f"with --mode={mode}")
@@ -552,14 +560,26 @@ def _decode(cfg) -> None:
   _print_decode_notes(stats)
 
 
-def _evaluate_volumes(cfg) -> None:
-  from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
-  path = _require(_INPUT.value, "input", "evaluate --labels")
+def _segmentation_path(path: str) -> str:
+  """A segment output folder's instances.zarr, or `path` itself."""
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "instances.zarr")):
-    path = os.path.join(path, "instances.zarr")  # a segment output folder
+    return os.path.join(path, "instances.zarr")
+  return path
+
+
+def _evaluate_volumes(cfg) -> None:
+  from stt_jax.metrics import report, uncertainty  # pylint: disable=g-import-not-at-top
+  path = _segmentation_path(_require(_INPUT.value, "input", "evaluate --labels"))
   instances = _open_volume("input", path)
   labels = _open_volume("labels", _LABELS.value)
-  for flag, volume in (("input", instances), ("labels", labels)):
+  other = (_open_volume("compare", _segmentation_path(_COMPARE.value))
+           if _COMPARE.value else None)
+  if other is not None and other.shape[:3] != labels.shape[:3]:
+    raise _UsageError(f"--compare {other.path} has shape {other.shape[:3]}, the labels "
+                      f"{labels.shape[:3]}: compare segmentations of the same volume")
+  for flag, volume in (("input", instances), ("labels", labels), ("compare", other)):
+    if volume is None:
+      continue
     if volume.dtype.kind not in "ui":
       raise _UsageError(f"--{flag} {volume.path} has dtype {volume.dtype}; scoring needs "
                         "integer instance ids (0 = background)")
@@ -569,6 +589,12 @@ def _evaluate_volumes(cfg) -> None:
                                 unlabelled_id=cfg.data.unlabelled_id)
   scores["seconds"] = time.perf_counter() - t0
   print(report.format_table(scores, f"{instances.path} vs {labels.path} {labels.shape}"))
+  if other is not None:
+    scores["compare"] = dict(report.compare(labels, instances, other,
+                                            block=tuple(cfg.decode.block_shape),
+                                            unlabelled_id=cfg.data.unlabelled_id),
+                             a=instances.path, b=other.path)
+    print(uncertainty.format_difference(scores["compare"], "--input", "--compare"))
   out = _OUTPUT.value or os.path.join(os.path.dirname(os.path.abspath(path)), "eval.json")
   if os.path.exists(out) and not _OVERWRITE.value:
     raise _UsageError(f"{out} exists; pass --overwrite or another --output")

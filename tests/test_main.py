@@ -321,9 +321,17 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   assert os.listdir(os.path.join(redecoded, "previews"))
   # score a segmentation folder against labels: one table, JSON written
   val_labels = os.path.join(work, "data", "val", "labels.zarr")
-  proc = _main("--mode=evaluate", f"--input={seg_a}", f"--labels={val_labels}", *TINY)
+  proc = _main("--mode=evaluate", f"--input={seg_a}", f"--labels={val_labels}",
+               f"--compare={seg_b}", *TINY)
   assert "voxel MCC" in proc.stdout
-  assert "mcc" in json.load(open(os.path.join(seg_a, "eval.json")))
+  # 8 x 64 x 64 is one bootstrap tile: no interval, and it says so
+  assert "Jaccard --input - --compare: +0.0000 (one tile: no interval)" in proc.stdout
+  written = json.load(open(os.path.join(seg_a, "eval.json")))
+  assert "mcc" in written and written["compare"]["b"].startswith(seg_b)
+  assert (written["ci_tiles"], written["jaccard_ci95"]) == (1, None)
+  _one_line_error(_main(f"--workdir={work}", "--mode=evaluate", f"--compare={seg_b}", *TINY,
+                        check_ok=False), "--compare scores a second segmentation",
+                  "without --labels")
   wrong = _main("--mode=evaluate", f"--input={seg_a}", f"--labels={val_image}x", *TINY,
                 check_ok=False)
   _one_line_error(wrong, "--labels: volume not found")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from stt_jax.errors import UserError
-from stt_jax.metrics import instance_ap, semantic
+from stt_jax.metrics import instance_ap, semantic, uncertainty
 
 ROWS = (("AP-50", "ap_50"), ("AP-75", "ap_75"), ("AP-50:95", "ap_50_95"),
         ("foreground Jaccard", "jaccard"), ("foreground Dice / F1", "dice"),
@@ -29,9 +29,10 @@ def _read(volume, start, stop) -> np.ndarray:
 
 def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
            unlabelled_id: int = -1):
-  """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None),
-  one block at a time. Voxels labelled `unlabelled_id` are left out of the
-  voxel counts; the overlap counts keep them (AP sets them aside)."""
+  """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None,
+  TileConfusion), one block at a time. Voxels labelled `unlabelled_id` are
+  left out of the voxel counts; the overlap counts keep them (AP sets them
+  aside)."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   if _shape(gt_labels)[:3] != _shape(instances)[:3]:
     raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
@@ -39,15 +40,17 @@ def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
   overlaps = instance_ap.OverlapCounter()
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if probabilities is not None else None
+  tiles = uncertainty.TileConfusion()
   for b in blocks.iterate(_shape(gt_labels)[:3], block):
     g, p = _read(gt_labels, b.start, b.stop), _read(instances, b.start, b.stop)
     overlaps.add(g, p)
     known = slice(None) if unlabelled_id < 0 else g != unlabelled_id
+    tiles.add(g > 0, p > 0, b.start, valid=None if unlabelled_id < 0 else known)
     g, p = g[known], p[known]
     confusion.add(g > 0, p > 0)
     if sweep is not None:
       sweep.add(g > 0, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0][known])
-  return overlaps.counts(), confusion, sweep
+  return overlaps.counts(), confusion, sweep, tiles
 
 
 def _scores(counts, confusion: semantic.ConfusionCounter,
@@ -97,18 +100,30 @@ def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
   tallies = [_tally(g, i, block, p, unlabelled_id) for g, i, p in volumes]
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if all(t[2] is not None for t in tallies) else None
-  for _, volume_confusion, volume_sweep in tallies:
+  tiles = uncertainty.TileConfusion()
+  for i, (_, volume_confusion, volume_sweep, volume_tiles) in enumerate(tallies):
     confusion.merge(volume_confusion)
+    tiles.merge(volume_tiles, key=(i,))
     if sweep is not None:
       sweep.merge(volume_sweep)
   counts = [instance_ap.set_aside_unlabelled(t[0], unlabelled_id) if unlabelled_id >= 0
             else t[0] for t in tallies]
   out = _scores(instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0],
                 confusion, sweep, min_gt_size)
+  out.update(uncertainty.jaccard_interval(tiles.matrix()))
   if len(tallies) > 1:
-    out["per_volume"] = [_scores(c, volume_confusion, None, min_gt_size)
-                         for c, (_, volume_confusion, _) in zip(counts, tallies)]
+    out["per_volume"] = [_scores(c, t[1], None, min_gt_size) for c, t in zip(counts, tallies)]
   return out
+
+
+def compare(gt_labels, instances_a, instances_b, *, block: Sequence[int] = (64, 512, 512),
+            unlabelled_id: int = -1) -> dict:
+  """Foreground Jaccard of two segmentations of the same labels, A minus B,
+  with its paired tile-bootstrap interval (`uncertainty.paired_difference`)."""
+  tiles = [_tally(gt_labels, seg, block, None, unlabelled_id)[3]
+           for seg in (instances_a, instances_b)]
+  order = sorted(set(tiles[0].counts) | set(tiles[1].counts))
+  return uncertainty.paired_difference(tiles[0].matrix(order), tiles[1].matrix(order))
 
 
 def score(gt_labels: np.ndarray, instances: np.ndarray, *,
@@ -123,7 +138,8 @@ def format_table(scores: dict[str, float], title: str) -> str:
     value = scores[key]
     text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
     lines.append(f"{name:<22}{text:>12}")
-  return "\n".join(lines)
+  interval = uncertainty.format_interval(scores)
+  return "\n".join(lines + ([interval] if interval else []))
 
 
 def format_volume_rows(volumes: Sequence[dict]) -> str:

@@ -1,0 +1,58 @@
+"""VNC III runs side by side with their uncertainty: each run's foreground
+Jaccard on the held-out sections 12-15 with a tile-bootstrap 95 % interval,
+and every pair's paired difference (stt_jax/metrics/uncertainty.py).
+
+Reads each run folder's last validation segmentation (val_segmentation/,
+written by training or --mode=evaluate), cropped to the scored sections.
+
+  PYTHONPATH=. python bench/vnc3_compare.py [--out=bench/results/vnc3_compare-cpu.json] \
+      baseline=runs/g6k stt=runs/stt6k
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import vnc3  # noqa: E402  pylint: disable=wrong-import-position
+
+from stt_jax.data import datasets, sources  # noqa: E402  pylint: disable=wrong-import-position
+from stt_jax.metrics import report, uncertainty  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("runs", nargs="+", help="NAME=RUN_FOLDER, one or more")
+  parser.add_argument("--out", help="JSON results here")
+  args = parser.parse_args(argv)
+  if not all("=" in r for r in args.runs):
+    parser.error("give each run as NAME=RUN_FOLDER")
+  runs, out_path = dict(r.split("=", 1) for r in args.runs), args.out
+  cfg = vnc3.get_config("baseline")
+  [(_, labels, offset)] = datasets.open_validation_volumes(cfg)
+  stop = [o + n for o, n in zip(offset, labels.shape[:3])]
+  segs = {name: sources.RegionVolume(sources.open_volume(
+              os.path.join(run, "val_segmentation", "instances.zarr")), offset, stop)
+          for name, run in runs.items()}
+  results = {}
+  for name, seg in segs.items():
+    s = report.score_volumes(labels, seg, min_gt_size=cfg.eval.min_gt_size)
+    results[name] = {k: s[k] for k in ("jaccard", "dice", "jaccard_ci95", "dice_ci95",
+                                       "ci_tiles", "ap_50", "ap_75")}
+    print(f"{name:<12} Jaccard {s['jaccard']:.4f}  {uncertainty.format_interval(s)}")
+  names = list(segs)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      pair = report.compare(labels, segs[a], segs[b])
+      results[f"{a} - {b}"] = pair
+      print(uncertainty.format_difference(pair, a, b))
+  if out_path:
+    with open(out_path, "w") as f:
+      json.dump({"runs": runs, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
