@@ -121,16 +121,21 @@ def output_lock(out_dir: str, name: str = ".lock", wait: bool = True) -> Iterato
     lock.release()
 
 
+def is_finished(out_dir: str) -> bool:
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    return False
+  with open(manifest_path) as f:
+    return bool(json.load(f).get("finished"))
+
+
 def check_output(out_dir: str, overwrite: bool) -> None:
   """Refuses early (before a model loads) what `open_output` would refuse
   whatever the settings: a finished run or a folder that is not a run."""
   if overwrite or not os.path.exists(out_dir):
     return
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  if os.path.isfile(manifest_path):
-    with open(manifest_path) as f:
-      finished = json.load(f).get("finished")
-    if finished:
+  if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+    if is_finished(out_dir):
       raise UserError(f"{out_dir} already holds a finished segmentation; pass "
                       "--overwrite to replace it or choose another --output")
   elif os.path.isfile(out_dir) or _foreign_entries(out_dir):
@@ -162,21 +167,12 @@ def open_output(out_dir: str, settings: dict, overwrite: bool) -> bool:
         raise UserError(f"{out_dir} holds an unfinished run with a different {key}; "
                         "rerun with its settings to continue, or pass --overwrite")
     return True
-  if overwrite or (os.path.exists(out_dir) and not os.path.isdir(out_dir)) or (
-      os.path.isdir(out_dir) and _foreign_entries(out_dir)):
+  if overwrite or not os.path.isdir(out_dir) or _foreign_entries(out_dir):
     paths.clear_for_output(out_dir, overwrite)
   os.makedirs(out_dir, exist_ok=True)  # a split run's lock may be there already
   with open(manifest_path, "w") as f:
     json.dump({"settings": settings, "finished": False}, f, indent=2)
   return False
-
-
-def is_finished(out_dir: str) -> bool:
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  if not os.path.isfile(manifest_path):
-    return False
-  with open(manifest_path) as f:
-    return bool(json.load(f).get("finished"))
 
 
 def finish_output(out_dir: str, summary: dict) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 TILE = (16, 256, 256)  # (z, y, x) voxels: a few mitochondria in-plane
 RESAMPLES = 2000
 SEED = 0
+MIN_TILES = 8  # fewer tiles have too few distinct draws to place percentiles
 
 
 class TileConfusion:
@@ -80,9 +81,9 @@ def _draws(n: int, resamples: int, seed: int) -> np.ndarray:
 def jaccard_interval(tiles: np.ndarray, resamples: int = RESAMPLES,
                      seed: int = SEED) -> dict:
   """{"jaccard_ci95", "dice_ci95": [low, high], "ci_tiles"} from [tiles, 3]
-  counts; None intervals with fewer than 2 tiles (nothing to resample)."""
+  counts; None intervals with fewer than MIN_TILES tiles."""
   n = len(tiles)
-  if n < 2:
+  if n < MIN_TILES:
     return {"jaccard_ci95": None, "dice_ci95": None, "ci_tiles": n}
   sums = _draws(n, resamples, seed) @ tiles.astype(np.float64)  # [resamples, 3]
   jaccard = _jaccard(*sums.T)
@@ -102,7 +103,7 @@ def paired_difference(tiles_a: np.ndarray, tiles_b: np.ndarray,
   whole_a, whole_b = (float(_jaccard(*t.sum(0))) for t in (tiles_a, tiles_b))
   out = {"jaccard_a": whole_a, "jaccard_b": whole_b, "difference": whole_a - whole_b,
          "ci_tiles": n}
-  if n < 2:
+  if n < MIN_TILES:
     return dict(out, difference_ci95=None, a_higher=None)
   draws = _draws(n, resamples, seed)
   diff = (_jaccard(*(draws @ tiles_a.astype(np.float64)).T)
@@ -123,7 +124,8 @@ def format_interval(scores: dict) -> str | None:
 def format_difference(result: dict, name_a: str, name_b: str) -> str:
   d = result["difference"]
   if result["difference_ci95"] is None:
-    return f"Jaccard {name_a} - {name_b}: {d:+.4f} (one tile: no interval)"
+    return (f"Jaccard {name_a} - {name_b}: {d:+.4f} ({result['ci_tiles']} tiles of "
+            f"{'x'.join(map(str, TILE))}: too few for an interval)")
   low, high = result["difference_ci95"]
   return (f"Jaccard {name_a} - {name_b}: {d:+.4f}, 95% interval {low:+.4f} to {high:+.4f}; "
           f"{name_a} higher in {100 * result['a_higher']:.1f}% of {RESAMPLES} paired tile "

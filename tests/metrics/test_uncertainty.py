@@ -67,7 +67,8 @@ def test_interval_holds_the_score_collapses_on_equal_tiles_and_needs_two_tiles()
   assert uncertainty.jaccard_interval(tiles) == result  # a fixed seed
   same = np.tile([[30, 10, 10]], (12, 1))
   assert uncertainty.jaccard_interval(same)["jaccard_ci95"] == pytest.approx([0.6, 0.6])
-  assert uncertainty.jaccard_interval(same[:1])["jaccard_ci95"] is None
+  assert uncertainty.jaccard_interval(same[:7])["jaccard_ci95"] is None  # too few tiles
+  assert uncertainty.jaccard_interval(same[:8])["jaccard_ci95"] is not None
 
 
 def test_paired_difference_sees_a_small_consistent_gain_an_unpaired_view_would_miss():
