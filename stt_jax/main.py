@@ -179,10 +179,12 @@ def _open_volume(flag: str, path: str):
 
 
 def _input_volume(mode: str):
-  """--input, or its --region box."""
+  """--input (for pyramid, a segment output folder means its instances), or
+  its --region box."""
   from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  volume = _open_volume("input", _require(_INPUT.value, "input", mode))
+  path = _require(_INPUT.value, "input", mode)
+  volume = _open_volume("input", _segmentation_path(path) if mode == "pyramid" else path)
   if _REGION.value is None:
     return volume
   try:

@@ -111,10 +111,12 @@ def test_refusals_are_one_line_and_touch_nothing(tmp_path):
 def test_command_line_writes_a_pyramid_and_refuses_an_existing_output(tmp_path):
   labels = np.zeros((4, 40, 500), np.uint32)
   labels[1:3, 5:30, 100:400] = 7
-  path = sources.write_array(str(tmp_path / "instances.zarr"), labels).path
+  (tmp_path / "seg").mkdir()  # a segment output folder stands for its instances
+  path = sources.write_array(str(tmp_path / "seg" / "instances.zarr"), labels).path
   out = tmp_path / "instances_ng"
   command = [sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
-             "--mode=pyramid", f"--input={path}", f"--output={out}", "--mesh_scale=1"]
+             "--mode=pyramid", f"--input={tmp_path / 'seg'}", f"--output={out}",
+             "--mesh_scale=1"]
   first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert first.returncode == 0, first.stderr
   assert "neuroglancer precomputed segmentation (uint32), 2 scales" in first.stdout
