@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -383,11 +384,19 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
           try:
             validation = validate(cfg, workdir, predict_fn, state.inference_params(), mesh)
           except Exception as e:  # pylint: disable=broad-except
-            if not errors.is_out_of_memory(e):
-              raise
-            if last_good != done:  # the state is intact: keep the steps run so far
+            oom = errors.is_out_of_memory(e)
+            # the state is intact: keep the steps run so far. A failure other
+            # than memory may hit one process only, and a save is collective,
+            # so that case saves in single-process runs only
+            if last_good != done and (oom or jax.process_count() == 1):
               ckpts.save(done, state, force=True)
               last_good, last_good_dir = done, ckpts.manager.directory
+            if not oom:
+              if last_good == done:
+                print(f"validation failed at step {done}; the step is saved in "
+                      f"{ckpts.manager.directory}: fix the cause below, then continue "
+                      "with --resume", file=sys.stderr, flush=True)
+              raise
             raise UserError(
                 f"out of device memory validating at step {done}: "
                 f"{errors.LOWER_INFERENCE_MEMORY}; step {done} is saved in "

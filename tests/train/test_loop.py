@@ -289,6 +289,25 @@ def test_out_of_memory_while_validating_saves_the_step_and_says_so(tmp_path, mon
   assert int(_restore(cfg, work).step) == 2
 
 
+def test_any_validation_failure_keeps_the_trained_steps(tmp_path, monkeypatch, capsys):
+  """A bug in validation (here: code changed under a running process) loses
+  no training: the step is saved, the error keeps its traceback, one line
+  says where the step is and how to continue."""
+
+  def broken(*args, **kwargs):
+    raise TypeError("BlockPredictor.__init__() got an unexpected keyword argument 'box'")
+
+  monkeypatch.setattr(loop, "validate", broken)
+  cfg = _cfg(**{"train.eval_every": 2, "train.checkpoint_every": 100, "train.log_every": 2})
+  work = str(tmp_path / "run")
+  with pytest.raises(TypeError, match="unexpected keyword argument 'box'"):
+    loop.train(cfg, work, quiet=True)
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]
+  assert int(_restore(cfg, work).step) == 2
+  assert ("validation failed at step 2; the step is saved in "
+          f"{os.path.join(work, 'checkpoints')}") in capsys.readouterr().err
+
+
 def test_resume_after_a_kill_goes_on_from_the_newer_best_state(tmp_path, monkeypatch,
                                                                 capsys):
   """Killed (no SIGTERM, nothing saved on the way out) after a validation and
