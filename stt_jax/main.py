@@ -199,11 +199,6 @@ def _input_volume(mode: str):
     raise UserError(f"--region: {e}") from None
 
 
-def jax_process_count() -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_count()
-
-
 def _part() -> tuple[int, int]:
   """(i, n) of --part=i/n; (0, 1) without it."""
   if _PART.value is None:
@@ -223,6 +218,11 @@ def _part() -> tuple[int, int]:
 def _is_main_process() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
+
+
+def _process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
 
 
 def _join_distributed() -> None:
@@ -273,7 +273,7 @@ def run(argv) -> None:
   if _PART.value is not None and mode != "segment":
     raise _UsageError(f"--part splits --mode=segment over processes; it does nothing "
                       f"with --mode={mode}")
-  if mode == "segment" and jax_process_count() > 1:
+  if mode == "segment" and _process_count() > 1:
     raise _UsageError("--mode=segment runs as independent processes, one per part "
                       "(each uses its machine's devices): start them without "
                       "jax.distributed and give each --part=I/N")

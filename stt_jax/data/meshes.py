@@ -81,14 +81,6 @@ def fragment_bytes(vertices: np.ndarray, triangles: np.ndarray) -> bytes:
           + vertices.astype("<f4").tobytes() + triangles.astype("<u4").tobytes())
 
 
-def read_fragment(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(vertices [n, 3] x, y, z nm, triangles [m, 3]) of a fragment file."""
-  data = open(path, "rb").read()
-  n = int(np.frombuffer(data[:4], "<u4")[0])
-  vertices = np.frombuffer(data[4:4 + 12 * n], "<f4").reshape(n, 3)
-  return vertices, np.frombuffer(data[4 + 12 * n:], "<u4").reshape(-1, 3)
-
-
 def write_legacy_meshes(labels: Volume, mesh_dir: str, voxel_size_nm: Sequence[float], *,
                         cubes: Sequence[int] = CUBES_PER_BLOCK) -> dict:
   """Meshes of every id of `labels` [z, y, x] into `mesh_dir` (created).

@@ -97,13 +97,15 @@ def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, level: i
 
 
 def write_pyramid(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
-                      max_scales: int | None = None, overwrite: bool = False,
-                      block_chunks: Sequence[int] = BLOCK_CHUNKS,
-                      mesh_scale: int | None = None,
-                      mesh_cubes: Sequence[int] = meshes.CUBES_PER_BLOCK) -> dict:
+                  max_scales: int | None = None, overwrite: bool = False,
+                  block_chunks: Sequence[int] = BLOCK_CHUNKS,
+                  mesh_scale: int | None = None,
+                  mesh_cubes: Sequence[int] = meshes.CUBES_PER_BLOCK) -> dict:
   """Writes `source` ([z, y, x], one channel) as a neuroglancer precomputed
-  pyramid at `path` (an existing one refused unless `overwrite`). Returns
-  {"type", "data_type", "scales": [{"shape_zyx", "voxel_size_nm"}]}.
+  pyramid at `path`, or an OME-Zarr 0.5 one where `path` ends in .ome.zarr
+  (an existing one refused unless `overwrite`). Returns {"type",
+  "data_type", "scales": [{"shape_zyx", "voxel_size_nm"}]}, plus "format"
+  for OME-Zarr.
 
   `mesh_scale` (labels only): surface meshes of every id from that scale
   (the coarsest where the pyramid has fewer), and their volumes as segment

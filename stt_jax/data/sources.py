@@ -429,7 +429,7 @@ _NM_PER_UNIT = {"angstrom": 0.1, "picometer": 1e-3, "nanometer": 1.0, "micromete
                 "millimeter": 1e6, "centimeter": 1e7, "meter": 1e9}
 
 
-def ome_multiscale(path: str) -> tuple[dict, str] | None:
+def _ome_multiscale(path: str) -> tuple[dict, str] | None:
   """(the first `multiscales` entry, "zarr3" or "zarr") of an OME-Zarr image
   group at `path` (0.5: zarr v3, under attributes.ome; 0.4: zarr v2
   .zattrs), or None when `path` is no such group."""
@@ -506,7 +506,7 @@ def open_volume(path: str) -> Volume:
   if not os.path.exists(path):
     raise UserError(f"volume not found: {path}")
   if os.path.isdir(path):
-    multiscale = ome_multiscale(path)
+    multiscale = _ome_multiscale(path)
     if multiscale is not None:
       return _open_ome_zarr(path, *multiscale, scale)
     if os.path.exists(os.path.join(path, "zarr.json")):
