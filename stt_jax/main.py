@@ -653,12 +653,21 @@ def _convert(cfg) -> None:
 
 def _pyramid(cfg) -> None:
   from stt_jax.data import pyramid  # pylint: disable=g-import-not-at-top
+  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = _input_volume("pyramid")
   out = _require(_OUTPUT.value, "output", "pyramid")
+  voxel_size = source.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
+  translation = sources.world_translation_nm(source, voxel_size)
   t0 = time.perf_counter()
-  info = pyramid.write_pyramid(
-      source, out, voxel_size_nm=source.voxel_size_nm or tuple(cfg.data.voxel_size_nm),
-      overwrite=_OVERWRITE.value, mesh_scale=_MESH_SCALE.value)
+  info = pyramid.write_pyramid(source, out, voxel_size_nm=voxel_size,
+                               translation_nm=translation, overwrite=_OVERWRITE.value,
+                               mesh_scale=_MESH_SCALE.value)
+  if any(translation):
+    print("placed at z, y, x = " + ", ".join(f"{t:g}" for t in info["translation_nm"])
+          + " nm, where --input lies"
+          + ("" if np.allclose(info["translation_nm"], translation) else
+             f" (precomputed holds whole voxels: {', '.join(f'{t:g}' for t in translation)}"
+             " rounded; an .ome.zarr output keeps it exactly)"))
   scales = ", ".join("x".join(str(n) for n in s["shape_zyx"]) for s in info["scales"])
   if "meshes" in info:
     m = info["meshes"]

@@ -89,6 +89,8 @@ def write_legacy_meshes(labels: Volume, mesh_dir: str, voxel_size_nm: Sequence[f
   with open(os.path.join(mesh_dir, "info"), "w") as f:
     json.dump({"@type": "neuroglancer_legacy_mesh"}, f)
   shape = [int(n) for n in labels.shape[:3]]
+  # where the volume lies (a precomputed scale's voxel offset), x, y, z
+  shift = np.asarray(labels.translation_nm or (0.0, 0.0, 0.0), np.float32)[::-1]
   fragments: dict[int, list[str]] = {}
   triangles = 0
   for index, start, stop in _cube_blocks(shape, cubes):
@@ -96,7 +98,7 @@ def write_legacy_meshes(labels: Volume, mesh_dir: str, voxel_size_nm: Sequence[f
     for object_id, verts, faces in object_surfaces(region, start, voxel_size_nm):
       name = f"{object_id}:0:{index}"
       with open(os.path.join(mesh_dir, name), "wb") as f:
-        f.write(fragment_bytes(verts, faces))
+        f.write(fragment_bytes(verts + shift, faces))
       fragments.setdefault(object_id, []).append(name)
       triangles += len(faces)
   for object_id, names in fragments.items():

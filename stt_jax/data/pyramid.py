@@ -76,17 +76,21 @@ def is_ome_zarr(path: str) -> bool:
   return path.rstrip("/").lower().endswith(".ome.zarr")
 
 
-def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, level: int = 0):
+def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, origin_zyx,
+                  level: int = 0):
   """A new scale of the pyramid at `path` (precomputed: the first one writes
-  `info`; OME-Zarr: the array `<path>/<level>`), as an [x, y, z, 1] view."""
+  `info`; OME-Zarr: the array `<path>/<level>`), as an [x, y, z, 1] view
+  whose domain starts at `origin_zyx` (whole voxels of this scale)."""
   chunk = _chunk_zyx(size_nm, shape_zyx)
+  origin = [int(o) for o in origin_zyx[::-1]]
   if is_ome_zarr(path):
     array = sources.create_volume(os.path.join(path, str(level)), shape_zyx, dtype,
                                   chunks=chunk)
-    return array.store[ts.d[2, 1, 0].transpose[:]][..., ts.newaxis], chunk
+    view = array.store[ts.d[2, 1, 0].transpose[:]][..., ts.newaxis]
+    return view[ts.d[:].translate_to[origin + [0]]], chunk
   scale = {"size": [int(n) for n in shape_zyx[::-1]],
            "resolution": [float(s) for s in size_nm[::-1]],
-           "chunk_size": chunk[::-1], "voxel_offset": [0, 0, 0],
+           "chunk_size": chunk[::-1], "voxel_offset": origin,
            "encoding": "compressed_segmentation" if kind == "segmentation" else "raw"}
   if kind == "segmentation":
     scale["compressed_segmentation_block_size"] = [8, 8, 8]
@@ -97,6 +101,7 @@ def _create_scale(path: str, kind: str, dtype: str, shape_zyx, size_nm, level: i
 
 
 def write_pyramid(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
+                  translation_nm: Sequence[float] | None = None,
                   max_scales: int | None = None, overwrite: bool = False,
                   block_chunks: Sequence[int] = BLOCK_CHUNKS,
                   mesh_scale: int | None = None,
@@ -104,8 +109,17 @@ def write_pyramid(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
   """Writes `source` ([z, y, x], one channel) as a neuroglancer precomputed
   pyramid at `path`, or an OME-Zarr 0.5 one where `path` ends in .ome.zarr
   (an existing one refused unless `overwrite`). Returns {"type",
-  "data_type", "scales": [{"shape_zyx", "voxel_size_nm"}]}, plus "format"
-  for OME-Zarr.
+  "data_type", "scales": [{"shape_zyx", "voxel_size_nm", "origin_zyx"}],
+  "translation_nm"}, plus "format" for OME-Zarr.
+
+  The pyramid lies where `source` does (`translation_nm`, by default
+  `sources.world_translation_nm`), so it overlays the volume it came from.
+  Scale 0 starts at that translation in whole voxels (`origin_zyx`; a
+  precomputed `voxel_offset`); each coarser scale is the downsampling of
+  boxes aligned on the world grid (TensorStore downsamples from index 0), so
+  its origin is whole voxels too. OME-Zarr keeps the sub-voxel rest of the
+  translation; precomputed, which holds whole voxels only, drops it (the
+  returned "translation_nm" is what was written).
 
   `mesh_scale` (labels only): surface meshes of every id from that scale
   (the coarsest where the pyramid has fewer), and their volumes as segment
@@ -135,48 +149,63 @@ def write_pyramid(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
   path = paths.clear_for_output(path, overwrite)
   shape = [int(n) for n in source.shape]
   size = [float(s) for s in voxel_size_nm]
-  store, chunk = _create_scale(path, kind, stored, shape, size)
+  if translation_nm is None:
+    translation_nm = sources.world_translation_nm(source, size)
+  origin = [int(v) for v in np.rint(np.asarray(translation_nm, float) / size)]
+  rest = np.asarray(translation_nm, float) - np.asarray(origin) * size
+  store, chunk = _create_scale(path, kind, stored, shape, size, origin)
   voxels: dict[int, int] = {}
   for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
     block = np.asarray(source.read(b.start, b.shape)).astype(stored, copy=False)
-    box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
+    box = tuple(slice(a + o, z + o) for a, z, o in zip(b.start[::-1], b.stop[::-1],
+                                                        origin[::-1]))
     store[box + (0,)].write(block.transpose(2, 1, 0)).result()
     if mesh_scale is not None:  # full-resolution volumes, for the segment list
       for i, n in zip(*[v.tolist() for v in np.unique(block, return_counts=True)]):
         if i:
           voxels[i] = voxels.get(i, 0) + n
-  scales = [{"shape_zyx": shape, "voxel_size_nm": size}]
+  scales = [{"shape_zyx": shape, "voxel_size_nm": size, "origin_zyx": origin}]
   for fz, fy, fx in scale_factors(shape, size, max_scales):
     coarse = ts.downsample(store, [fx, fy, fz, 1], method=method)
-    shape = [math.ceil(shape[0] / fz), math.ceil(shape[1] / fy), math.ceil(shape[2] / fx)]
+    origin = [int(n) for n in coarse.domain.inclusive_min[2::-1]]
+    shape = [int(n) for n in coarse.domain.shape[2::-1]]
     size = [size[0] * fz, size[1] * fy, size[2] * fx]
-    store, chunk = _create_scale(path, kind, stored, shape, size, len(scales))
+    store, chunk = _create_scale(path, kind, stored, shape, size, origin, len(scales))
     for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
-      box = tuple(slice(a, z) for a, z in zip(b.start[::-1], b.stop[::-1]))
+      box = tuple(slice(a + o, z + o) for a, z, o in zip(b.start[::-1], b.stop[::-1],
+                                                          origin[::-1]))
       store[box].write(coarse[box].read().result()).result()
-    scales.append({"shape_zyx": shape, "voxel_size_nm": size})
-  result = {"type": kind, "data_type": stored, "scales": scales}
+    scales.append({"shape_zyx": shape, "voxel_size_nm": size, "origin_zyx": origin})
+  base = scales[0]
+  result = {"type": kind, "data_type": stored, "scales": scales,
+            "translation_nm": [o * v for o, v in zip(base["origin_zyx"],
+                                                      base["voxel_size_nm"])]}
   if is_ome_zarr(path):
-    _write_ome_group(path, kind, method, scales)
+    _write_ome_group(path, kind, method, scales, rest)
     result["format"] = "OME-Zarr 0.5"
+    result["translation_nm"] = [float(t) for t in translation_nm]
   if mesh_scale is not None:
     result["meshes"] = _add_meshes(path, min(int(mesh_scale), len(scales) - 1),
                                    scales, voxels, mesh_cubes)
   return result
 
 
-def _write_ome_group(path: str, kind: str, method: str, scales: list[dict]) -> None:
+def _write_ome_group(path: str, kind: str, method: str, scales: list[dict],
+                     rest_nm: np.ndarray) -> None:
   """The OME-Zarr 0.5 image group over the levels (labels: an image-label,
   which napari opens as a labels layer). Each level's scale transform is its
-  voxel size; its translation puts a coarse voxel's centre at the centre of
-  the fine voxels it stands for."""
+  voxel size; its translation is where its voxel 0 lies (its origin in its
+  own voxels, plus `rest_nm`, the sub-voxel part of scale 0's), shifted so
+  that a coarse voxel's centre is the centre of the fine voxels it stands
+  for."""
   base = np.asarray(scales[0]["voxel_size_nm"], float)
   datasets = []
   for level, scale in enumerate(scales):
     size = np.asarray(scale["voxel_size_nm"], float)
+    shift = np.asarray(scale["origin_zyx"]) * size + rest_nm + (size - base) / 2
     datasets.append({"path": str(level), "coordinateTransformations": [
         {"type": "scale", "scale": size.tolist()},
-        {"type": "translation", "translation": ((size - base) / 2).tolist()}]})
+        {"type": "translation", "translation": shift.tolist()}]})
   ome = {"version": "0.5", "multiscales": [{
       "name": os.path.basename(os.path.normpath(path)),
       "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in ("z", "y", "x")],

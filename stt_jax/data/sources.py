@@ -63,6 +63,14 @@ class Volume:
   def voxel_size_nm(self) -> tuple[float, float, float] | None:
     return None
 
+  @property
+  def translation_nm(self) -> tuple[float, float, float] | None:
+    """Where voxel 0 lies in the file's world (z, y, x nm): an OME-Zarr
+    level's translation, a precomputed scale's voxel offset times its
+    resolution, our zarr outputs' `translation_nm`; None where the file
+    says nothing (the origin)."""
+    return None
+
   def _check_box(self, start: Sequence[int], size: Sequence[int]) -> list[slice]:
     stop = [int(s) + int(n) for s, n in zip(start, size)]
     for axis, (lo, hi, dim) in enumerate(zip(start, stop, self.shape)):
@@ -95,10 +103,13 @@ class TensorStoreVolume(Volume):
   """zarr v2/v3, N5, neuroglancer precomputed."""
 
   def __init__(self, store: ts.TensorStore, path: str,
-               voxel_size_nm: Sequence[float] | None = None):
+               voxel_size_nm: Sequence[float] | None = None,
+               translation_nm: Sequence[float] | None = None):
     self._store = store[ts.d[:].translate_to[0]]  # precomputed may start elsewhere
     self.path = path
     self._voxel_size = tuple(float(v) for v in voxel_size_nm) if voxel_size_nm else None
+    self._translation = (tuple(float(v) for v in translation_nm)
+                         if translation_nm is not None else None)
 
   @property
   def store(self) -> ts.TensorStore:
@@ -119,6 +130,13 @@ class TensorStoreVolume(Volume):
       return self._voxel_size
     size = _zarr_attributes(self.path).get("voxel_size_nm")
     return tuple(float(v) for v in size) if size else None
+
+  @property
+  def translation_nm(self):
+    if self._translation is not None:
+      return self._translation
+    offset = _zarr_attributes(self.path).get("translation_nm")
+    return tuple(float(v) for v in offset) if offset else None
 
   def read_async(self, start: Sequence[int], size: Sequence[int]) -> ts.Future:
     return self._store[tuple(self._check_box(start, size))].read()
@@ -318,6 +336,10 @@ class MaskInstancesVolume(Volume):
   def voxel_size_nm(self):
     return self._base.voxel_size_nm
 
+  @property
+  def translation_nm(self):
+    return self._base.translation_nm
+
   def _read_box(self, box):
     with self._lock:
       if self._labels is None:
@@ -354,6 +376,11 @@ class RegionVolume(Volume):
   def voxel_size_nm(self):
     return self.base.voxel_size_nm
 
+  @property
+  def translation_nm(self):
+    size = self.voxel_size_nm  # without one, callers pass theirs to world_translation_nm
+    return world_translation_nm(self, size) if size is not None else None
+
   def _in_base(self, start, size) -> list[int]:
     """`start` of a box of this region, checked, in the base's coordinates."""
     self._check_box(start, size)
@@ -364,6 +391,19 @@ class RegionVolume(Volume):
 
   def read_here(self, start, size):
     return self.base.read_here(self._in_base(start, size), size)
+
+
+def world_translation_nm(volume: Volume, voxel_size_nm: Sequence[float]
+                         ) -> tuple[float, float, float]:
+  """`volume.translation_nm` (zeros where the file says nothing), plus a
+  `RegionVolume`'s start times `voxel_size_nm` (the volume's own, or the
+  configured one where it has none): where an output made of `volume`
+  lies, so that viewers overlay it on its source."""
+  if isinstance(volume, RegionVolume):
+    base = world_translation_nm(volume.base, voxel_size_nm)
+    return tuple(float(t + s * v) for t, s, v in zip(base, volume.start, voxel_size_nm))
+  offset = volume.translation_nm
+  return tuple(float(v) for v in offset) if offset is not None else (0.0, 0.0, 0.0)
 
 
 def file_and_box(volume: Volume) -> tuple[str, list | None]:
@@ -415,13 +455,16 @@ def _open_precomputed(path: str, scale: int) -> TensorStoreVolume:
           "scale_index": scale}
   store = _open_tensorstore(spec, path)
   with open(os.path.join(path, "info")) as f:
-    resolution = json.load(f)["scales"][scale]["resolution"]  # x, y, z
+    scale_info = json.load(f)["scales"][scale]
+  resolution = scale_info["resolution"]  # x, y, z
+  offset = scale_info.get("voxel_offset", [0, 0, 0])
   if store.shape[-1] == 1:
     store = store[..., 0]
     store = store[ts.d[2, 1, 0].transpose[:]]
   else:
     store = store[ts.d[2, 1, 0, 3].transpose[:]]
-  return TensorStoreVolume(store, path, resolution[::-1])
+  return TensorStoreVolume(store, path, resolution[::-1],
+                           [float(o * r) for o, r in zip(offset[::-1], resolution[::-1])])
 
 
 # OME-Zarr axis units (the spec's UDUNITS-2 names) in nm
@@ -474,18 +517,24 @@ def _open_ome_zarr(path: str, multiscale: dict, driver: str, scale: int) -> Tens
   store = store[tuple(slice(None) if n in ("z", "y", "x") else 0 for n in names)]
   kept = [n for n in names if n in ("z", "y", "x")]
   store = store[ts.d[[kept.index(a) for a in ("z", "y", "x")]].transpose[:]]
-  factor = np.ones(len(names))
-  for transforms in (multiscale.get("coordinateTransformations", []),
-                     datasets[scale].get("coordinateTransformations", [])):
+  # index -> factor * index + shift: the level's transforms, then the
+  # multiscale's (the spec's order)
+  factor, shift = np.ones(len(names)), np.zeros(len(names))
+  for transforms in (datasets[scale].get("coordinateTransformations", []),
+                     multiscale.get("coordinateTransformations", [])):
     for t in transforms:
       if t.get("type") == "scale" and "scale" in t:
-        factor = factor * np.asarray(t["scale"], float)
+        factor, shift = factor * np.asarray(t["scale"], float), shift * np.asarray(
+            t["scale"], float)
+      elif t.get("type") == "translation" and "translation" in t:
+        shift = shift + np.asarray(t["translation"], float)
   units = [a.get("unit") for a in axes]
-  voxel = None
+  voxel = translation = None
   if all(units[names.index(a)] in _NM_PER_UNIT for a in ("z", "y", "x")):
-    voxel = [float(factor[names.index(a)] * _NM_PER_UNIT[units[names.index(a)]])
-             for a in ("z", "y", "x")]
-  return TensorStoreVolume(store, path, voxel)
+    nm = [_NM_PER_UNIT[units[names.index(a)]] for a in ("z", "y", "x")]
+    voxel = [float(factor[names.index(a)] * u) for a, u in zip("zyx", nm)]
+    translation = [float(shift[names.index(a)] * u) for a, u in zip("zyx", nm)]
+  return TensorStoreVolume(store, path, voxel, translation)
 
 
 def open_volume(path: str) -> Volume:
@@ -555,8 +604,11 @@ def open_volume(path: str) -> Volume:
 def create_volume(path: str, shape: Sequence[int], dtype, *,
                   chunks: Sequence[int] | None = None,
                   voxel_size_nm: Sequence[float] | None = None,
+                  translation_nm: Sequence[float] | None = None,
                   overwrite: bool = False) -> TensorStoreVolume:
-  """Creates a zarr v3 array. Refuses to replace an existing path unless asked."""
+  """Creates a zarr v3 array. Refuses to replace an existing path unless
+  asked. `translation_nm` (z, y, x: where voxel 0 lies) is kept as an
+  attribute where it is not the origin."""
   path = paths.clear_for_output(path, overwrite)
   shape = [int(s) for s in shape]
   if chunks is None:
@@ -565,6 +617,8 @@ def create_volume(path: str, shape: Sequence[int], dtype, *,
   attributes = {}
   if voxel_size_nm is not None:
     attributes["voxel_size_nm"] = [float(v) for v in voxel_size_nm]
+  if translation_nm is not None and any(float(v) != 0 for v in translation_nm):
+    attributes["translation_nm"] = [float(v) for v in translation_nm]
   spec = {
       "driver": "zarr3",
       "kvstore": {"driver": "file", "path": path},
@@ -613,10 +667,14 @@ def convert_to_zarr(source: Volume, path: str, *, chunks: Sequence[int] | None =
   """Copies `source` into a new chunked zarr v3 volume, one slab of z at a
   time (memory: one slab), so any readable volume becomes a fast one. With
   `intensity_range` (low, high) the values are rescaled to uint8 on the way
-  (`intensity.to_uint8`, one section at a time)."""
+  (`intensity.to_uint8`, one section at a time). The copy keeps where
+  `source` lies (`world_translation_nm`)."""
+  voxel_size_nm = voxel_size_nm or source.voxel_size_nm
   out = create_volume(path, source.shape,
                       np.uint8 if intensity_range else source.dtype, chunks=chunks,
-                      voxel_size_nm=voxel_size_nm or source.voxel_size_nm,
+                      voxel_size_nm=voxel_size_nm,
+                      translation_nm=(world_translation_nm(source, voxel_size_nm)
+                                      if voxel_size_nm else source.translation_nm),
                       overwrite=overwrite)
   depth = slab_depth or min(source.shape[0], 16 if chunks is None else int(chunks[0]))
   for z in range(0, source.shape[0], depth):

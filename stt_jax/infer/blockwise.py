@@ -54,11 +54,12 @@ class DecodeSettings:
                halo=tuple(int(h) for h in d.halo))
 
 
-def _open_or_create(path: str, shape, dtype, block, voxel_size_nm) -> sources.Volume:
+def _open_or_create(path: str, shape, dtype, block, voxel_size_nm,
+                    translation_nm=None) -> sources.Volume:
   if os.path.exists(path):
     return sources.reopen_for_writing(path)
   return sources.create_volume(path, shape, dtype, chunks=blocks_lib.chunk_shape(block),
-                               voxel_size_nm=voxel_size_nm)
+                               voxel_size_nm=voxel_size_nm, translation_nm=translation_nm)
 
 
 def _read_probabilities(probabilities: sources.Volume, start, stop):
@@ -205,7 +206,8 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
            voxel_size_nm=None, progress_bar=None) -> tuple[sources.Volume, dict]:
   """Decodes probabilities [z, y, x, >= 2] uint8 (mask, contour) into
   `<out_dir>/instances.zarr` (uint32, 1..N). Finished blocks recorded under
-  `<out_dir>/progress` are skipped. Returns (instances, stats)."""
+  `<out_dir>/progress` are skipped; the instances keep the probabilities'
+  `translation_nm`. Returns (instances, stats)."""
   shape = probabilities.shape[:3]
   s = settings
   grid = list(blocks_lib.iterate(shape, s.block))
@@ -216,7 +218,7 @@ def decode(probabilities: sources.Volume, out_dir: str, settings: DecodeSettings
   ws_vol = _open_or_create(os.path.join(scratch, "watershed.zarr"), shape, np.uint32,
                            s.block, voxel_size_nm)
   out_vol = _open_or_create(os.path.join(out_dir, "instances.zarr"), shape, np.uint32,
-                            s.block, voxel_size_nm)
+                            s.block, voxel_size_nm, probabilities.translation_nm)
 
   def tick() -> None:  # after each block of a pass
     memory_use.return_free_heap()

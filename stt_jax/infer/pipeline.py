@@ -7,7 +7,9 @@ Output folder:
   previews/z<k>.png    EM section + instances + contours
   segment.json         settings, prediction plan, timings, finished flag
   progress/            finished blocks of each stage (a rerun skips them)
-Both zarr arrays carry `voxel_size_nm` in their attributes.
+Both zarr arrays carry `voxel_size_nm` in their attributes, and
+`translation_nm` (where their voxel 0 lies) where the input has one or is a
+box of a volume, so viewers overlay them on the input.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
     else:
       out = sources.create_volume(
           path, shape, np.uint8, chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
-          voxel_size_nm=voxel_size_nm)
+          voxel_size_nm=voxel_size_nm,
+          translation_nm=sources.world_translation_nm(image, voxel_size_nm))
   done = blocks_lib.Progress(out_dir, "predict")
   every = predictor.blocks()
   # whole rows per part: a block along x carries its neighbour's sums
@@ -192,7 +195,8 @@ def _decode_and_report(cfg, image: sources.Volume, probabilities: sources.Volume
   rss["decode"] = _peak_rss_mb()
   blocks_lib.release_free_memory()
   summary = {"resumed": times["resumed"], "volume_shape": list(image.shape),
-             "voxel_size_nm": list(voxel_size), **stats,
+             "voxel_size_nm": list(voxel_size),
+             "translation_nm": list(sources.world_translation_nm(image, voxel_size)), **stats,
              "predict_plan": times["predict_plan"],
              "predict_seconds": times["predict_seconds"], "decode_seconds": t2 - t1,
              "probabilities_path": probabilities.path,

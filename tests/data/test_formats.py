@@ -282,7 +282,8 @@ def test_validation_context_reads_the_image_around_the_region(tmp_path, volume):
   assert whole.shape == volume.shape and offset == (0, 0, 0)
 
 
-def _ome_04_group(path, levels, axes, dataset_scales, global_scale=None):
+def _ome_04_group(path, levels, axes, dataset_scales, global_scale=None,
+                  dataset_translations=None):
   """An OME-Zarr 0.4 image written as the spec lays it out: zarr v2 arrays
   s0, s1, ... and the multiscales list in the group's .zattrs."""
   import tensorstore as ts
@@ -298,6 +299,8 @@ def _ome_04_group(path, levels, axes, dataset_scales, global_scale=None):
   multiscale = {"version": "0.4", "axes": axes, "datasets": [
       {"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": s}]}
       for k, s in enumerate(dataset_scales)]}
+  for dataset, shift in zip(multiscale["datasets"], dataset_translations or []):
+    dataset["coordinateTransformations"].append({"type": "translation", "translation": shift})
   if global_scale:
     multiscale["coordinateTransformations"] = [{"type": "scale", "scale": global_scale}]
   with open(os.path.join(path, ".zattrs"), "w") as f:
@@ -340,3 +343,42 @@ def test_ome_zarr_refusals_name_what_is_wrong(tmp_path, volume):
   unitless = str(tmp_path / "unitless.ome.zarr")
   _ome_04_group(unitless, [volume], [{"name": a, "type": "space"} for a in "zyx"], [[1, 1, 1]])
   assert sources.open_volume(unitless).voxel_size_nm is None  # the config's size then
+
+
+def test_where_a_volume_lies_follows_its_file_its_box_and_a_conversion(tmp_path, volume):
+  """translation_nm: an OME-Zarr level's translation (then the multiscale's
+  scale, the spec's order; micrometres to nm); a box adds its start times the
+  voxel size; --mode=convert keeps it; a file that says nothing lies at 0."""
+  import subprocess
+  import sys
+  space = [{"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
+  path = str(tmp_path / "em.ome.zarr")
+  _ome_04_group(path, [volume, volume[:, ::2, ::2]], space,
+                [[0.015, 0.008, 0.008], [0.015, 0.016, 0.016]], global_scale=[2, 1, 1],
+                dataset_translations=[[0.5, 0.1, 0.2], [0.5, 0.104, 0.204]])
+  # world = (index * scale + translation) * global scale; 1 um = 1000 nm
+  np.testing.assert_allclose(sources.open_volume(path).translation_nm, (1000.0, 100.0, 200.0))
+  np.testing.assert_allclose(sources.open_volume(path + "#scale=1").translation_nm,
+                             (1000.0, 104.0, 204.0))
+  box = sources.RegionVolume(sources.open_volume(path), (1, 2, 3), (4, 20, 30))
+  np.testing.assert_allclose(sources.world_translation_nm(box, (30, 8, 8)),
+                             (1030.0, 116.0, 224.0))
+  np.testing.assert_allclose(box.translation_nm, (1030.0, 116.0, 224.0))
+  stack = WRITERS["tiff_stack"](str(tmp_path / "stack"), volume)
+  assert sources.open_volume(stack).translation_nm is None
+  # a box of a file without a voxel size is placed with the configured one
+  assert sources.world_translation_nm(sources.RegionVolume(
+      sources.open_volume(stack), (1, 0, 2), (3, 4, 5)), (40, 5, 5)) == (40.0, 0.0, 10.0)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  crop = str(tmp_path / "crop.zarr")
+  proc = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+                         "--mode=convert", f"--input={path}", f"--output={crop}",
+                         "--region=((1,2,3),(4,20,30))"], cwd=root,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  converted = sources.open_volume(crop)
+  np.testing.assert_allclose(converted.translation_nm, (1030.0, 116.0, 224.0))
+  np.testing.assert_allclose(converted.voxel_size_nm, (30.0, 8.0, 8.0))
+  whole = sources.convert_to_zarr(sources.open_volume(stack), str(tmp_path / "plain.zarr"))
+  assert whole.translation_nm is None  # nothing to say: no attribute written

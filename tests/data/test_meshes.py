@@ -153,3 +153,22 @@ def test_meshes_of_an_image_are_refused(tmp_path):
   with pytest.raises(UserError, match="meshes are made of instance labels"):
     pyramid.write_pyramid(image, str(tmp_path / "ng"), voxel_size_nm=SPACING, mesh_scale=0)
   assert not os.path.exists(tmp_path / "ng")
+
+
+def test_meshes_move_with_the_volume(tmp_path):
+  """A labels volume placed at (60, 40, 24) nm: each fragment is the one of
+  the same labels at the origin, shifted by (24, 40, 60) x, y, z nm."""
+  labels = _labels()
+  at_origin = sources.write_array(str(tmp_path / "a.zarr"), labels)
+  placed = sources.create_volume(str(tmp_path / "b.zarr"), labels.shape, np.uint32,
+                                 translation_nm=(60, 40, 24))
+  placed.write((0, 0, 0), labels)
+  for name, volume in (("a", at_origin), ("b", placed)):
+    pyramid.write_pyramid(volume, str(tmp_path / name / "ng"), voxel_size_nm=SPACING,
+                          mesh_scale=0)
+  for object_id in (3, 7, 12, 40, 41):
+    a = _object_mesh(str(tmp_path / "a" / "ng" / "mesh"), object_id)
+    b = _object_mesh(str(tmp_path / "b" / "ng" / "mesh"), object_id)
+    assert len(a) == len(b) > 0
+    for fa, fb in zip(a, b):
+      np.testing.assert_allclose(fb, fa + np.float32([24, 40, 60]), atol=1e-3)

@@ -188,3 +188,78 @@ def test_ome_zarr_pyramid_follows_the_spec_and_equals_the_references(tmp_path, k
     with pytest.raises(UserError, match="meshes go into neuroglancer precomputed"):
       pyramid.write_pyramid(source, str(tmp_path / "m.ome.zarr"), voxel_size_nm=(30, 8, 8),
                             mesh_scale=0)
+
+
+def _world_mode_reference(volume, origin, factors):
+  """Mode of each box of the world grid (multiples of `factors` from index
+  0) over the part of it `volume` covers, `volume` starting at `origin`:
+  (array, its origin)."""
+  lo = [o // f for o, f in zip(origin, factors)]
+  hi = [-(-(o + n) // f) for o, n, f in zip(origin, volume.shape, factors)]
+  out = np.zeros([b - a for a, b in zip(lo, hi)], volume.dtype)
+  for index in np.ndindex(*out.shape):
+    box = tuple(slice(max((a + i) * f, o) - o, min((a + i + 1) * f, o + n) - o)
+                for a, i, f, o, n in zip(lo, index, factors, origin, volume.shape))
+    values, counts = np.unique(volume[box], return_counts=True)
+    out[index] = values[np.argmax(counts)]
+  return out, lo
+
+
+def test_pyramids_lie_where_their_source_does(tmp_path):
+  """A volume whose voxel 0 lies at (60, 40, 24) nm (2, 5, 3 voxels of 30 x 8
+  x 8): precomputed scales carry voxel offsets, coarse scales are the world
+  grid's boxes (each an integer offset); OME-Zarr levels put each voxel's
+  centre where the fine voxels it stands for have theirs, a sub-voxel
+  translation included; meshes are shifted with the volume."""
+  rng = np.random.default_rng(5)
+  labels = rng.integers(0, 4, (3, 37, 600)).astype(np.uint32)
+  source = sources.create_volume(str(tmp_path / "l.zarr"), labels.shape, np.uint32,
+                                 voxel_size_nm=(30, 8, 8), translation_nm=(60, 40, 24))
+  source.write((0, 0, 0), labels)
+  assert source.translation_nm == (60.0, 40.0, 24.0)
+  out = str(tmp_path / "ng")
+  info = pyramid.write_pyramid(source, out, voxel_size_nm=(30, 8, 8), block_chunks=(1, 1, 1))
+  assert info["translation_nm"] == [60.0, 40.0, 24.0]
+  stored = json.load(open(os.path.join(out, "info")))["scales"]
+  expected, origin = labels, [2, 5, 3]
+  for k, factors in enumerate([None, (1, 2, 2), (1, 2, 2)]):
+    if factors:
+      expected, origin = _world_mode_reference(expected, origin, factors)
+    assert stored[k]["voxel_offset"] == origin[::-1] and info["scales"][k]["origin_zyx"] == origin
+    scale = sources.open_volume(f"{out}#scale={k}")
+    size = (30.0, 8.0 * 2 ** k, 8.0 * 2 ** k)
+    assert scale.translation_nm == tuple(o * s for o, s in zip(origin, size))
+    np.testing.assert_array_equal(scale.read([0, 0, 0], scale.shape), expected)
+  assert [s["origin_zyx"] for s in info["scales"]] == [[2, 5, 3], [2, 2, 1], [2, 1, 0]]
+
+  # OME-Zarr, 1 nm off the voxel grid in z: kept exactly
+  ome = str(tmp_path / "l.ome.zarr")
+  info = pyramid.write_pyramid(source, ome, voxel_size_nm=(30, 8, 8), block_chunks=(1, 1, 1),
+                               translation_nm=(61, 40, 24))
+  assert info["translation_nm"] == [61.0, 40.0, 24.0]
+  datasets = json.load(open(os.path.join(ome, "zarr.json")))["attributes"]["ome"][
+      "multiscales"][0]["datasets"]
+  expected, origin, total = labels, [2, 5, 3], np.ones(3)
+  for level, factors in enumerate([None, (1, 2, 2), (1, 2, 2)]):
+    if factors:
+      expected, origin = _world_mode_reference(expected, origin, factors)
+      total = total * factors
+    # the centre of level voxel 0's box of fine voxels (fine voxel i at
+    # 61 - 2 * 30 + 30 i, ...: the source's voxel 0 is world index 2, 5, 3)
+    first = np.asarray(origin) * total
+    centre = (first + (total - 1) / 2) * [30, 8, 8] + np.asarray([61, 40, 24]) - \
+        np.asarray([2, 5, 3]) * [30, 8, 8]
+    assert datasets[level]["coordinateTransformations"][1]["translation"] == \
+        pytest.approx(centre.tolist())
+    opened = sources.open_volume(f"{ome}#scale={level}")
+    assert opened.translation_nm == pytest.approx(centre.tolist())
+    np.testing.assert_array_equal(opened.read([0, 0, 0], opened.shape), expected)
+
+  # precomputed holds whole voxels: the same translation rounds, and says so
+  cli = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+                        "--mode=pyramid", f"--input={ome}", f"--output={tmp_path / 'r'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert cli.returncode == 0, cli.stderr
+  assert "placed at z, y, x = 60, 40, 24 nm, where --input lies (precomputed holds whole " \
+         "voxels: 61, 40, 24 rounded" in cli.stdout
+  assert json.load(open(tmp_path / "r" / "info"))["scales"][0]["voxel_offset"] == [3, 5, 2]

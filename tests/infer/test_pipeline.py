@@ -104,6 +104,12 @@ def test_a_region_with_context_has_the_whole_volumes_probabilities(tmp_path, ima
   assert summary["instances"] > 0
   with open(os.path.join(out, "segment.json")) as f:
     assert json.load(f)["settings"]["region_context"] is True
+  # both outputs say where the box lies, so viewers overlay them on the image
+  # (its start times the image's 40 x 5 x 5 nm); the whole run's lie at 0
+  assert summary["translation_nm"] == [40.0, 25.0, 135.0]
+  for name in ("probabilities.zarr", "instances.zarr"):
+    assert sources.open_volume(os.path.join(out, name)).translation_nm == (40.0, 25.0, 135.0)
+    assert sources.open_volume(os.path.join(ref_out, name)).translation_nm is None
 
 
 def _assert_equals_reference(out, reference):
