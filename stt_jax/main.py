@@ -62,10 +62,11 @@ _COMPARE = flags.DEFINE_string(
     "interval (eval.json: compare).")
 _IMAGE = flags.DEFINE_string("image", None, "decode: the EM volume, for preview PNGs.")
 _REGION = flags.DEFINE_string(
-    "region", None, "segment/convert: only the box ((z0,y0,x0),(z1,y1,x1)) of "
-    "--input (stops exclusive): outputs have its shape and count coordinates from "
-    "its start (segment.json: input_region). segment predicts it with the image "
-    "around it, so its probabilities equal the whole volume's there.")
+    "region", None, "segment/convert/pyramid: only the box ((z0,y0,x0),(z1,y1,x1)) "
+    "of --input (stops exclusive): outputs have its shape, count coordinates from "
+    "its start (segment.json: input_region) and record where it lies "
+    "(translation_nm), so viewers place it on the image. segment predicts it with "
+    "the image around it, so its probabilities equal the whole volume's there.")
 _PART = flags.DEFINE_string(
     "part", None, "segment: I/N, this process's share of the blocks when N "
     "processes (machines, array jobs) segment one --input into one --output on a "
@@ -267,8 +268,8 @@ def run(argv) -> None:
                       f"evaluate, segment or export; it does nothing with --mode={mode}"
                       + (" and --weights (an export holds one state)" if _WEIGHTS.value
                          else " and --labels" if _LABELS.value else ""))
-  if _REGION.value is not None and mode not in ("segment", "convert"):
-    raise _UsageError(f"--region picks a box of --input to segment or convert; it "
+  if _REGION.value is not None and mode not in ("segment", "convert", "pyramid"):
+    raise _UsageError(f"--region picks a box of --input to segment, convert or pyramid; it "
                       f"does nothing with --mode={mode}")
   if _PART.value is not None and mode != "segment":
     raise _UsageError(f"--part splits --mode=segment over processes; it does nothing "

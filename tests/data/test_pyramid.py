@@ -263,3 +263,13 @@ def test_pyramids_lie_where_their_source_does(tmp_path):
   assert "placed at z, y, x = 60, 40, 24 nm, where --input lies (precomputed holds whole " \
          "voxels: 61, 40, 24 rounded" in cli.stdout
   assert json.load(open(tmp_path / "r" / "info"))["scales"][0]["voxel_offset"] == [3, 5, 2]
+  # a box of it (--region) lies where the box does: its start plus the volume's
+  boxed = subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
+                          "--mode=pyramid", f"--input={source.path}",
+                          "--region=((1,4,6),(3,30,500))", f"--output={tmp_path / 'box'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert boxed.returncode == 0, boxed.stderr
+  assert "placed at z, y, x = 90, 72, 72 nm, where --input lies" in boxed.stdout
+  assert json.load(open(tmp_path / "box" / "info"))["scales"][0]["voxel_offset"] == [9, 9, 3]
+  box = sources.open_volume(str(tmp_path / "box"))
+  np.testing.assert_array_equal(box.read([0, 0, 0], box.shape), labels[1:3, 4:30, 6:500])
