@@ -1,6 +1,7 @@
 """VNC III runs side by side with their uncertainty: each run's foreground
-Jaccard on the held-out sections 12-15 with a tile-bootstrap 95 % interval,
-and every pair's paired difference (stt_jax/metrics/uncertainty.py).
+Jaccard on the held-out sections 12-15 with a tile-bootstrap 95 % interval
+and its AP-50/AP-75 with an instance-group bootstrap one, and every pair's
+paired differences (stt_jax/metrics/uncertainty.py).
 
 Reads each run folder's last validation segmentation (val_segmentation/,
 written by training or --mode=evaluate), cropped to the scored sections.
@@ -41,14 +42,17 @@ def main(argv):
   for name, seg in segs.items():
     s = report.score_volumes(labels, seg, min_gt_size=cfg.eval.min_gt_size)
     results[name] = {k: s[k] for k in ("jaccard", "dice", "jaccard_ci95", "dice_ci95",
-                                       "ci_tiles", "ap_50", "ap_75")}
-    print(f"{name:<12} Jaccard {s['jaccard']:.4f}  {uncertainty.format_interval(s)}")
+                                       "ci_tiles", "ap_50", "ap_75", "ap_50_ci95",
+                                       "ap_75_ci95", "ci_groups")}
+    print(f"{name:<12} Jaccard {s['jaccard']:.4f}, AP-50 {s['ap_50']:.4f}, AP-75 "
+          f"{s['ap_75']:.4f}\n  " + uncertainty.format_interval(s).replace("\n", "\n  "))
   names = list(segs)
   for i, a in enumerate(names):
     for b in names[i + 1:]:
-      pair = report.compare(labels, segs[a], segs[b])
+      pair = report.compare(labels, segs[a], segs[b], min_gt_size=cfg.eval.min_gt_size)
       results[f"{a} - {b}"] = pair
       print(uncertainty.format_difference(pair, a, b))
+      print(uncertainty.format_ap_difference(pair, a, b))
   if out_path:
     with open(out_path, "w") as f:
       json.dump({"runs": runs, "results": results}, f, indent=2)

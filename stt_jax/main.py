@@ -595,9 +595,11 @@ def _evaluate_volumes(cfg) -> None:
   if other is not None:
     scores["compare"] = dict(report.compare(labels, instances, other,
                                             block=tuple(cfg.decode.block_shape),
-                                            unlabelled_id=cfg.data.unlabelled_id),
+                                            unlabelled_id=cfg.data.unlabelled_id,
+                                            min_gt_size=cfg.eval.min_gt_size),
                              a=instances.path, b=other.path)
     print(uncertainty.format_difference(scores["compare"], "--input", "--compare"))
+    print(uncertainty.format_ap_difference(scores["compare"], "--input", "--compare"))
   out = _OUTPUT.value or os.path.join(os.path.dirname(os.path.abspath(path)), "eval.json")
   if os.path.exists(out) and not _OVERWRITE.value:
     raise _UsageError(f"{out} exists; pass --overwrite or another --output")

@@ -327,6 +327,7 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   # 8 x 64 x 64 is one bootstrap tile: no interval, and it says so
   assert ("Jaccard --input - --compare: +0.0000 (1 tiles of 16x256x256: too few for an "
           "interval)") in proc.stdout
+  assert "AP-75 --input - --compare: +0.0000" in proc.stdout  # the same segmentation
   written = json.load(open(os.path.join(seg_a, "eval.json")))
   assert "mcc" in written and written["compare"]["b"].startswith(seg_b)
   assert (written["ci_tiles"], written["jaccard_ci95"]) == (1, None)

@@ -129,8 +129,9 @@ def pool_counts(counts_list):
   return tuple(np.concatenate(p) if p else np.zeros(0, d) for p, d in zip(parts, empty))
 
 
-def _ap_at(iou_rows, gt_ignored, num_pred, threshold):
-  """iou_rows[d]: list of (gt_index, iou) for prediction d in rank order."""
+def _match(iou_rows, gt_ignored, num_pred, threshold) -> tuple[np.ndarray, np.ndarray]:
+  """(is_tp, is_ignored) of each prediction at IoU `threshold`; iou_rows[d]:
+  list of (gt_index, iou) for prediction d in rank order."""
   gt_match = np.full(len(gt_ignored), -1)
   is_tp = np.zeros(num_pred, bool)
   is_ignored = np.zeros(num_pred, bool)
@@ -149,11 +150,21 @@ def _ap_at(iou_rows, gt_ignored, num_pred, threshold):
       gt_match[match] = d
       is_ignored[d] = gt_ignored[match]
       is_tp[d] = not gt_ignored[match]
-  num_gt = int(np.count_nonzero(~gt_ignored))
-  if num_gt == 0:
+  return is_tp, is_ignored
+
+
+def ap_from_flags(is_tp: np.ndarray, is_ignored: np.ndarray, num_gt: float,
+                  weights: np.ndarray | None = None) -> float:
+  """AP of predictions in rank order from their match flags; `weights`
+  (default 1) counts prediction d as weights[d] copies of itself in place,
+  which is what a bootstrap draw of whole units does (`uncertainty`).
+  No ground truth -> NaN."""
+  if num_gt <= 0:
     return float("nan")
-  tp = np.cumsum(is_tp & ~is_ignored)
-  fp = np.cumsum(~is_tp & ~is_ignored)
+  num_pred = len(is_tp)
+  w = np.ones(num_pred) if weights is None else np.asarray(weights, np.float64)
+  tp = np.cumsum(w * (is_tp & ~is_ignored))
+  fp = np.cumsum(w * (~is_tp & ~is_ignored))
   recall = tp / num_gt
   precision = tp / np.maximum(tp + fp, np.spacing(1))
   precision = np.maximum.accumulate(precision[::-1])[::-1] if num_pred else precision
@@ -175,9 +186,11 @@ def average_precision(gt: np.ndarray, pred: np.ndarray, *, min_gt_size: int = 0,
                         thresholds=thresholds)
 
 
-def ap_from_counts(counts, *, min_gt_size: int = 0,
-                   thresholds: Sequence[float] = IOU_THRESHOLDS) -> dict[str, float]:
-  """`average_precision` from `OverlapCounter.counts()`."""
+def matches(counts, *, min_gt_size: int = 0,
+            thresholds: Sequence[float] = IOU_THRESHOLDS) -> dict:
+  """The matching behind AP: {"pred_ids", "gt_ids" (rank orders: predictions
+  largest first, ties by id; ground truth non-ignored first), "gt_ignored",
+  "flags": {threshold: (is_tp, is_ignored)}} from `OverlapCounter.counts()`."""
   gt_ids, gt_sizes, pred_ids, pred_sizes, pg, pp, pc = counts
   order = np.lexsort((pred_ids, -pred_sizes))  # largest first, ties by id
   pred_ids, pred_sizes = pred_ids[order], pred_sizes[order]
@@ -193,10 +206,19 @@ def ap_from_counts(counts, *, min_gt_size: int = 0,
     iou_rows[di].append((gi, iou))
   for row in iou_rows:
     row.sort()  # gt rank order: non-ignored first
+  return {"pred_ids": pred_ids, "gt_ids": gt_ids, "gt_ignored": gt_ignored,
+          "flags": {t: _match(iou_rows, gt_ignored, len(pred_ids), t) for t in thresholds}}
+
+
+def ap_from_counts(counts, *, min_gt_size: int = 0,
+                   thresholds: Sequence[float] = IOU_THRESHOLDS) -> dict[str, float]:
+  """`average_precision` from `OverlapCounter.counts()`."""
+  m = matches(counts, min_gt_size=min_gt_size, thresholds=thresholds)
+  num_gt = int(np.count_nonzero(~m["gt_ignored"]))
   result = {}
   for t in thresholds:
-    result[f"ap_{int(round(t * 100))}"] = _ap_at(iou_rows, gt_ignored, len(pred_ids), t)
+    result[f"ap_{int(round(t * 100))}"] = ap_from_flags(*m["flags"][t], num_gt)
   result["ap"] = float(np.mean([result[f"ap_{int(round(t * 100))}"] for t in thresholds]))
-  result["num_gt"] = int(np.count_nonzero(~gt_ignored))
-  result["num_pred"] = int(len(pred_ids))
+  result["num_gt"] = num_gt
+  result["num_pred"] = int(len(m["pred_ids"]))
   return result

@@ -111,16 +111,20 @@ def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
   out = _scores(instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0],
                 confusion, sweep, min_gt_size)
   out.update(uncertainty.jaccard_interval(tiles.matrix()))
+  out.update(uncertainty.ap_intervals(instance_ap.pool_counts(counts) if len(counts) > 1
+                                      else counts[0], min_gt_size=min_gt_size))
   if len(tallies) > 1:
     out["per_volume"] = [_scores(c, t[1], None, min_gt_size) for c, t in zip(counts, tallies)]
   return out
 
 
 def compare(gt_labels, instances_a, instances_b, *, block: Sequence[int] = (64, 512, 512),
-            unlabelled_id: int = -1) -> dict:
-  """Foreground Jaccard of two segmentations of the same labels, A minus B,
-  with its paired tile-bootstrap interval (`uncertainty.paired_difference`).
-  One pass reading each block of the three volumes once; tile counts only."""
+            unlabelled_id: int = -1, min_gt_size: int = 0) -> dict:
+  """Two segmentations of the same labels, A minus B: foreground Jaccard
+  with its paired tile-bootstrap interval (`uncertainty.paired_difference`)
+  and AP-50/AP-75 with theirs (`uncertainty.paired_ap_difference`, keys
+  "ap_50_difference" ...). One pass reading each block of the three
+  volumes once."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   shape = _shape(gt_labels)[:3]
   for seg in (instances_a, instances_b):
@@ -128,13 +132,25 @@ def compare(gt_labels, instances_a, instances_b, *, block: Sequence[int] = (64, 
       raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
                       f"{_shape(seg)} differ in shape")
   tiles = [uncertainty.TileConfusion(), uncertainty.TileConfusion()]
+  overlaps = [instance_ap.OverlapCounter() for _ in range(3)]  # gt-A, gt-B, A-B
   for b in blocks.iterate(shape, block):
     g = _read(gt_labels, b.start, b.stop)
     known = None if unlabelled_id < 0 else g != unlabelled_id
-    for seg, tally in zip((instances_a, instances_b), tiles):
-      tally.add(g > 0, _read(seg, b.start, b.stop) > 0, b.start, valid=known)
+    segs = [_read(seg, b.start, b.stop) for seg in (instances_a, instances_b)]
+    for p, tally, overlap in zip(segs, tiles, overlaps):
+      overlap.add(g, p)
+      tally.add(g > 0, p > 0, b.start, valid=known)
+    overlaps[2].add(*segs)
   order = sorted(set(tiles[0].counts) | set(tiles[1].counts))
-  return uncertainty.paired_difference(tiles[0].matrix(order), tiles[1].matrix(order))
+  counts = [o.counts() for o in overlaps[:2]]
+  if unlabelled_id >= 0:
+    counts = [instance_ap.set_aside_unlabelled(c, unlabelled_id) for c in counts]
+  # predictions set aside on unlabelled voxels are in no group: drop their pairs
+  between = overlaps[2].counts()
+  keep = np.isin(between[4], counts[0][2]) & np.isin(between[5], counts[1][2])
+  between = (*between[:4], between[4][keep], between[5][keep], between[6][keep])
+  return dict(uncertainty.paired_difference(tiles[0].matrix(order), tiles[1].matrix(order)),
+              **uncertainty.paired_ap_difference(*counts, between, min_gt_size=min_gt_size))
 
 
 def score(gt_labels: np.ndarray, instances: np.ndarray, *,

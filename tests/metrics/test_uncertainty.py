@@ -108,3 +108,160 @@ def test_report_tiles_pool_to_the_voxel_counts_and_compare_pairs_them():
   union = np.sum((((gt > 0) & (gt != 9)) | (a > 0)) & known)
   assert result["jaccard_a"] == pytest.approx(tp / union)
   assert result["jaccard_b"] == 0.0 and result["a_higher"] == 1.0
+
+
+# ---- AP: bootstrap over groups of overlapping instances ----
+
+from stt_jax.metrics import instance_ap  # noqa: E402
+
+
+def _groups_reference(num_gt, segmentations, between):
+  """Union-find over 'g<i>' and 's<k>p<j>' nodes: a partition as frozensets."""
+  parent = {}
+  def find(x):
+    parent.setdefault(x, x)
+    while parent[x] != x:
+      x = parent[x]
+    return x
+  for i in range(num_gt):
+    find(f"g{i}")
+  for k, (n, gs, ps) in enumerate(segmentations):
+    for j in range(n):
+      find(f"s{k}p{j}")
+    for g, p in zip(gs, ps):
+      parent[find(f"g{g}")] = find(f"s{k}p{p}")
+  for a, b in zip(*between):
+    parent[find(f"s0p{a}")] = find(f"s1p{b}")
+  classes = {}
+  for x in list(parent):
+    classes.setdefault(find(x), set()).add(x)
+  return {frozenset(c) for c in classes.values()}
+
+
+def test_instance_groups_are_the_overlap_graphs_components():
+  rng = np.random.default_rng(3)
+  segs = [(12, rng.integers(0, 20, 9), rng.integers(0, 12, 9)),
+          (7, rng.integers(0, 20, 5), rng.integers(0, 7, 5))]
+  between = (rng.integers(0, 12, 4), rng.integers(0, 7, 4))
+  count, gt_group, pred_groups = uncertainty.instance_groups(20, segs, between)
+  ours = {}
+  for i, g in enumerate(gt_group):
+    ours.setdefault(g, set()).add(f"g{i}")
+  for k, groups in enumerate(pred_groups):
+    for j, g in enumerate(groups):
+      ours.setdefault(g, set()).add(f"s{k}p{j}")
+  assert {frozenset(c) for c in ours.values()} == _groups_reference(20, segs, between)
+  assert count == len(ours)
+
+
+def _synthetic_counts(rng, units, detect=0.8, false_positive=0.25, first_id=1):
+  """`OverlapCounter.counts()` of `units` ground-truth instances (sizes 200),
+  each found with probability `detect` by a prediction (150-250 voxels) at
+  an IoU spread over 0.3-1, plus unmatched predictions; up to 50 units the
+  prediction sizes are distinct, so ranks have no ties."""
+  gt_ids, gt_sizes, pred_ids, pred_sizes, pg, pp, pc = ([] for _ in range(7))
+  sizes = iter(rng.permutation(np.arange(150, 251)) if units <= 50
+               else rng.integers(150, 251, 2 * units))
+  next_pred = first_id
+  for u in range(units):
+    gid = first_id + u
+    gt_ids.append(gid)
+    gt_sizes.append(200)
+    if rng.random() < detect:
+      size, iou = next(sizes), rng.uniform(0.3, 1.0)
+      overlap = int(round(iou * (200 + size) / (1 + iou)))
+      overlap = min(overlap, 200, size)
+      pred_ids.append(next_pred)
+      pred_sizes.append(size)
+      pg.append(gid)
+      pp.append(next_pred)
+      pc.append(overlap)
+      next_pred += 1
+    if rng.random() < false_positive:
+      pred_ids.append(next_pred)
+      pred_sizes.append(next(sizes))
+      next_pred += 1
+  u64 = lambda v: np.asarray(v, np.uint64)
+  i64 = lambda v: np.asarray(v, np.int64)
+  return (u64(gt_ids), i64(gt_sizes), u64(pred_ids), i64(pred_sizes), u64(pg), u64(pp),
+          i64(pc))
+
+
+def test_weighted_ap_equals_ap_of_the_copies():
+  """A weight of 2 on every prediction (and twice the ground truth) is the
+  AP of the counts laid twice side by side; weight 1 is plain AP."""
+  rng = np.random.default_rng(7)
+  counts = _synthetic_counts(rng, 40)
+  m = instance_ap.matches(counts, thresholds=(0.5, 0.75))
+  num_gt = len(counts[0])
+  doubled = instance_ap.ap_from_counts(instance_ap.pool_counts([counts, counts]),
+                                       thresholds=(0.5, 0.75))
+  plain = instance_ap.ap_from_counts(counts, thresholds=(0.5, 0.75))
+  for t, key in ((0.5, "ap_50"), (0.75, "ap_75")):
+    flags = m["flags"][t]
+    assert instance_ap.ap_from_flags(*flags, num_gt) == plain[key]
+    weights = np.full(len(flags[0]), 2.0)
+    assert instance_ap.ap_from_flags(*flags, 2 * num_gt, weights) == pytest.approx(
+        doubled[key], abs=1e-12)
+
+
+def test_ap_intervals_cover_the_population_about_95_percent():
+  """Samples of 60 instances from one population: the AP-50 interval covers
+  the AP of a 20,000-instance sample most of the time."""
+  rng = np.random.default_rng(11)
+  truth = instance_ap.ap_from_counts(_synthetic_counts(rng, 20000), thresholds=(0.5,))["ap_50"]
+  covered = []
+  for _ in range(120):
+    counts = _synthetic_counts(rng, 60)
+    ci = uncertainty.ap_intervals(counts, min_gt_size=0, resamples=400,
+                                  seed=int(rng.integers(1 << 30)))["ap_50_ci95"]
+    covered.append(ci[0] <= truth <= ci[1])
+  assert 0.85 <= np.mean(covered) <= 0.995, (np.mean(covered), truth)
+
+
+def test_ap_intervals_need_enough_groups_and_pair_identical_runs_at_zero():
+  rng = np.random.default_rng(5)
+  few = uncertainty.ap_intervals(_synthetic_counts(rng, 4, false_positive=0), min_gt_size=0)
+  assert few["ap_50_ci95"] is None and few["ci_groups"] == 4
+  counts = _synthetic_counts(rng, 30)
+  pred_ids, pred_sizes = counts[2], counts[3]
+  a_vs_b = (pred_ids, pred_sizes, pred_ids, pred_sizes, pred_ids, pred_ids, pred_sizes)
+  same = uncertainty.paired_ap_difference(counts, counts, a_vs_b, min_gt_size=0,
+                                          resamples=200)
+  assert same["ap_50_difference"] == 0 and same["ap_50_difference_ci95"] == [0.0, 0.0]
+  assert same["ap_50_equal"] == 1.0
+  gt_ids, gt_sizes = counts[0], counts[1]
+  perfect = (gt_ids, gt_sizes, gt_ids, gt_sizes, gt_ids, gt_ids, gt_sizes)
+  gt_of = dict(zip(counts[5].tolist(), counts[4].tolist()))  # B's prediction -> its gt
+  b_ids = np.asarray(sorted(gt_of), np.uint64)
+  a_vs_b = (gt_ids, gt_sizes, pred_ids, pred_sizes,
+            np.asarray([gt_of[int(i)] for i in b_ids], np.uint64), b_ids,
+            np.ones(len(b_ids), np.int64))
+  better = uncertainty.paired_ap_difference(perfect, counts, a_vs_b, min_gt_size=0,
+                                            resamples=200)
+  assert better["ap_75_a"] == 1.0 and better["ap_75_a_higher"] == 1.0
+  assert better["ap_75_difference_ci95"][0] > 0
+  text = uncertainty.format_ap_difference(better, "A", "B")
+  assert "AP-75 A - B: +" in text and "A higher in 100.0%" in text
+
+
+def test_scores_carry_ap_intervals_from_volumes():
+  """score_volumes on label volumes: intervals around AP from the groups."""
+  rng = np.random.default_rng(2)
+  gt = np.zeros((8, 64, 64), np.uint32)
+  pred = np.zeros_like(gt)
+  k = 0
+  for z in range(0, 8, 4):
+    for y in range(0, 64, 16):
+      for x in range(0, 64, 16):
+        k += 1
+        gt[z:z + 3, y:y + 10, x:x + 10] = k
+        if rng.random() < 0.8:  # found, shifted a little
+          dy = int(rng.integers(0, 4))
+          pred[z:z + 3, y + dy:y + 10 + dy, x:x + 10] = k
+  scores = report.score_volumes(gt, pred, min_gt_size=0)
+  assert scores["ci_groups"] == 32
+  for key in ("ap_50", "ap_75"):
+    low, high = scores[f"{key}_ci95"]
+    assert 0 <= low <= high <= 1
+  assert "AP-50 95% interval" in uncertainty.format_interval(scores)
