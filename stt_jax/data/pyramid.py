@@ -6,8 +6,8 @@ holds a pyramid of scales that any static file server can serve (neuroglancer
 then opens `precomputed://https://<server>/<folder>`), and CloudVolume and
 webKnossos read it too.
 
-* Label volumes (any integer dtype but uint8) become a `segmentation` of
-  uint32/uint64 ids, compressed_segmentation encoded; each coarser scale takes
+* Label volumes (any integer dtype but uint8; negative ids refused) become a
+  `segmentation` of uint32/uint64 ids, compressed_segmentation encoded; each coarser scale takes
   the most frequent id of each 2 x 2 (x 2) box, ties to the smaller id, so
   instances keep their ids at every scale.
 * uint8 images become an `image`, raw encoded, each scale the mean (rounded
@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -156,7 +157,13 @@ def write_pyramid(source: Volume, path: str, *, voxel_size_nm: Sequence[float],
   store, chunk = _create_scale(path, kind, stored, shape, size, origin)
   voxels: dict[int, int] = {}
   for b in blocks.iterate(shape, [c * k for c, k in zip(chunk, block_chunks)]):
-    block = np.asarray(source.read(b.start, b.shape)).astype(stored, copy=False)
+    block = np.asarray(source.read(b.start, b.shape))
+    if dtype.kind == "i" and block.size and block.min() < 0:
+      shutil.rmtree(path)  # this call's own partial output
+      raise UserError(f"{source.path} holds negative ids ({int(block.min())} in the block at "
+                      f"{list(b.start)}); viewers' label ids are unsigned, so map them to 0 "
+                      f"(background) or positive ids first; nothing was left at {path}")
+    block = block.astype(stored, copy=False)
     box = tuple(slice(a + o, z + o) for a, z, o in zip(b.start[::-1], b.stop[::-1],
                                                         origin[::-1]))
     store[box + (0,)].write(block.transpose(2, 1, 0)).result()

@@ -106,6 +106,21 @@ def test_refusals_are_one_line_and_touch_nothing(tmp_path):
   with pytest.raises(UserError, match="already exists; pass --overwrite"):
     pyramid.write_pyramid(labels, str(existing), voxel_size_nm=(8, 8, 8))
   assert (existing / "keep.txt").read_text() == "mine"
+  # signed ids: a negative one (found in a later block) is refused, not
+  # wrapped to a huge unsigned id, and the partial pyramid is removed
+  signed = np.arange(2 * 8 * 600, dtype=np.int32).reshape(2, 8, 600)
+  signed[1, 7, 599] = -1
+  negative = sources.write_array(str(tmp_path / "s.zarr"), signed)
+  with pytest.raises(UserError, match=r"holds negative ids \(-1 in the block at \[0, 0, 576\]"):
+    pyramid.write_pyramid(negative, str(tmp_path / "s_ng"), voxel_size_nm=(8, 8, 8),
+                          block_chunks=(1, 1, 1))
+  assert not os.path.exists(tmp_path / "s_ng")
+  signed[1, 7, 599] = 3
+  nonnegative = sources.write_array(str(tmp_path / "p.zarr"), signed)
+  info = pyramid.write_pyramid(nonnegative, str(tmp_path / "p_ng"), voxel_size_nm=(8, 8, 8))
+  assert info["data_type"] == "uint64"
+  again = sources.open_volume(str(tmp_path / "p_ng"))
+  np.testing.assert_array_equal(again.read((0, 0, 0), again.shape), signed)
 
 
 def test_command_line_writes_a_pyramid_and_refuses_an_existing_output(tmp_path):
