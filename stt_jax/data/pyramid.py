@@ -7,9 +7,9 @@ then opens `precomputed://https://<server>/<folder>`), and CloudVolume and
 webKnossos read it too.
 
 * Label volumes (any integer dtype but uint8; negative ids refused) become a
-  `segmentation` of uint32/uint64 ids, compressed_segmentation encoded; each coarser scale takes
-  the most frequent id of each 2 x 2 (x 2) box, ties to the smaller id, so
-  instances keep their ids at every scale.
+  `segmentation` of uint32/uint64 ids, compressed_segmentation encoded; each
+  coarser scale takes the most frequent id of each 2 x 2 (x 2) box, ties to
+  the smaller id, so instances keep their ids at every scale.
 * uint8 images become an `image`, raw encoded, each scale the mean (rounded
   half to even).
 * Scales halve y and x, and z too where that keeps voxels closer to cubic
