@@ -27,6 +27,12 @@ def _read(volume, start, stop) -> np.ndarray:
   return volume.read(start, [b - a for a, b in zip(start, stop)])
 
 
+def _check_same_shape(gt_labels, instances) -> None:
+  if _shape(gt_labels)[:3] != _shape(instances)[:3]:
+    raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
+                    f"{_shape(instances)} differ in shape")
+
+
 def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
            unlabelled_id: int = -1):
   """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None,
@@ -34,9 +40,7 @@ def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
   left out of the voxel counts; the overlap counts keep them (AP sets them
   aside)."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
-  if _shape(gt_labels)[:3] != _shape(instances)[:3]:
-    raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
-                    f"{_shape(instances)} differ in shape")
+  _check_same_shape(gt_labels, instances)
   overlaps = instance_ap.OverlapCounter()
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if probabilities is not None else None
@@ -108,11 +112,10 @@ def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
       sweep.merge(volume_sweep)
   counts = [instance_ap.set_aside_unlabelled(t[0], unlabelled_id) if unlabelled_id >= 0
             else t[0] for t in tallies]
-  out = _scores(instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0],
-                confusion, sweep, min_gt_size)
+  pooled = instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0]
+  out = _scores(pooled, confusion, sweep, min_gt_size)
   out.update(uncertainty.jaccard_interval(tiles.matrix()))
-  out.update(uncertainty.ap_intervals(instance_ap.pool_counts(counts) if len(counts) > 1
-                                      else counts[0], min_gt_size=min_gt_size))
+  out.update(uncertainty.ap_intervals(pooled, min_gt_size=min_gt_size))
   if len(tallies) > 1:
     out["per_volume"] = [_scores(c, t[1], None, min_gt_size) for c, t in zip(counts, tallies)]
   return out
@@ -128,9 +131,7 @@ def compare(gt_labels, instances_a, instances_b, *, block: Sequence[int] = (64, 
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   shape = _shape(gt_labels)[:3]
   for seg in (instances_a, instances_b):
-    if _shape(seg)[:3] != shape:
-      raise UserError(f"ground truth {_shape(gt_labels)} and segmentation "
-                      f"{_shape(seg)} differ in shape")
+    _check_same_shape(gt_labels, seg)
   tiles = [uncertainty.TileConfusion(), uncertainty.TileConfusion()]
   overlaps = [instance_ap.OverlapCounter() for _ in range(3)]  # gt-A, gt-B, A-B
   for b in blocks.iterate(shape, block):
