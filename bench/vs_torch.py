@@ -21,7 +21,11 @@ res_unet.py) and "stt" (the STT-UNET preset: SST blocks with deformable fusion
 and the denoiser, bench/reference_torch/stt_unet.py); both train on the
 original's weighted BCE alone. A row that runs out of device memory is
 recorded as such and the others go on. JSON goes to
-bench/results/vs_torch-<kinds>[-<models>]-<device>.json.
+bench/results/vs_torch-<kinds>[-<models>]-<device>.json, rewritten after
+every row (workers send each row as it is measured), so a run cut short by a
+time limit keeps what it finished. FLOPs are counted last (~40 s on a CPU);
+under a tight limit pass --flops=skip and fill them in anywhere later with
+--add-flops <json>.
 """
 
 from __future__ import annotations
@@ -276,6 +280,8 @@ def _torch_worker(kind: str, cases, dtypes, repeats: int, modes, model: str = "b
           if not _out_of_memory(e):
             raise
           rows.append(_oom_row("torch", mode, kind, case, patch, batch, dtype, model, e))
+        rows[-1]["torch"] = torch.__version__
+        print("ROW " + json.dumps(rows[-1]), flush=True)  # saved before the next mode runs
         if dev.type == "cuda":
           torch.cuda.empty_cache()
   return {"torch": torch.__version__, "device": str(dev), "rows": rows}
@@ -396,18 +402,41 @@ def _check_worker(models=MODELS) -> dict:
 
 # ----------------------------------------------------------------------- driver
 
-def _spawn(args: list[str], env=None) -> dict:
-  with subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=ROOT,
-                        stdout=subprocess.PIPE, text=True, env=env) as proc:
-    lines = []
+# after its RESULT line a worker has nothing left to give: waiting longer for
+# it (Inductor's compile-worker pool can take minutes to shut down, and its
+# children may hold the pipe open) only spends a lease
+EXIT_GRACE_S = 30
+
+
+def _spawn(args: list[str], env=None, on_row=None) -> dict:
+  """Runs this script as a worker; returns its RESULT. Each `ROW {json}` line
+  it prints on the way goes to on_row at once, so a caller can save rows
+  before a long worker ends (or is cut off by a time limit)."""
+  return read_worker([sys.executable, os.path.abspath(__file__), *args], env, on_row)
+
+
+def read_worker(command: list[str], env=None, on_row=None) -> dict:
+  """_spawn's protocol for any command (tests give it a stand-in worker)."""
+  with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env) as proc:
+    result = None
     for line in proc.stdout:
       if line.startswith("RESULT "):
-        lines.append(line[len("RESULT "):])
+        result = json.loads(line[len("RESULT "):])
+        break
+      if line.startswith("ROW "):
+        if on_row:
+          on_row(json.loads(line[len("ROW "):]))
       else:
         print(line, end="", flush=True)
-  if proc.returncode or not lines:
-    raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode})")
-  return json.loads(lines[-1])
+    try:
+      proc.wait(timeout=EXIT_GRACE_S if result is not None else None)
+    except subprocess.TimeoutExpired:
+      print(f"  (worker still running {EXIT_GRACE_S} s after its result: stopped)", flush=True)
+      proc.kill()
+      proc.wait()
+  if result is None or (proc.returncode and proc.returncode != -9):
+    raise RuntimeError(f"worker {' '.join(command[1:])} failed (exit {proc.returncode})")
+  return result
 
 
 def _fmt_bytes(b) -> str:
@@ -416,7 +445,7 @@ def _fmt_bytes(b) -> str:
 
 def run(kinds, cases=None, dtypes=None, repeats=10,
         modes=("eager", "compile"), models=MODELS, chunks: int = 1,
-        check: str = "first") -> dict:
+        check: str = "first", flops: str = "after") -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   have_torch = importlib.util.find_spec("torch") is not None
   import jax  # pylint: disable=g-import-not-at-top
@@ -469,11 +498,13 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
           rows += ours["rows"]
           save()
       if have_torch:
-        peer = _spawn(["--worker=torch", f"--spec={spec}"])
-        result["torch"] = peer["torch"]
-        rows += peer["rows"]
-        save()
-  add_flops(result)
+        def keep(row):
+          result["torch"] = row["torch"]
+          rows.append(row)
+          save()
+        _spawn(["--worker=torch", f"--spec={spec}"], on_row=keep)
+  if flops == "after":
+    add_flops(result)
   _print(result, have_torch)
   save()
   print(f"wrote {path}")
@@ -538,6 +569,9 @@ def main(kinds=("train", "infer")) -> None:
                       "~20 min on a 2-core CPU, for a GPU call split it off)")
   parser.add_argument("--models", default=",".join(MODELS),
                       help="comma list of stt_jax presets, e.g. baseline,stt")
+  parser.add_argument("--flops", default="after", choices=["after", "skip"],
+                      help="count our programs' FLOPs (XLA cost analysis, ~40 s on a CPU) "
+                      "after timing, or skip it and fill them in later with --add-flops")
   parser.add_argument("--add-flops", metavar="JSON",
                       help="fill FLOPs/MFU into a results file measured elsewhere, reprint it")
   args = parser.parse_args()
@@ -564,11 +598,15 @@ def main(kinds=("train", "infer")) -> None:
       out = _torch_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
                           spec["modes"], spec.get("model", "baseline"))
     print("RESULT " + json.dumps(out), flush=True)
-    return
+    sys.stderr.flush()
+    # skip interpreter teardown: Inductor's compile-worker pool can take
+    # minutes to shut down, and nothing after RESULT is wanted
+    os._exit(0)
   run(kinds, [c for c in args.cases.split(",") if c] or None,
       tuple(d for d in args.dtypes.split(",") if d) or None, args.repeats,
       tuple(args.modes.split(",")),
-      tuple(m for m in args.models.split(",") if m), args.attention_chunks, args.check)
+      tuple(m for m in args.models.split(",") if m), args.attention_chunks, args.check,
+      args.flops)
 
 
 if __name__ == "__main__":

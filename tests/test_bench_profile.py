@@ -81,3 +81,19 @@ def test_nested_events_count_their_own_time_only():
   dur = {e["name"]: e["dur"] for e in profile_step.device_events(trace)}
   assert dur == {"while": 50, "body.conv": 30, "body.add": 15, "body.inner": 5,
                  "other": 40, "next": 10}
+
+
+def test_command_buffers_are_switched_off_unless_the_flags_say_otherwise():
+  off = "--xla_gpu_enable_command_buffer="
+  assert profile_step.without_command_buffers("") == off
+  assert profile_step.without_command_buffers("--xla_force_host_platform_device_count=2") == (
+      "--xla_force_host_platform_device_count=2 " + off)
+  kept = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS"
+  assert profile_step.without_command_buffers(kept) == kept
+  # XLA rejects unknown flags at backend start: the flag must still exist in
+  # this jaxlib, or the GPU profile would die before it measured anything
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=off, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0 and done.stdout.strip() == "3.0", done.stderr[-500:]

@@ -1,0 +1,64 @@
+"""bench/vs_torch.py's worker protocol: rows saved as they come, no waiting
+on a worker (or its children) after its result."""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# a stand-in worker: a child that keeps the pipe open (as Inductor's compile
+# workers do), two rows, its result, then a long shutdown
+_LINGERING = """
+import json, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("child", child.pid, flush=True)
+for i in range(2):
+  print("ROW " + json.dumps({"i": i}), flush=True)
+print("RESULT " + json.dumps({"done": True}), flush=True)
+time.sleep(60)
+"""
+
+
+def _child_pid(captured: str) -> int:
+  return int(next(l for l in captured.splitlines() if l.startswith("child")).split()[1])
+
+
+def test_rows_arrive_one_by_one_and_a_lingering_worker_is_stopped(monkeypatch, capsys):
+  monkeypatch.setattr(vs_torch, "EXIT_GRACE_S", 1)
+  rows = []
+  start = time.monotonic()
+  result = vs_torch.read_worker([sys.executable, "-c", _LINGERING], on_row=rows.append)
+  took = time.monotonic() - start
+  os.kill(_child_pid(capsys.readouterr().out), signal.SIGKILL)
+  assert result == {"done": True}
+  assert rows == [{"i": 0}, {"i": 1}]
+  assert took < 30, took  # neither the worker's sleep nor its child's pipe waited on
+
+
+def test_a_worker_cut_off_keeps_the_rows_it_sent(capsys):
+  script = ("import json, os\n"
+            "print('ROW ' + json.dumps({'i': 0}), flush=True)\n"
+            "os.kill(os.getpid(), 9)\n")
+  rows = []
+  with pytest.raises(RuntimeError, match="failed"):
+    vs_torch.read_worker([sys.executable, "-c", script], on_row=rows.append)
+  assert rows == [{"i": 0}]
+  assert "ROW" not in capsys.readouterr().out  # rows go to on_row, not the log
+
+
+def test_a_worker_that_fails_after_its_result_is_an_error():
+  script = "print('RESULT ' + '{}', flush=True)\nraise SystemExit(3)\n"
+  with pytest.raises(RuntimeError, match="exit 3"):
+    vs_torch.read_worker([sys.executable, "-c", script])
+
+
+def test_other_output_is_passed_through(capsys):
+  script = "print('compiling ...', flush=True)\nprint('RESULT ' + '{\"a\": 1}', flush=True)\n"
+  assert vs_torch.read_worker([sys.executable, "-c", script]) == {"a": 1}
+  assert "compiling ..." in capsys.readouterr().out
