@@ -180,6 +180,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention-chunks", type=int, default=1)
+  parser.add_argument("--attention-impl", default="auto",
+                      help="model.attention.implementation: auto, xla, cudnn or pallas")
   parser.add_argument("--steps", type=int, default=3, help="steps traced")
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--keep-command-buffers", action="store_true",
@@ -191,7 +193,8 @@ def main() -> None:
   patch = tuple(int(v) for v in args.patch.split(","))
   from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   cfg, setup = vs_torch._bench_setup(patch, args.batch, args.dtype, model=args.model,  # pylint: disable=protected-access
-                                     chunks=args.attention_chunks)
+                                     chunks=args.attention_chunks,
+                                     attention_impl=args.attention_impl)
   image, target = vs_torch._inputs(patch, args.batch)  # pylint: disable=protected-access
   batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
   if args.kind == "train":
@@ -224,7 +227,7 @@ def main() -> None:
   device = jax.devices()[0]
   result.update(device=device.device_kind, jax=jax.__version__, model=args.model, kind=args.kind,
                 patch=list(patch), batch=args.batch, dtype=args.dtype,
-                attention_chunks=args.attention_chunks)
+                attention_chunks=args.attention_chunks, attention_impl=args.attention_impl)
   print(f"{device.device_kind}: {args.model} {args.kind} {args.patch} x{args.batch} {args.dtype}, "
         f"{result['device_ms_per_step']:.1f} ms of device events per step")
   print(f"{'ms/step':>9}{'share':>7}{'calls':>6}  {'instruction':<28}op (module path / primitive)")
@@ -234,8 +237,9 @@ def main() -> None:
   print("\nby primitive:")
   for r in result["by_primitive"][:10]:
     print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['primitive']}")
-  out = os.path.join(ROOT, "bench", "results",
-                     f"profile-{args.model}-{args.kind}-{device.device_kind.replace(' ', '_').lower()}.json")
+  impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
+  out = os.path.join(ROOT, "bench", "results", f"profile-{args.model}-{args.kind}{impl}-"
+                     f"{device.device_kind.replace(' ', '_').lower()}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=2)

@@ -47,6 +47,9 @@ MODELS = ("baseline", "stt")  # stt_jax presets; the peer builds the same networ
 # model.attention.chunks of our timed programs (--attention-chunks); FLOPs are
 # always counted on the unchunked program (same function, no recompute)
 ATTENTION_CHUNKS = 1
+# model.attention.implementation of our timed programs (--attention-impl);
+# FLOPs are counted on XLA's attention (the model's FLOPs, whatever runs them)
+ATTENTION_IMPL = "auto"
 # (name, patch, batch per device)
 CASES = {"train": {"paper": ((32, 320, 320), 2), "small": ((16, 128, 128), 2),
                    "tiny": ((8, 64, 64), 2)},
@@ -82,7 +85,8 @@ def _inputs(patch, batch, seed=0):
 # ----------------------------------------------------------------- ours (JAX)
 
 def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices=None,
-                 model: str = "baseline", build: bool = True, chunks: int = 1):
+                 model: str = "baseline", build: bool = True, chunks: int = 1,
+                 attention_impl: str = "auto"):
   """(cfg, loop.Setup or None) of `model` (a preset) at the paper's training
   settings; the loss is the original's weighted BCE alone (dice weight 0), as
   the peer's."""
@@ -97,6 +101,7 @@ def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices
   cfg.train.batch_size = batch
   cfg.loss.dice_weight = 0.0
   cfg.model.attention.chunks = chunks
+  cfg.model.attention.implementation = attention_impl
   return cfg, (loop.build(cfg, devices=devices) if build else None)
 
 
@@ -152,7 +157,8 @@ def _jax_row(kind, case, patch, per_device, n, dtype, model, repeats, device,
   """One timed row of ours (its setup is released when it returns)."""
   import jax  # pylint: disable=g-import-not-at-top
   from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  cfg, setup = _bench_setup(patch, per_device * n, dtype, model=model, chunks=ATTENTION_CHUNKS)
+  cfg, setup = _bench_setup(patch, per_device * n, dtype, model=model, chunks=ATTENTION_CHUNKS,
+                            attention_impl=ATTENTION_IMPL)
   image, target = _inputs(patch, per_device * n)
   batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
   if kind == "infer":
@@ -177,15 +183,15 @@ def _jax_row(kind, case, patch, per_device, n, dtype, model, repeats, device,
     compile_s = time.perf_counter() - t0
     step_s = _median_time(lambda: one().block_until_ready(), lambda: None, repeats)
   flops = (flops[0] if isinstance(flops, (list, tuple)) else flops or {}).get("flops")
-  if ATTENTION_CHUNKS > 1:  # a scan's body is counted once: recount unchunked (add_flops)
-    flops = None
+  if ATTENTION_CHUNKS > 1 or ATTENTION_IMPL not in ("auto", "xla"):
+    flops = None  # a scan's body is counted once, a kernel not at all: add_flops recounts
   stats = device.memory_stats() or {}
   voxels = per_device * n * int(__import__("numpy").prod(patch))
   row = {"framework": "jax", "mode": "jit", "model": model, "kind": kind, "case": case,
          "patch": list(patch), "batch": per_device * n, "dtype": dtype,
          "step_s": step_s, "voxels_per_s": voxels / step_s, "compile_s": compile_s,
          "peak_device_bytes": stats.get("peak_bytes_in_use"),
-         "attention_chunks": ATTENTION_CHUNKS}
+         "attention_chunks": ATTENTION_CHUNKS, "attention_impl": ATTENTION_IMPL}
   if flops:
     row["flops_per_step"] = float(flops)
     row["flops_per_voxel"] = float(flops) / voxels
@@ -445,7 +451,7 @@ def _fmt_bytes(b) -> str:
 
 def run(kinds, cases=None, dtypes=None, repeats=10,
         modes=("eager", "compile"), models=MODELS, chunks: int = 1,
-        check: str = "first", flops: str = "after") -> dict:
+        check: str = "first", flops: str = "after", attention_impl: str = "auto") -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   have_torch = importlib.util.find_spec("torch") is not None
   import jax  # pylint: disable=g-import-not-at-top
@@ -481,6 +487,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
     nonlocal path
     name = result.get("device", "unknown").replace(" ", "_").lower()
     tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
+    if attention_impl != "auto":  # not to overwrite the default's rows
+      tag += "-attention_" + attention_impl
     path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}{tag}-{name}.json")
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
@@ -491,7 +499,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
       for case in cases:  # one process per row: its peak-memory counter is its own
         for dtype in dtypes:
           one = json.dumps({"kind": kind, "cases": [case], "dtypes": [dtype],
-                            "repeats": repeats, "model": model, "chunks": chunks})
+                            "repeats": repeats, "model": model, "chunks": chunks,
+                            "attention_impl": attention_impl})
           ours = _spawn(["--worker=jax", f"--spec={one}"])
           result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
                                               "matmul_bf16_flops")})
@@ -569,6 +578,9 @@ def main(kinds=("train", "infer")) -> None:
                       "~20 min on a 2-core CPU, for a GPU call split it off)")
   parser.add_argument("--models", default=",".join(MODELS),
                       help="comma list of stt_jax presets, e.g. baseline,stt")
+  parser.add_argument("--attention-impl", default="auto",
+                      help="model.attention.implementation of our programs: auto, xla, "
+                      "cudnn or pallas (the fused spatial attention)")
   parser.add_argument("--flops", default="after", choices=["after", "skip"],
                       help="count our programs' FLOPs (XLA cost analysis, ~40 s on a CPU) "
                       "after timing, or skip it and fill them in later with --add-flops")
@@ -590,8 +602,9 @@ def main(kinds=("train", "infer")) -> None:
     elif args.worker == "flops":
       out = _flops_worker(spec)
     elif args.worker == "jax":
-      global ATTENTION_CHUNKS  # pylint: disable=global-statement
+      global ATTENTION_CHUNKS, ATTENTION_IMPL  # pylint: disable=global-statement
       ATTENTION_CHUNKS = int(spec.get("chunks", 1))
+      ATTENTION_IMPL = spec.get("attention_impl", "auto")
       out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
                         spec.get("model", "baseline"))
     else:
@@ -606,7 +619,7 @@ def main(kinds=("train", "infer")) -> None:
       tuple(d for d in args.dtypes.split(",") if d) or None, args.repeats,
       tuple(args.modes.split(",")),
       tuple(m for m in args.models.split(",") if m), args.attention_chunks, args.check,
-      args.flops)
+      args.flops, args.attention_impl)
 
 
 if __name__ == "__main__":

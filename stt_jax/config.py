@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.deform_groups = 4
   c.model.attention.deform_modulation = False   # eq. 3 has none
   # auto = xla (measured on an H100: cudnn no faster here, gradients disagree)
-  c.model.attention.implementation = "auto"     # auto | xla | cudnn
+  c.model.attention.implementation = "auto"     # auto | xla | cudnn | pallas (fused spatial stream)
   # > 1: each SST block runs its streams in this many sequential pieces, each
   # recomputed in the backward pass (less memory, same function and parameters)
   c.model.attention.chunks = 1
@@ -264,8 +264,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"levels must lie in 0..{len(m.widths) - 1}, got {tuple(a.encoder_levels)}")
   _need(all(l in levels[:-1] for l in a.decoder_levels), "model.attention.decoder_levels",
         f"levels must lie in 0..{len(m.widths) - 2}, got {tuple(a.decoder_levels)}")
-  _need(a.implementation in ("auto", "xla", "cudnn"), "model.attention.implementation",
-        f"must be auto, xla or cudnn, got {a.implementation!r}")
+  _need(a.implementation in ("auto", "xla", "cudnn", "pallas"),
+        "model.attention.implementation",
+        f"must be auto, xla, cudnn or pallas, got {a.implementation!r}")
   _need(a.heads > 0 and a.kv_grid > 0 and a.deform_groups > 0, "model.attention",
         "heads, kv_grid and deform_groups must be positive")
   _need(a.chunks >= 1, "model.attention.chunks", f"must be 1 or more, got {a.chunks}")

@@ -58,7 +58,9 @@ def test_bad_attention_implementation_is_named():
   cfg.model.attention.implementation = "flash"
   with pytest.raises(UserError, match="model.attention.implementation"):
     config_lib.validate(cfg)
-  cfg.model.attention.implementation = "auto"
+  for ok in ("auto", "xla", "cudnn", "pallas"):
+    cfg.model.attention.implementation = ok
+    config_lib.validate(cfg)
   cfg.model.attention.chunks = 0
   with pytest.raises(UserError, match="model.attention.chunks"):
     config_lib.validate(cfg)

@@ -28,7 +28,10 @@ time. Same parameters, same function; a schedule, not a model change.
 Attention itself is `jax.nn.dot_product_attention`; `implementation` "auto"
 is XLA's lowering everywhere: on an H100 cuDNN's fused kernel ("cudnn", opt-in)
 was no faster for these short sequences and its bf16 gradients disagreed with
-XLA's (bench/attention_impl.py; docs/architecture.md).
+XLA's (bench/attention_impl.py; docs/architecture.md). "pallas" (opt-in) runs
+the spatial stream, many queries against <= 256 pooled keys, through
+models/fused_attention.py's kernels, which keep the score matrix on chip; the
+temporal stream (32 against 32) stays XLA's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from stt_jax.models import fused_attention
 from stt_jax.models.deformable_conv import DeformableConv
 
 DESIGNS = ("none", "split", "spatial_then_temporal", "temporal_then_spatial")
@@ -72,6 +76,10 @@ def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
   """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
+  if implementation == "pallas":
+    if fused_attention.supported(q.shape, k.shape):
+      return fused_attention.fused_attention(q, k, v)
+    implementation = "xla"
   return jax.nn.dot_product_attention(
       q, k, v, implementation="xla" if implementation == "auto" else implementation)
 
@@ -166,8 +174,9 @@ class SSTBlock(nn.Module):
     y = y + position_encoding(t, h, w, c).astype(y.dtype)
     spatial_module = SpatialAttention(heads, self.kv_grid, self.dtype, self.implementation,
                                       name="spatial")
-    temporal_module = TemporalAttention(heads, self.dtype, self.implementation,
-                                        name="temporal")
+    temporal_module = TemporalAttention(  # 32 keys: nothing for the fused kernel to save
+        heads, self.dtype, "xla" if self.implementation == "pallas" else self.implementation,
+        name="temporal")
 
     def spatial(v):  # slices one by one: [b*t, 1, h, w, c]
       out = chunked_apply(spatial_module, self.chunks, v.reshape(b * t, 1, h, w, c))

@@ -1,0 +1,186 @@
+"""Softmax attention for many queries and few keys, fused (Pallas; Triton on GPUs).
+
+The spatial stream attends from every pixel of a slice (25,600 queries at the
+paper's level 1) to at most kv_grid^2 pooled keys (256). XLA's attention
+writes the [queries, keys] scores and probabilities to device memory several
+times in the forward and the backward pass; by XLA's own cost analysis that
+traffic is the largest of the SST block's (~31 GB per level-1 chunk, forward
+and gradient). Here every key fits in one tile, so each program holds a block
+of queries against all keys on chip: one pass, no online softmax, no score
+matrix in memory. Backward: each program walks a run of query blocks, writes
+their dQ and sums dK, dV on chip; the runs' partial sums (a few MB) are added
+in jnp.
+
+q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]; keys <= MAX_KEYS
+and queries a multiple of 16 (`supported`). Same function as
+`jax.nn.dot_product_attention` (scale 1/sqrt(dim)), float32 softmax. Off a GPU
+Pallas' interpreter runs the same kernels (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MAX_KEYS = 256
+_MIN_TILE = 16  # Triton's dot needs every tile dimension >= 16
+# float32 scores a program holds: 64 (forward) or 32 (backward, which keeps
+# more of them alive) queries x 256 keys, over 8 warps
+_TILE_ELEMENTS = {"forward": 64 * 256, "backward": 32 * 256}
+_WARPS = 8
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # exp() -> 0 without inf - inf
+
+
+def _pow2_at_least(n: int) -> int:
+  return max(_MIN_TILE, 1 << (int(n) - 1).bit_length())
+
+
+def _query_block(queries: int, keys_padded: int, pass_: str = "backward") -> int | None:
+  block = max(_MIN_TILE, min(128, _TILE_ELEMENTS[pass_] // keys_padded))
+  while block >= _MIN_TILE:
+    if queries % block == 0:
+      return block
+    block //= 2
+  return None
+
+
+def supported(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
+  """Whether fused_attention takes these shapes ([b, queries, heads, dim])."""
+  return (k_shape[1] <= MAX_KEYS and q_shape[-1] <= 128
+          and _query_block(q_shape[1], _pow2_at_least(k_shape[1])) is not None)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, keys: int,
+                    dim: int):
+  dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
+  head = (jnp.arange(dim_padded) < dim)[None, :]
+  q = plgpu.load(q_ref, mask=head, other=0.0)
+  k = plgpu.load(k_ref, mask=head, other=0.0)
+  v = plgpu.load(v_ref, mask=head, other=0.0)
+  s = plgpu.dot(q, k, trans_b=True) * scale  # [block, keys_padded], float32
+  s = jnp.where((jnp.arange(keys_padded) < keys)[None, :], s, _MASKED)
+  m = jnp.max(s, axis=1)
+  p = jnp.exp(s - m[:, None])
+  l = jnp.sum(p, axis=1)
+  o = plgpu.dot(p.astype(v.dtype), v) / l[:, None]
+  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=head)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
+                     *, scale: float, keys: int, dim: int, block: int, blocks_per_run: int):
+  dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
+  head = (jnp.arange(dim_padded) < dim)[None, :]
+  valid = (jnp.arange(keys_padded) < keys)[None, :]
+  k = plgpu.load(k_ref, mask=head, other=0.0)
+  v = plgpu.load(v_ref, mask=head, other=0.0)
+  first = pl.program_id(0) * blocks_per_run
+
+  def step(i, carry):
+    dk, dv = carry
+    rows = pl.dslice((first + i) * block, block)
+    q = plgpu.load(q_ref.at[rows, :], mask=head, other=0.0)
+    do = plgpu.load(do_ref.at[rows, :], mask=head, other=0.0)
+    s = jnp.where(valid, plgpu.dot(q, k, trans_b=True) * scale, _MASKED)
+    p = jnp.exp(s - lse_ref[rows][:, None])  # softmax from the saved log-sum-exp
+    dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+    ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[rows][:, None]) * scale
+    dq = plgpu.dot(ds.astype(k.dtype), k)
+    plgpu.store(dq_ref.at[rows, :], dq.astype(dq_ref.dtype), mask=head)
+    dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk, dv
+
+  zeros = jnp.zeros((keys_padded, dim_padded), jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, blocks_per_run, step, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _runs(blocks: int) -> int:
+  """Query blocks are split into this many runs per (batch, head): enough
+  programs to fill a GPU, few partial dK/dV sums to add up."""
+  return max(d for d in range(1, 17) if blocks % d == 0)
+
+
+def _forward(q, k, v, keys: int, interpret: bool):
+  b, nq, h, dim = q.shape
+  keys_padded = k.shape[1]
+  dim_padded = _pow2_at_least(dim)
+  block = _query_block(nq, keys_padded, "forward")
+  kernel = functools.partial(_forward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim)
+  rows = pl.BlockSpec((None, block, None, dim_padded), lambda i, j, n: (j, i, n, 0))
+  whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda i, j, n: (j, 0, n, 0))
+  return pl.pallas_call(
+      kernel, grid=(nq // block, b, h),
+      in_specs=[rows, whole, whole],
+      out_specs=[rows, pl.BlockSpec((None, None, block), lambda i, j, n: (j, n, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, nq), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=_WARPS, num_stages=2),
+      interpret=interpret, name="fused_attention_forward")(q, k, v)
+
+
+def _backward(q, k, v, o, lse, do, keys: int, interpret: bool):
+  b, nq, h, dim = q.shape
+  keys_padded = k.shape[1]
+  dim_padded = _pow2_at_least(dim)
+  block = _query_block(nq, keys_padded)
+  runs = _runs(nq // block)
+  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+  kernel = functools.partial(_backward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim,
+                             block=block, blocks_per_run=nq // block // runs)
+  all_rows = pl.BlockSpec((None, nq, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
+  whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
+  per_row = pl.BlockSpec((None, None, nq), lambda r, j, n: (j, n, 0))
+  partial = pl.BlockSpec((None, None, None, keys_padded, dim_padded),
+                         lambda r, j, n: (r, j, n, 0, 0))
+  partial_shape = jax.ShapeDtypeStruct((runs, b, h, keys_padded, dim_padded), jnp.float32)
+  dq, dk, dv = pl.pallas_call(
+      kernel, grid=(runs, b, h),
+      in_specs=[all_rows, whole, whole, all_rows, per_row, per_row],
+      out_specs=[all_rows, partial, partial],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), partial_shape, partial_shape],
+      compiler_params=plgpu.CompilerParams(num_warps=_WARPS, num_stages=2),
+      interpret=interpret, name="fused_attention_backward")(q, k, v, do, lse, delta)
+  # [runs, b, h, keys, dim] -> [b, keys, h, dim]
+  unrun = lambda g: jnp.transpose(g.sum(0)[..., :dim], (0, 2, 1, 3))
+  return dq, unrun(dk).astype(k.dtype), unrun(dv).astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, keys: int, interpret: bool):
+  return _forward(q, k, v, keys, interpret)[0]
+
+
+def _attention_fwd(q, k, v, keys, interpret):
+  o, lse = _forward(q, k, v, keys, interpret)
+  return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(keys, interpret, residuals, do):
+  q, k, v, o, lse = residuals
+  return _backward(q, k, v, o, lse, do, keys, interpret)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    interpret: bool | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(dim)) v. q [b, queries, heads, dim], k/v [b, keys, heads, dim].
+
+  interpret: Pallas' interpreter instead of Triton (default: off a GPU).
+  """
+  if not supported(q.shape, k.shape):
+    raise ValueError(f"fused_attention takes <= {MAX_KEYS} keys, head dim <= 128 and a "
+                     f"multiple of 16 queries; got q {q.shape}, k {k.shape}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  keys = k.shape[1]
+  pad = ((0, 0), (0, _pow2_at_least(keys) - keys), (0, 0), (0, 0))
+  return _attention(q, jnp.pad(k, pad), jnp.pad(v, pad), keys, interpret)
