@@ -170,6 +170,24 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
+def attention_notes(implementation: str, mesh=None) -> list[str]:
+  """What model.attention.implementation=pallas means on this machine, one
+  line per caveat (none on one GPU, where it is meant to run)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if implementation != "pallas":
+    return []
+  notes = []
+  if jax.default_backend() != "gpu":
+    notes.append("model.attention.implementation=pallas: no GPU here, so Pallas' "
+                 "interpreter runs the fused attention (right numbers, far slower); "
+                 "use auto off GPUs")
+  if mesh is not None and mesh.devices.size > 1:
+    notes.append("model.attention.implementation=pallas: the fused attention has no "
+                 "partitioning rule yet, so each device may run it on the whole batch; "
+                 "use auto with several devices")
+  return notes
+
+
 def describe(mesh=None) -> str:
   """One line: backend, device kinds, processes, local devices, mesh."""
   import jax  # pylint: disable=g-import-not-at-top

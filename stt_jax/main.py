@@ -293,6 +293,8 @@ def run(argv) -> None:
     from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
     mesh = step_lib.make_mesh(model_parallel=model_parallel)
     print(backend.describe(mesh), flush=True)
+    for note in backend.attention_notes(cfg.model.attention.implementation, mesh):
+      print(note, flush=True)
   if mode == "convert":
     _convert(cfg)
     return

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from stt_jax import backend
@@ -64,6 +65,17 @@ def test_bad_attention_implementation_is_named():
   cfg.model.attention.chunks = 0
   with pytest.raises(UserError, match="model.attention.chunks"):
     config_lib.validate(cfg)
+
+
+def test_pallas_attention_off_a_gpu_or_on_several_devices_is_pointed_out():
+  import jax  # pylint: disable=g-import-not-at-top
+  assert backend.attention_notes("auto") == []
+  notes = backend.attention_notes("pallas")  # tests run on CPUs
+  assert len(notes) == 1 and "interpreter" in notes[0] and "use auto" in notes[0]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  several = backend.attention_notes("pallas", mesh)
+  assert len(several) == (2 if mesh.devices.size > 1 else 1)
+  assert mesh.devices.size == 1 or "partitioning" in several[1]
 
 
 def test_bad_normalisation_is_named():
