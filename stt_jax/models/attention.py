@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from stt_jax.models import fused_attention
 from stt_jax.models.deformable_conv import DeformableConv
 
 DESIGNS = ("none", "split", "spatial_then_temporal", "temporal_then_spatial")
@@ -77,6 +76,8 @@ def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
   """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
   if implementation == "pallas":
+    # imported here: the default path needs no Pallas/Triton at all
+    from stt_jax.models import fused_attention  # pylint: disable=g-import-not-at-top
     if fused_attention.supported(q.shape, k.shape):
       return fused_attention.fused_attention(q, k, v)
     implementation = "xla"
