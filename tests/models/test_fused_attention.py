@@ -73,13 +73,16 @@ def test_shapes_it_does_not_take_are_refused():
 
 
 def test_sst_block_computes_the_same_function_with_pallas_as_with_xla():
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 4, 16, 16, 8)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 2, 16, 16, 8)), jnp.float32)
   blocks = {impl: attention.SSTBlock(num_heads=2, kv_grid=4, implementation=impl, chunks=2)
             for impl in ("xla", "pallas")}
   params = blocks["xla"].init(jax.random.key(0), x)
   # the output projection starts at zero (block = identity): make it count
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: p + 0.1 if "proj" in jax.tree_util.keystr(path) else p, params)
+  jaxpr = str(jax.make_jaxpr(lambda p: blocks["pallas"].apply(p, x))(params))
+  assert "pallas_call" in jaxpr  # the kernel runs (not a silent fallback to XLA)
+  assert "pallas_call" not in str(jax.make_jaxpr(lambda p: blocks["xla"].apply(p, x))(params))
   outs, grads = {}, {}
   for impl, block in blocks.items():
     loss = lambda p, b=block: jnp.sum(jnp.sin(b.apply(p, x)))
