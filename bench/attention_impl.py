@@ -73,6 +73,9 @@ def main() -> None:
   image = jnp.asarray(np.random.default_rng(0).random((args.batch, *patch, 1), np.float32))
   out = {"device": jax.devices()[0].device_kind, "patch": list(patch), "batch": args.batch,
          "dtype": args.dtype, "chunks": args.chunks, "reference": impls[0]}
+  os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+  name = out["device"].replace(" ", "_").lower()
+  path = os.path.join(ROOT, "bench/results", f"attention_impl-{name}.json")
   params = reference = None
   for impl in impls:
     cfg = mitoem_r.get_config("stt")
@@ -110,9 +113,6 @@ def main() -> None:
             if "leaf" in row else "")
     print(f"{impl}: {row['step_s'] * 1e3:.1f} ms fwd+grad, compile {compile_s:.1f} s, "
           f"loss {row['loss']:.6f}{diff}", flush=True)
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    name = out["device"].replace(" ", "_").lower()
-    path = os.path.join(ROOT, "bench/results", f"attention_impl-{name}.json")
     with open(path, "w") as f:  # after every implementation: a cut run keeps its rows
       json.dump(out, f, indent=2)
   for impl in impls[1:]:
