@@ -14,7 +14,9 @@ in jnp.
 q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]; keys <= MAX_KEYS
 and queries a multiple of 16 (`supported`). Same function as
 `jax.nn.dot_product_attention` (scale 1/sqrt(dim)), float32 softmax. Off a GPU
-Pallas' interpreter runs the same kernels (slow; for tests).
+Pallas' interpreter runs the same kernels (slow; for tests). float32 products
+follow `jax_default_matmul_precision` as XLA's do: TF32 on a GPU unless it is
+"highest"/"float32" (then IEEE float32, which the float64-reference tests need).
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ _MIN_TILE = 16  # Triton's dot needs every tile dimension >= 16
 _TILE_ELEMENTS = {"forward": 64 * 256, "backward": 32 * 256}
 _WARPS = 8
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # exp() -> 0 without inf - inf
+_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "float32": jax.lax.Precision.HIGHEST,
+               "high": jax.lax.Precision.HIGH, "tensorfloat32": jax.lax.Precision.HIGH,
+               "bfloat16_3x": jax.lax.Precision.HIGH}
+
+
+def matmul_precision() -> jax.lax.Precision:
+  """The precision jnp's products get now (`jax.default_matmul_precision`)."""
+  return _PRECISIONS.get(str(jax.config.jax_default_matmul_precision).lower(),
+                         jax.lax.Precision.DEFAULT)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -56,24 +67,27 @@ def supported(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, keys: int,
-                    dim: int):
+                    dim: int, precision: jax.lax.Precision):
+  dot = functools.partial(plgpu.dot, precision=precision)
   dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
   head = (jnp.arange(dim_padded) < dim)[None, :]
   q = plgpu.load(q_ref, mask=head, other=0.0)
   k = plgpu.load(k_ref, mask=head, other=0.0)
   v = plgpu.load(v_ref, mask=head, other=0.0)
-  s = plgpu.dot(q, k, trans_b=True) * scale  # [block, keys_padded], float32
+  s = dot(q, k, trans_b=True) * scale  # [block, keys_padded], float32
   s = jnp.where((jnp.arange(keys_padded) < keys)[None, :], s, _MASKED)
   m = jnp.max(s, axis=1)
   p = jnp.exp(s - m[:, None])
   l = jnp.sum(p, axis=1)
-  o = plgpu.dot(p.astype(v.dtype), v) / l[:, None]
+  o = dot(p.astype(v.dtype), v) / l[:, None]
   plgpu.store(o_ref, o.astype(o_ref.dtype), mask=head)
   lse_ref[...] = m + jnp.log(l)
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
-                     *, scale: float, keys: int, dim: int, block: int, blocks_per_run: int):
+                     *, scale: float, keys: int, dim: int, block: int, blocks_per_run: int,
+                     precision: jax.lax.Precision):
+  dot = functools.partial(plgpu.dot, precision=precision)
   dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
   head = (jnp.arange(dim_padded) < dim)[None, :]
   valid = (jnp.arange(keys_padded) < keys)[None, :]
@@ -86,13 +100,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk
     rows = pl.dslice((first + i) * block, block)
     q = plgpu.load(q_ref.at[rows, :], mask=head, other=0.0)
     do = plgpu.load(do_ref.at[rows, :], mask=head, other=0.0)
-    s = jnp.where(valid, plgpu.dot(q, k, trans_b=True) * scale, _MASKED)
+    s = jnp.where(valid, dot(q, k, trans_b=True) * scale, _MASKED)
     p = jnp.exp(s - lse_ref[rows][:, None])  # softmax from the saved log-sum-exp
-    dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-    ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[rows][:, None]) * scale
-    dq = plgpu.dot(ds.astype(k.dtype), k)
+    dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+    ds = p * (dot(do, v, trans_b=True) - delta_ref[rows][:, None]) * scale
+    dq = dot(ds.astype(k.dtype), k)
     plgpu.store(dq_ref.at[rows, :], dq.astype(dq_ref.dtype), mask=head)
-    dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   zeros = jnp.zeros((keys_padded, dim_padded), jnp.float32)
@@ -107,12 +121,13 @@ def _runs(blocks: int) -> int:
   return max(d for d in range(1, 17) if blocks % d == 0)
 
 
-def _forward(q, k, v, keys: int, interpret: bool):
+def _forward(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision):
   b, nq, h, dim = q.shape
   keys_padded = k.shape[1]
   dim_padded = _pow2_at_least(dim)
   block = _query_block(nq, keys_padded, "forward")
-  kernel = functools.partial(_forward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim)
+  kernel = functools.partial(_forward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim,
+                             precision=precision)
   rows = pl.BlockSpec((None, block, None, dim_padded), lambda i, j, n: (j, i, n, 0))
   whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda i, j, n: (j, 0, n, 0))
   return pl.pallas_call(
@@ -125,7 +140,8 @@ def _forward(q, k, v, keys: int, interpret: bool):
       interpret=interpret, name="fused_attention_forward")(q, k, v)
 
 
-def _backward(q, k, v, o, lse, do, keys: int, interpret: bool):
+def _backward(q, k, v, o, lse, do, keys: int, interpret: bool,
+              precision: jax.lax.Precision):
   b, nq, h, dim = q.shape
   keys_padded = k.shape[1]
   dim_padded = _pow2_at_least(dim)
@@ -133,7 +149,8 @@ def _backward(q, k, v, o, lse, do, keys: int, interpret: bool):
   runs = _runs(nq // block)
   delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
   kernel = functools.partial(_backward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim,
-                             block=block, blocks_per_run=nq // block // runs)
+                             block=block, blocks_per_run=nq // block // runs,
+                             precision=precision)
   all_rows = pl.BlockSpec((None, nq, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
   whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
   per_row = pl.BlockSpec((None, None, nq), lambda r, j, n: (j, n, 0))
@@ -152,19 +169,19 @@ def _backward(q, k, v, o, lse, do, keys: int, interpret: bool):
   return dq, unrun(dk).astype(k.dtype), unrun(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, keys: int, interpret: bool):
-  return _forward(q, k, v, keys, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision):
+  return _forward(q, k, v, keys, interpret, precision)[0]
 
 
-def _attention_fwd(q, k, v, keys, interpret):
-  o, lse = _forward(q, k, v, keys, interpret)
+def _attention_fwd(q, k, v, keys, interpret, precision):
+  o, lse = _forward(q, k, v, keys, interpret, precision)
   return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(keys, interpret, residuals, do):
+def _attention_bwd(keys, interpret, precision, residuals, do):
   q, k, v, o, lse = residuals
-  return _backward(q, k, v, o, lse, do, keys, interpret)
+  return _backward(q, k, v, o, lse, do, keys, interpret, precision)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -183,4 +200,5 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     interpret = jax.default_backend() != "gpu"
   keys = k.shape[1]
   pad = ((0, 0), (0, _pow2_at_least(keys) - keys), (0, 0), (0, 0))
-  return _attention(q, jnp.pad(k, pad), jnp.pad(v, pad), keys, interpret)
+  # read at trace time, like jnp's products: the backward keeps the forward's
+  return _attention(q, jnp.pad(k, pad), jnp.pad(v, pad), keys, interpret, matmul_precision())

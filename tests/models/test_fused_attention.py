@@ -109,3 +109,17 @@ def test_lowers_to_triton_kernels_for_a_gpu():
         lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == 2  # forward and backward kernels
+
+
+def test_float32_products_follow_the_default_matmul_precision():
+  """On a GPU, Triton's float32 dot is TF32 unless asked otherwise; the kernels
+  must ask as jnp's products do, so `jax.default_matmul_precision("highest")`
+  gives IEEE float32 in both (the float64-reference tests above need it there)."""
+  q, k = jnp.zeros((1, 32, 1, 16)), jnp.zeros((1, 16, 1, 16))
+  trace = lambda: str(jax.make_jaxpr(jax.grad(
+      lambda q: fused_attention.fused_attention(q, k, k).sum()))(q))
+  assert trace().count("Precision.HIGHEST") == 0
+  with jax.default_matmul_precision("highest"):
+    text = trace()
+  # the kernels: 2 products forward, 5 backward; and the backward's jnp einsum (delta)
+  assert text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == 8
