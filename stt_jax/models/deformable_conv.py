@@ -67,6 +67,9 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
                         indexing="ij")
   base_y = jnp.arange(h)[:, None, None] + ky.reshape(1, 1, -1)   # [h, 1, k]
   base_x = jnp.arange(w)[None, :, None] + kx.reshape(1, 1, -1)   # [1, w, k]
+  # positions in float32 (or wider) whatever x's dtype: bfloat16 has spacing 1.0 from 128
+  # to 256, so it would round a sample at x = 150.4 to 150
+  offsets = offsets.astype(jnp.promote_types(offsets.dtype, jnp.float32))
   ys = base_y[:, :, None, :] + offsets[..., 0]   # [n, h, w, g, k]
   xs = base_x[:, :, None, :] + offsets[..., 1]
   cg = c // groups
@@ -78,7 +81,7 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
 
   # over batch, then groups: columns [n, g, h, w, k, cg]
   sample_groups = jax.vmap(sample_one, in_axes=(2, 2, 2))
-  columns = jax.vmap(sample_groups)(grouped, ys.astype(x.dtype), xs.astype(x.dtype))
+  columns = jax.vmap(sample_groups)(grouped, ys, xs)
   if mask is not None:
     columns = columns * jnp.moveaxis(mask, 3, 1)[..., None].astype(x.dtype)
   weights = kernel.reshape(taps, groups, cg, c_out)

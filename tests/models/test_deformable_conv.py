@@ -118,6 +118,19 @@ def test_jit_vmap_and_bfloat16():
   assert _rel_err(np.asarray(bf16, np.float32), ref) < 3e-2
 
 
+def test_bfloat16_input_samples_at_float32_positions():
+  """bfloat16 values, but the sampling positions (pixel + tap + offset) must
+  not be rounded to bfloat16: from 128 to 256 its spacing is a whole pixel."""
+  rng, x, kernel, offsets = _inputs(7, n=1, h=3, w=200, c=2, c_out=1, groups=1)
+  x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # values bf16 holds exactly
+  offsets[..., 1] = 0.375  # exact in bfloat16; x positions 0.375 ... 200.375
+  ref = _scipy_reference(x, offsets, kernel)
+  got = deformable_conv2d(jnp.asarray(x, jnp.bfloat16), jnp.asarray(offsets, jnp.bfloat16),
+                          jnp.asarray(kernel, jnp.bfloat16))
+  err = np.abs(np.asarray(got, np.float64) - ref)[..., 130:198, :]  # positions in [128, 256)
+  assert err.max() <= 0.02 * np.abs(ref).max(), err.max()
+
+
 def test_module_starts_as_a_plain_convolution():
   rng = np.random.default_rng(5)
   x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
