@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-def _bilinear_gather(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Array:
+def _bilinear_gather(image: jax.Array, ys: jax.Array, xs: jax.Array,
+                     accumulate_dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """Samples image [h, w, c] at float positions ys, xs [p] -> [p, c].
 
   One gather per position of its whole 2x2 neighbourhood (4c values in a
@@ -25,9 +26,14 @@ def _bilinear_gather(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Arra
   neighbours and a zero border: a quarter of the gathers, each four times
   wider, than one per corner, and in the gradient a quarter of the
   scatter-adds. Positions whose whole neighbourhood lies outside get zero.
+
+  The copy and the weighting are in `accumulate_dtype`, so the gradient's
+  scatter-add (each pixel gets ~36 contributions for a 3x3 kernel) sums in
+  float32 even for a bfloat16 image, as torchvision's deform_conv2d does
+  under autocast; the result is cast back to the image's dtype.
   """
   h, w, c = image.shape
-  padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0)))
+  padded = jnp.pad(image.astype(accumulate_dtype), ((1, 1), (1, 1), (0, 0)))
   quads = jnp.concatenate([padded[:-1, :-1], padded[:-1, 1:],     # [h+1, w+1, 4c]
                            padded[1:, :-1], padded[1:, 1:]], axis=-1)
   y0 = jnp.floor(ys)
@@ -41,11 +47,12 @@ def _bilinear_gather(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Arra
   vals = jnp.take(quads.reshape(-1, 4 * c), row * (w + 1) + col, axis=0).reshape(-1, 4, c)
   weights = jnp.stack([(1.0 - wy) * (1.0 - wx), (1.0 - wy) * wx,
                        wy * (1.0 - wx), wy * wx], axis=-1) * inside[:, None]
-  return jnp.einsum("pkc,pk->pc", vals, weights.astype(image.dtype))
+  return jnp.einsum("pkc,pk->pc", vals, weights.astype(vals.dtype)).astype(image.dtype)
 
 
 def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
-                      mask: jax.Array | None = None) -> jax.Array:
+                      mask: jax.Array | None = None,
+                      accumulate_dtype: jnp.dtype | None = jnp.float32) -> jax.Array:
   """Stride-1, 'same'-size deformable convolution.
 
   Args:
@@ -54,6 +61,8 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
       taps in row-major kernel order.
     kernel: [kh, kw, c, c_out] weights.
     mask: optional [n, h, w, groups, kh * kw] modulation.
+    accumulate_dtype: dtype the bilinear sampling and its gradient's
+      scatter-add compute in (None: x's dtype); at least x's precision.
   Returns:
     [n, h, w, c_out].
   """
@@ -75,8 +84,10 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
   cg = c // groups
   grouped = x.reshape(n, h, w, groups, cg)
 
+  accumulate = jnp.promote_types(x.dtype, accumulate_dtype or x.dtype)
+
   def sample_one(img, y, x_):  # img [h, w, cg], y/x [h, w, k] -> [h, w, k, cg]
-    vals = _bilinear_gather(img, y.reshape(-1), x_.reshape(-1))
+    vals = _bilinear_gather(img, y.reshape(-1), x_.reshape(-1), accumulate)
     return vals.reshape(h, w, taps, cg)
 
   # over batch, then groups: columns [n, g, h, w, k, cg]

@@ -1,0 +1,113 @@
+"""The deformable fusion's conv on its own: forward + gradient time and accuracy
+for each dtype its bilinear sampling (and the gradient's scatter-add) sums in.
+
+  python3 bench/deform_impl.py [--shape=16,160,160,36] [--groups=4] [--accumulate=float32,input]
+
+Default shape: one level-1 chunk of the paper's STT-UNET step (32x320x320,
+batch 2, chunks 4: 16 slices of 160x160, 36 channels, 4 offset groups), whose
+gradient scatter-add was the largest operation of that step on an H200 (README,
+"On a GPU, STT-UNET against PyTorch"). Inputs in --dtype (bfloat16), offsets
+uniform in +-(--offset-scale) pixels, all rounded to --dtype. Accuracy: each
+gradient's relative error to a float32 run on the same (rounded) inputs with
+HIGHEST-precision products. Writes
+bench/results/deform_impl-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stt_jax.models.deformable_conv import deformable_conv2d  # noqa: E402
+
+ARGS = ("x", "offsets", "kernel")
+
+
+def inputs(shape, groups: int, offset_scale: float, seed: int = 0) -> dict:
+  """float32 numpy inputs: x [n, h, w, c], offsets [n, h, w, groups, 9, 2],
+  kernel [3, 3, c, c], probe [n, h, w, c] (the loss is sum(out * probe))."""
+  n, h, w, c = shape
+  rng = np.random.default_rng(seed)
+  return {"x": rng.standard_normal(shape, np.float32),
+          "offsets": rng.uniform(-offset_scale, offset_scale,
+                                 (n, h, w, groups, 9, 2)).astype(np.float32),
+          "kernel": (rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c)).astype(np.float32),
+          "probe": rng.standard_normal(shape, np.float32)}
+
+
+def gradient_fn(dtype, accumulate_dtype):
+  """(x, offsets, kernel, probe) -> gradients of sum(deform(x) * probe) w.r.t.
+  x, offsets and kernel."""
+  def loss(x, offsets, kernel, probe):
+    out = deformable_conv2d(x.astype(dtype), offsets.astype(dtype), kernel.astype(dtype),
+                            accumulate_dtype=accumulate_dtype)
+    return jnp.sum(out.astype(jnp.float32) * probe)
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def relative_errors(grads, reference) -> dict:
+  return {name: float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+          for name, g, r in zip(ARGS, grads, reference)}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", default="16,160,160,36", help="n,h,w,c")
+  parser.add_argument("--groups", type=int, default=4)
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--accumulate", default="float32,input",
+                      help="comma list: float32, or input (the inputs' dtype)")
+  parser.add_argument("--offset-scale", type=float, default=1.5)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench/results"))
+  args = parser.parse_args(argv)
+  shape = tuple(int(v) for v in args.shape.split(","))
+  # inputs the compute dtype holds exactly: the errors are the computation's,
+  # not the inputs' rounding
+  data = {k: jnp.asarray(v).astype(args.dtype).astype(jnp.float32)
+          for k, v in inputs(shape, args.groups, args.offset_scale).items()}
+  operands = (data["x"], data["offsets"], data["kernel"], data["probe"])
+  with jax.default_matmul_precision("highest"):
+    reference = jax.jit(gradient_fn(jnp.float32, jnp.float32))(*operands)
+  out = {"device": jax.devices()[0].device_kind, "shape": list(shape), "groups": args.groups,
+         "dtype": args.dtype, "offset_scale": args.offset_scale,
+         "reference": "float32 inputs, float32 sampling, HIGHEST products"}
+  os.makedirs(args.out_dir, exist_ok=True)
+  name = out["device"].replace(" ", "_").lower()
+  path = os.path.join(args.out_dir, f"deform_impl-{name}.json")
+  for variant in [v for v in args.accumulate.split(",") if v]:
+    accumulate = None if variant == "input" else jnp.dtype(variant)
+    t0 = time.perf_counter()  # compiled once, ahead of time: the program timed is the one read
+    fn = jax.jit(gradient_fn(jnp.dtype(args.dtype), accumulate)).lower(*operands).compile()
+    compile_s = time.perf_counter() - t0
+    grads = jax.block_until_ready(fn(*operands))
+    times = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*operands))
+      times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    row = {"step_s": step_s, "compile_s": compile_s,
+           "pixels_per_s": shape[0] * shape[1] * shape[2] / step_s,
+           "grad_relative_error": relative_errors(grads, reference)}
+    out[f"accumulate_{variant}"] = row
+    errors = ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
+    print(f"accumulate {variant:8s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "
+          f"{compile_s:5.1f} s, gradient error {errors}", flush=True)
+    with open(path, "w") as f:  # after every variant: a cut run keeps its rows
+      json.dump(out, f, indent=2)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
