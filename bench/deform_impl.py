@@ -1,7 +1,13 @@
 """The deformable fusion's conv on its own: forward + gradient time and accuracy
-for each dtype its bilinear sampling (and the gradient's scatter-add) sums in.
+for each way of computing its gradient's scatter-add.
 
-  python3 bench/deform_impl.py [--shape=16,160,160,36] [--groups=4] [--accumulate=float32,input]
+  python3 bench/deform_impl.py [--shape=16,160,160,36] [--groups=4]
+      [--variants=float32,input,float32+sorted,input+sorted]
+
+A variant is the dtype the bilinear sampling and the gradient's scatter-add
+sum in (float32, or input: the inputs' dtype), "+sorted" to sort the samples
+by the row they read before that scatter-add (deformable_conv2d's
+accumulate_dtype and sorted_gradient).
 
 Default shape: one level-1 chunk of the paper's STT-UNET step (32x320x320,
 batch 2, chunks 4: 16 slices of 160x160, 36 channels, 4 offset groups), whose
@@ -45,12 +51,12 @@ def inputs(shape, groups: int, offset_scale: float, seed: int = 0) -> dict:
           "probe": rng.standard_normal(shape, np.float32)}
 
 
-def gradient_fn(dtype, accumulate_dtype):
+def gradient_fn(dtype, accumulate_dtype, sorted_gradient: bool = False):
   """(x, offsets, kernel, probe) -> gradients of sum(deform(x) * probe) w.r.t.
   x, offsets and kernel."""
   def loss(x, offsets, kernel, probe):
     out = deformable_conv2d(x.astype(dtype), offsets.astype(dtype), kernel.astype(dtype),
-                            accumulate_dtype=accumulate_dtype)
+                            accumulate_dtype=accumulate_dtype, sorted_gradient=sorted_gradient)
     return jnp.sum(out.astype(jnp.float32) * probe)
   return jax.grad(loss, argnums=(0, 1, 2))
 
@@ -65,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--shape", default="16,160,160,36", help="n,h,w,c")
   parser.add_argument("--groups", type=int, default=4)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--accumulate", default="float32,input",
-                      help="comma list: float32, or input (the inputs' dtype)")
+  parser.add_argument("--variants", default="float32,input,float32+sorted,input+sorted",
+                      help="comma list of float32 or input (the dtype the scatter-add sums "
+                      "in), each optionally +sorted")
   parser.add_argument("--offset-scale", type=float, default=1.5)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench/results"))
@@ -85,10 +92,14 @@ def main(argv: list[str] | None = None) -> None:
   os.makedirs(args.out_dir, exist_ok=True)
   name = out["device"].replace(" ", "_").lower()
   path = os.path.join(args.out_dir, f"deform_impl-{name}.json")
-  for variant in [v for v in args.accumulate.split(",") if v]:
-    accumulate = None if variant == "input" else jnp.dtype(variant)
+  for variant in [v for v in args.variants.split(",") if v]:
+    dtype_name, _, sort = variant.partition("+")
+    if dtype_name not in ("float32", "input") or sort not in ("", "sorted"):
+      parser.error(f"unknown variant {variant!r}: float32 or input, optionally +sorted")
+    accumulate = None if dtype_name == "input" else jnp.float32
     t0 = time.perf_counter()  # compiled once, ahead of time: the program timed is the one read
-    fn = jax.jit(gradient_fn(jnp.dtype(args.dtype), accumulate)).lower(*operands).compile()
+    fn = jax.jit(gradient_fn(jnp.dtype(args.dtype), accumulate, sort == "sorted")).lower(
+        *operands).compile()
     compile_s = time.perf_counter() - t0
     grads = jax.block_until_ready(fn(*operands))
     times = []
@@ -100,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     row = {"step_s": step_s, "compile_s": compile_s,
            "pixels_per_s": shape[0] * shape[1] * shape[2] / step_s,
            "grad_relative_error": relative_errors(grads, reference)}
-    out[f"accumulate_{variant}"] = row
+    out[variant] = row
     errors = ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
-    print(f"accumulate {variant:8s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "
+    print(f"{variant:14s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "
           f"{compile_s:5.1f} s, gradient error {errors}", flush=True)
     with open(path, "w") as f:  # after every variant: a cut run keeps its rows
       json.dump(out, f, indent=2)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ ATTENTION_CHUNKS = 1
 # model.attention.implementation of our timed programs (--attention-impl);
 # FLOPs are counted on XLA's attention (the model's FLOPs, whatever runs them)
 ATTENTION_IMPL = "auto"
+# more config overrides of our timed programs, "key=value" (--override)
+OVERRIDES: tuple[str, ...] = ()
 # (name, patch, batch per device)
 CASES = {"train": {"paper": ((32, 320, 320), 2), "small": ((16, 128, 128), 2),
                    "tiny": ((8, 64, 64), 2)},
@@ -86,10 +89,10 @@ def _inputs(patch, batch, seed=0):
 
 def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices=None,
                  model: str = "baseline", build: bool = True, chunks: int = 1,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", overrides=()):
   """(cfg, loop.Setup or None) of `model` (a preset) at the paper's training
   settings; the loss is the original's weighted BCE alone (dice weight 0), as
-  the peer's."""
+  the peer's; then `overrides` ("key=value")."""
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
   from stt_jax.presets import apply_preset  # pylint: disable=g-import-not-at-top
   from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -102,7 +105,27 @@ def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices
   cfg.loss.dice_weight = 0.0
   cfg.model.attention.chunks = chunks
   cfg.model.attention.implementation = attention_impl
+  apply_overrides(cfg, overrides)
   return cfg, (loop.build(cfg, devices=devices) if build else None)
+
+
+def apply_overrides(cfg, overrides) -> None:
+  """Sets "key=value" entries (Python literals, else strings) on an existing
+  config key, as --config.key=value does for stt_jax.main."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    parent, _, leaf = key.rpartition(".")
+    node = cfg
+    for part in filter(None, parent.split(".")):
+      node = node.get(part) if hasattr(node, "get") else None
+    if not sep or node is None or not hasattr(node, "get") or leaf not in node:
+      raise SystemExit(f"--override {item!r}: want key=value with an existing config key")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value
 
 
 def _forward_fn(setup):
@@ -158,7 +181,7 @@ def _jax_row(kind, case, patch, per_device, n, dtype, model, repeats, device,
   import jax  # pylint: disable=g-import-not-at-top
   from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   cfg, setup = _bench_setup(patch, per_device * n, dtype, model=model, chunks=ATTENTION_CHUNKS,
-                            attention_impl=ATTENTION_IMPL)
+                            attention_impl=ATTENTION_IMPL, overrides=OVERRIDES)
   image, target = _inputs(patch, per_device * n)
   batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
   if kind == "infer":
@@ -192,6 +215,8 @@ def _jax_row(kind, case, patch, per_device, n, dtype, model, repeats, device,
          "step_s": step_s, "voxels_per_s": voxels / step_s, "compile_s": compile_s,
          "peak_device_bytes": stats.get("peak_bytes_in_use"),
          "attention_chunks": ATTENTION_CHUNKS, "attention_impl": ATTENTION_IMPL}
+  if OVERRIDES:
+    row["overrides"] = list(OVERRIDES)
   if flops:
     row["flops_per_step"] = float(flops)
     row["flops_per_voxel"] = float(flops) / voxels
@@ -451,7 +476,8 @@ def _fmt_bytes(b) -> str:
 
 def run(kinds, cases=None, dtypes=None, repeats=10,
         modes=("eager", "compile"), models=MODELS, chunks: int = 1,
-        check: str = "first", flops: str = "after", attention_impl: str = "auto") -> dict:
+        check: str = "first", flops: str = "after", attention_impl: str = "auto",
+        overrides=()) -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   have_torch = importlib.util.find_spec("torch") is not None
   import jax  # pylint: disable=g-import-not-at-top
@@ -460,6 +486,9 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   dtypes = tuple(dtypes or (("float32",) if on_cpu else ("float32", "bfloat16")))
   result = {"kinds": list(kinds), "models": list(models), "cases": cases,
             "dtypes": list(dtypes), "torch": None}
+  if overrides:  # a typo fails here, not in a worker after the peer's check
+    apply_overrides(_bench_setup((8, 64, 64), 2, "float32", model=models[0], build=False)[0],
+                    overrides)
   if check == "only" and not have_torch:
     raise SystemExit("--check=only needs PyTorch (and torchvision) importable")
   if have_torch and check != "skip":
@@ -489,6 +518,9 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
     tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
     if attention_impl != "auto":  # not to overwrite the default's rows
       tag += "-attention_" + attention_impl
+    for item in overrides:  # model.attention.deform_sorted_gradient=True -> deform_sorted_gradient_True
+      key, _, value = item.partition("=")
+      tag += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", f"{key.rpartition('.')[2]}_{value}")
     path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}{tag}-{name}.json")
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
@@ -500,7 +532,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
         for dtype in dtypes:
           one = json.dumps({"kind": kind, "cases": [case], "dtypes": [dtype],
                             "repeats": repeats, "model": model, "chunks": chunks,
-                            "attention_impl": attention_impl})
+                            "attention_impl": attention_impl, "overrides": list(overrides)})
           ours = _spawn(["--worker=jax", f"--spec={one}"])
           result.update({k: ours[k] for k in ("device", "platform", "devices", "jax",
                                               "matmul_bf16_flops")})
@@ -581,6 +613,9 @@ def main(kinds=("train", "infer")) -> None:
   parser.add_argument("--attention-impl", default="auto",
                       help="model.attention.implementation of our programs: auto, xla, "
                       "cudnn or pallas (the fused spatial attention)")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override of our programs (repeatable), e.g. "
+                      "model.attention.deform_sorted_gradient=True; the JSON's name gains it")
   parser.add_argument("--flops", default="after", choices=["after", "skip"],
                       help="count our programs' FLOPs (XLA cost analysis, ~40 s on a CPU) "
                       "after timing, or skip it and fill them in later with --add-flops")
@@ -602,9 +637,10 @@ def main(kinds=("train", "infer")) -> None:
     elif args.worker == "flops":
       out = _flops_worker(spec)
     elif args.worker == "jax":
-      global ATTENTION_CHUNKS, ATTENTION_IMPL  # pylint: disable=global-statement
+      global ATTENTION_CHUNKS, ATTENTION_IMPL, OVERRIDES  # pylint: disable=global-statement
       ATTENTION_CHUNKS = int(spec.get("chunks", 1))
       ATTENTION_IMPL = spec.get("attention_impl", "auto")
+      OVERRIDES = tuple(spec.get("overrides", ()))
       out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
                         spec.get("model", "baseline"))
     else:
@@ -619,7 +655,7 @@ def main(kinds=("train", "infer")) -> None:
       tuple(d for d in args.dtypes.split(",") if d) or None, args.repeats,
       tuple(args.modes.split(",")),
       tuple(m for m in args.models.split(",") if m), args.attention_chunks, args.check,
-      args.flops, args.attention_impl)
+      args.flops, args.attention_impl, tuple(args.override))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.decoder_levels = (3, 2, 1)
   c.model.attention.deform_groups = 4
   c.model.attention.deform_modulation = False   # eq. 3 has none
+  # sort the deformable samples by the pixel they read before the gradient's
+  # scatter-add: same values, fewer atomics for a sort (a speed choice; GPU)
+  c.model.attention.deform_sorted_gradient = False
   # auto = xla (measured on an H100: cudnn no faster here, gradients disagree)
   c.model.attention.implementation = "auto"     # auto | xla | cudnn | pallas (fused spatial stream)
   # > 1: each SST block runs its streams in this many sequential pieces, each

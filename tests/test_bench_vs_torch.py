@@ -62,3 +62,37 @@ def test_other_output_is_passed_through(capsys):
   script = "print('compiling ...', flush=True)\nprint('RESULT ' + '{\"a\": 1}', flush=True)\n"
   assert vs_torch.read_worker([sys.executable, "-c", script]) == {"a": 1}
   assert "compiling ..." in capsys.readouterr().out
+
+
+def test_overrides_reach_our_config_and_typos_are_refused():
+  cfg, _ = vs_torch._bench_setup(
+      (8, 64, 64), 2, "float32", model="stt", build=False,
+      overrides=("model.attention.deform_sorted_gradient=True", "model.attention.kv_grid=8",
+                 "model.attention.implementation=xla"))
+  assert cfg.model.attention.deform_sorted_gradient is True
+  assert cfg.model.attention.kv_grid == 8 and cfg.model.attention.implementation == "xla"
+  for bad in ("model.attention.deform_sorted=True", "model.attention", "nope.kv_grid=1"):
+    with pytest.raises(SystemExit, match="existing config key"):
+      vs_torch._bench_setup((8, 64, 64), 2, "float32", model="stt", build=False,
+                            overrides=(bad,))
+
+
+def test_overrides_travel_to_the_worker_and_into_the_file_name(monkeypatch, tmp_path):
+  specs = []
+
+  def fake_spawn(argv, env=None):
+    del env
+    spec = __import__("json").loads(argv[1].partition("=")[2])
+    specs.append(spec)
+    return {"device": "Fake GPU", "platform": "gpu", "devices": 1, "jax": "0",
+            "matmul_bf16_flops": None, "rows": [{"framework": "jax", "step_s": 1.0}]}
+
+  monkeypatch.setattr(vs_torch, "_spawn", fake_spawn)
+  monkeypatch.setattr(vs_torch, "ROOT", str(tmp_path))
+  monkeypatch.setitem(sys.modules, "torch", None)  # no peer: ours only
+  monkeypatch.setattr(vs_torch, "_print", lambda *a: None)
+  vs_torch.run(("train",), ["tiny"], ("float32",), 1, models=("stt",), check="skip",
+               flops="skip", overrides=("model.attention.deform_sorted_gradient=True",))
+  assert specs[0]["overrides"] == ["model.attention.deform_sorted_gradient=True"]
+  assert os.listdir(tmp_path / "bench" / "results") == [
+      "vs_torch-train-stt-deform_sorted_gradient_True-fake_gpu.json"]

@@ -163,6 +163,7 @@ class SSTBlock(nn.Module):
   kv_grid: int = 16
   deform_groups: int = 4
   deform_modulation: bool = False
+  deform_sorted_gradient: bool = False
   dtype: jnp.dtype = jnp.float32
   implementation: str = "auto"
   chunks: int = 1
@@ -212,6 +213,7 @@ class SSTBlock(nn.Module):
     if self.fusion == "deform":
       groups = math.gcd(self.deform_groups, c)
       fuse = DeformableConv(c, (3, 3), groups, self.deform_modulation, self.dtype,
+                            sorted_gradient=self.deform_sorted_gradient,
                             name="deform_fuse")
       out = chunked_apply(fuse, self.chunks, xs.reshape(b * t, h, w, c),
                           xt.reshape(b * t, h, w, c))

@@ -6,53 +6,73 @@ out[n, h, w, o] = sum_{k, c} W[k, c, o] * m[n, h, w, g(c), k]
 with (dy, dx) = offsets[n, h, w, g(c), k], sampled bilinearly, zero outside
 the image (the paper's eq. 3; the modulation m is optional, off by default).
 Channels are split into `offset_groups` contiguous groups that share offsets.
-Gathers are written with `jnp.take_along_axis`, so it runs on any backend
-under jit, vmap and grad without custom kernels.
+Gathers are plain jnp indexing (one row per sample from a table of 2x2
+neighbourhoods), so it runs on any backend under jit, vmap and grad without
+custom kernels.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 
-def _bilinear_gather(image: jax.Array, ys: jax.Array, xs: jax.Array,
-                     accumulate_dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  """Samples image [h, w, c] at float positions ys, xs [p] -> [p, c].
+def _neighbourhoods(x: jax.Array, groups: int, dtype: jnp.dtype) -> jax.Array:
+  """x [n, h, w, c] -> rows [n * (h+1) * (w+1) * groups, 4 * c/groups].
 
-  One gather per position of its whole 2x2 neighbourhood (4c values in a
-  row), from a copy holding each pixel with its right, lower and lower-right
-  neighbours and a zero border: a quarter of the gathers, each four times
-  wider, than one per corner, and in the gradient a quarter of the
-  scatter-adds. Positions whose whole neighbourhood lies outside get zero.
-
-  The copy and the weighting are in `accumulate_dtype`, so the gradient's
-  scatter-add (each pixel gets ~36 contributions for a 3x3 kernel) sums in
-  float32 even for a bfloat16 image, as torchvision's deform_conv2d does
-  under autocast; the result is cast back to the image's dtype.
+  Row ((b * (h+1) + i) * (w+1) + j) * groups + g holds group g's channels of
+  the 2x2 neighbourhood whose top-left pixel is (i-1, j-1), in a zero border:
+  (i-1, j-1), (i-1, j), (i, j-1), (i, j). A bilinear sample is then one
+  gather of one row, and in the gradient one scatter-add of one row: a quarter
+  of the gathers, each four times wider, than one per corner.
   """
-  h, w, c = image.shape
-  padded = jnp.pad(image.astype(accumulate_dtype), ((1, 1), (1, 1), (0, 0)))
-  quads = jnp.concatenate([padded[:-1, :-1], padded[:-1, 1:],     # [h+1, w+1, 4c]
-                           padded[1:, :-1], padded[1:, 1:]], axis=-1)
-  y0 = jnp.floor(ys)
-  x0 = jnp.floor(xs)
-  wy, wx = ys - y0, xs - x0
-  # a top-left corner in [-1, h-1] x [-1, w-1] keeps a corner in the image;
-  # its neighbourhood is quads[y0 + 1, x0 + 1]
-  inside = (y0 >= -1) & (y0 <= h - 1) & (x0 >= -1) & (x0 <= w - 1)
-  row = jnp.clip(y0, -1, h - 1).astype(jnp.int32) + 1
-  col = jnp.clip(x0, -1, w - 1).astype(jnp.int32) + 1
-  vals = jnp.take(quads.reshape(-1, 4 * c), row * (w + 1) + col, axis=0).reshape(-1, 4, c)
-  weights = jnp.stack([(1.0 - wy) * (1.0 - wx), (1.0 - wy) * wx,
-                       wy * (1.0 - wx), wy * wx], axis=-1) * inside[:, None]
-  return jnp.einsum("pkc,pk->pc", vals, weights.astype(vals.dtype)).astype(image.dtype)
+  n, h, w, c = x.shape
+  padded = jnp.pad(x.astype(dtype).reshape(n, h, w, groups, c // groups),
+                   ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  quads = jnp.concatenate([padded[:, :-1, :-1], padded[:, :-1, 1:],
+                           padded[:, 1:, :-1], padded[:, 1:, 1:]], axis=-1)
+  return quads.reshape(-1, 4 * (c // groups))
+
+
+def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+  """table [rows, width], index [p] (in range) -> [p, width]; autodiff's
+  gradient is an atomic scatter-add in the order of `index`."""
+  return table.at[index].get(mode="promise_in_bounds")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_rows_sorted_gradient(table: jax.Array, index: jax.Array, rows: int) -> jax.Array:
+  """_take_rows whose gradient first sorts the samples by the row they read:
+  the scatter-add then runs over sorted indices, which lets XLA's GPU
+  emitter sum runs of equal rows in registers (one atomic per run instead of
+  one per sample) at the price of a sort (CUB's radix sort on GPUs)."""
+  del rows
+  return _take_rows(table, index)
+
+
+def _take_rows_sorted_fwd(table, index, rows):
+  del rows
+  return _take_rows(table, index), index
+
+
+def _take_rows_sorted_bwd(rows, index, cotangent):
+  keys, order = jax.lax.sort((index, jax.lax.iota(jnp.int32, index.shape[0])), num_keys=1)
+  grad = jnp.zeros((rows, cotangent.shape[1]), cotangent.dtype).at[keys].add(
+      cotangent.at[order].get(mode="promise_in_bounds", unique_indices=True),
+      indices_are_sorted=True, mode="promise_in_bounds")
+  return grad, None
+
+
+_take_rows_sorted_gradient.defvjp(_take_rows_sorted_fwd, _take_rows_sorted_bwd)
 
 
 def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
                       mask: jax.Array | None = None,
-                      accumulate_dtype: jnp.dtype | None = jnp.float32) -> jax.Array:
+                      accumulate_dtype: jnp.dtype | None = jnp.float32,
+                      sorted_gradient: bool = False) -> jax.Array:
   """Stride-1, 'same'-size deformable convolution.
 
   Args:
@@ -63,6 +83,8 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
     mask: optional [n, h, w, groups, kh * kw] modulation.
     accumulate_dtype: dtype the bilinear sampling and its gradient's
       scatter-add compute in (None: x's dtype); at least x's precision.
+    sorted_gradient: sort the samples by the pixels they read before the
+      gradient's scatter-add (same values; a speed choice, see _take_rows_sorted_gradient).
   Returns:
     [n, h, w, c_out].
   """
@@ -72,31 +94,39 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
   if taps != kh * kw or c % groups:
     raise ValueError(f"offsets {offsets.shape} do not fit kernel {kernel.shape} "
                      f"and {c} channels")
+  cg = c // groups
+  accumulate = jnp.promote_types(x.dtype, accumulate_dtype or x.dtype)
   ky, kx = jnp.meshgrid(jnp.arange(kh) - kh // 2, jnp.arange(kw) - kw // 2,
                         indexing="ij")
-  base_y = jnp.arange(h)[:, None, None] + ky.reshape(1, 1, -1)   # [h, 1, k]
-  base_x = jnp.arange(w)[None, :, None] + kx.reshape(1, 1, -1)   # [1, w, k]
-  # positions in float32 (or wider) whatever x's dtype: bfloat16 has spacing 1.0 from 128
-  # to 256, so it would round a sample at x = 150.4 to 150
+  # positions in float32 (or wider) whatever x's dtype: bfloat16 has spacing
+  # 1.0 from 128 to 256, so it would round a sample at x = 150.4 to 150
   offsets = offsets.astype(jnp.promote_types(offsets.dtype, jnp.float32))
-  ys = base_y[:, :, None, :] + offsets[..., 0]   # [n, h, w, g, k]
-  xs = base_x[:, :, None, :] + offsets[..., 1]
-  cg = c // groups
-  grouped = x.reshape(n, h, w, groups, cg)
-
-  accumulate = jnp.promote_types(x.dtype, accumulate_dtype or x.dtype)
-
-  def sample_one(img, y, x_):  # img [h, w, cg], y/x [h, w, k] -> [h, w, k, cg]
-    vals = _bilinear_gather(img, y.reshape(-1), x_.reshape(-1), accumulate)
-    return vals.reshape(h, w, taps, cg)
-
-  # over batch, then groups: columns [n, g, h, w, k, cg]
-  sample_groups = jax.vmap(sample_one, in_axes=(2, 2, 2))
-  columns = jax.vmap(sample_groups)(grouped, ys, xs)
+  ys = (jnp.arange(h)[:, None, None, None] + ky.reshape(1, 1, 1, -1)) + offsets[..., 0]
+  xs = (jnp.arange(w)[None, :, None, None] + kx.reshape(1, 1, 1, -1)) + offsets[..., 1]
+  y0, x0 = jnp.floor(ys), jnp.floor(xs)          # [n, h, w, g, k]
+  wy, wx = ys - y0, xs - x0
+  # a top-left corner in [-1, h-1] x [-1, w-1] keeps a corner in the image;
+  # anything further out has all four corners outside: weight zero
+  inside = (y0 >= -1) & (y0 <= h - 1) & (x0 >= -1) & (x0 <= w - 1)
+  row = jnp.clip(y0, -1, h - 1).astype(jnp.int32) + 1
+  col = jnp.clip(x0, -1, w - 1).astype(jnp.int32) + 1
+  batch = jnp.arange(n, dtype=jnp.int32)[:, None, None, None, None]
+  group = jnp.arange(groups, dtype=jnp.int32)[None, None, None, :, None]
+  index = ((batch * (h + 1) + row) * (w + 1) + col) * groups + group
+  table = _neighbourhoods(x, groups, accumulate)
+  if sorted_gradient:
+    vals = _take_rows_sorted_gradient(table, index.reshape(-1), table.shape[0])
+  else:
+    vals = _take_rows(table, index.reshape(-1))
+  vals = vals.reshape(n, h, w, groups, taps, 4, cg)
+  weights = jnp.stack([(1.0 - wy) * (1.0 - wx), (1.0 - wy) * wx,
+                       wy * (1.0 - wx), wy * wx], axis=-1) * inside[..., None]
+  columns = jnp.einsum("nhwgkqc,nhwgkq->nhwgkc", vals, weights.astype(accumulate))
+  columns = columns.astype(x.dtype)                # [n, h, w, g, k, cg]
   if mask is not None:
-    columns = columns * jnp.moveaxis(mask, 3, 1)[..., None].astype(x.dtype)
+    columns = columns * mask[..., None].astype(x.dtype)
   weights = kernel.reshape(taps, groups, cg, c_out)
-  return jnp.einsum("nghwkc,kgco->nhwo", columns, weights.astype(x.dtype))
+  return jnp.einsum("nhwgkc,kgco->nhwo", columns, weights.astype(x.dtype))
 
 
 class DeformableConv(nn.Module):
@@ -111,6 +141,7 @@ class DeformableConv(nn.Module):
   offset_groups: int = 1
   modulation: bool = False
   dtype: jnp.dtype = jnp.float32
+  sorted_gradient: bool = False   # deformable_conv2d's; a speed choice
 
   @nn.compact
   def __call__(self, x: jax.Array, guide: jax.Array) -> jax.Array:
@@ -130,5 +161,6 @@ class DeformableConv(nn.Module):
                         (kh, kw, c, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     y = deformable_conv2d(x.astype(self.dtype), offsets.astype(self.dtype),
-                          kernel.astype(self.dtype), mask)
+                          kernel.astype(self.dtype), mask,
+                          sorted_gradient=self.sorted_gradient)
     return y + bias.astype(self.dtype)

@@ -77,14 +77,16 @@ def test_fractional_offsets_match_scipy_map_coordinates(use_mask):
   assert _rel_err(got, _scipy_reference(x, offsets, kernel, mask)) <= 1e-5
 
 
-def test_gradients_match_finite_differences():
-  rng, x, kernel, offsets = _inputs(3, n=1, h=5, w=6, c=2, c_out=2, groups=1)
+@pytest.mark.parametrize("sorted_gradient", [False, True])
+def test_gradients_match_finite_differences(sorted_gradient):
+  rng, x, kernel, offsets = _inputs(3, n=2, h=5, w=6, c=4, c_out=2, groups=2)
   offsets[:] = rng.uniform(-1.4, 1.4, offsets.shape)
   offsets = np.round(offsets * 4) / 4 + 0.125  # keep away from integer kinks
   with jax.enable_x64(True):
     x64, k64, o64 = (jnp.asarray(a, jnp.float64) for a in (x, kernel, offsets))
-    probe = jnp.asarray(rng.standard_normal((1, 5, 6, 2)), jnp.float64)
-    loss = lambda xx, kk, oo: jnp.sum(deformable_conv2d(xx, oo, kk) * probe)
+    probe = jnp.asarray(rng.standard_normal((2, 5, 6, 2)), jnp.float64)
+    loss = lambda xx, kk, oo: jnp.sum(
+        deformable_conv2d(xx, oo, kk, sorted_gradient=sorted_gradient) * probe)
     grads = jax.grad(loss, argnums=(0, 1, 2))(x64, k64, o64)
     eps = 1e-6
     for arg, grad in zip(range(3), grads):
@@ -173,3 +175,25 @@ def test_module_starts_as_a_plain_convolution():
   # the guide moves the sampling once the offset predictor is trained
   grads = jax.grad(lambda p: jnp.sum(module.apply(p, x, guide) ** 2))(params)
   assert np.abs(np.asarray(grads["params"]["offset_conv"]["kernel"])).max() > 0
+
+
+def test_sorted_gradient_reaches_the_module_from_the_config():
+  """model.attention.deform_sorted_gradient -> UNet -> SST block ->
+  DeformableConv: the STT-UNET's gradient sorts, and only then (the values
+  are deformable_conv2d's, checked above against finite differences)."""
+  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.default_config()
+  cfg.model.widths = (4, 8)
+  cfg.model.downsample_z = (False,)
+  cfg.model.attention.design = "split"
+  cfg.model.attention.encoder_levels = (1,)
+  cfg.model.attention.decoder_levels = ()
+  cfg.model.attention.deform_groups = 2
+  image = jnp.zeros((1, 2, 8, 8, 1), jnp.float32)
+  for sort in (False, True):
+    cfg.model.attention.deform_sorted_gradient = sort
+    model = unet.from_config(cfg.model)
+    params = jax.eval_shape(model.init, jax.random.key(0), image)["params"]
+    loss = lambda p, m=model: jnp.sum(m.apply({"params": p}, image))
+    assert (" sort[" in str(jax.make_jaxpr(jax.grad(loss))(params))) == sort
