@@ -21,6 +21,7 @@ follow `jax_default_matmul_precision` as XLA's do: TF32 on a GPU unless it is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,10 +32,24 @@ from jax.experimental.pallas import triton as plgpu
 
 MAX_KEYS = 256
 _MIN_TILE = 16  # Triton's dot needs every tile dimension >= 16
-# float32 scores a program holds: 64 (forward) or 32 (backward, which keeps
-# more of them alive) queries x 256 keys, over 8 warps
-_TILE_ELEMENTS = {"forward": 64 * 256, "backward": 32 * 256}
-_WARPS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Launch parameters (not the function): float32 scores a program holds,
+  queries x padded keys, in the forward and the backward pass (which keeps
+  more of them alive); warps per program of each; most runs of query blocks the
+  backward splits each (slice, head) into (more programs, more partial dK/dV
+  sums). Defaults: session 33's choice, untuned on a GPU
+  (bench/fused_attention_tune.py tunes them)."""
+  forward_tile: int = 64 * 256
+  backward_tile: int = 32 * 256
+  forward_warps: int = 8
+  backward_warps: int = 8
+  max_runs: int = 16
+
+
+DEFAULT_TUNING = Tuning()
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # exp() -> 0 without inf - inf
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "float32": jax.lax.Precision.HIGHEST,
                "high": jax.lax.Precision.HIGH, "tensorfloat32": jax.lax.Precision.HIGH,
@@ -51,8 +66,9 @@ def _pow2_at_least(n: int) -> int:
   return max(_MIN_TILE, 1 << (int(n) - 1).bit_length())
 
 
-def _query_block(queries: int, keys_padded: int, pass_: str = "backward") -> int | None:
-  block = max(_MIN_TILE, min(128, _TILE_ELEMENTS[pass_] // keys_padded))
+def _query_block(queries: int, keys_padded: int, tile: int = DEFAULT_TUNING.backward_tile
+                 ) -> int | None:
+  block = max(_MIN_TILE, min(128, tile // keys_padded))
   while block >= _MIN_TILE:
     if queries % block == 0:
       return block
@@ -60,10 +76,13 @@ def _query_block(queries: int, keys_padded: int, pass_: str = "backward") -> int
   return None
 
 
-def supported(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
+def supported(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+              tuning: Tuning = DEFAULT_TUNING) -> bool:
   """Whether fused_attention takes these shapes ([b, queries, heads, dim])."""
+  keys_padded = _pow2_at_least(k_shape[1])
   return (k_shape[1] <= MAX_KEYS and q_shape[-1] <= 128
-          and _query_block(q_shape[1], _pow2_at_least(k_shape[1])) is not None)
+          and all(_query_block(q_shape[1], keys_padded, tile) is not None
+                  for tile in (tuning.forward_tile, tuning.backward_tile)))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, keys: int,
@@ -115,17 +134,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk
   dv_ref[...] = dv
 
 
-def _runs(blocks: int) -> int:
+def _runs(blocks: int, max_runs: int) -> int:
   """Query blocks are split into this many runs per (batch, head): enough
   programs to fill a GPU, few partial dK/dV sums to add up."""
-  return max(d for d in range(1, 17) if blocks % d == 0)
+  return max(d for d in range(1, max_runs + 1) if blocks % d == 0)
 
 
-def _forward(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision):
+def _forward(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision,
+             tuning: Tuning):
   b, nq, h, dim = q.shape
   keys_padded = k.shape[1]
   dim_padded = _pow2_at_least(dim)
-  block = _query_block(nq, keys_padded, "forward")
+  block = _query_block(nq, keys_padded, tuning.forward_tile)
   kernel = functools.partial(_forward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim,
                              precision=precision)
   rows = pl.BlockSpec((None, block, None, dim_padded), lambda i, j, n: (j, i, n, 0))
@@ -136,17 +156,17 @@ def _forward(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision):
       out_specs=[rows, pl.BlockSpec((None, None, block), lambda i, j, n: (j, n, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, nq), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=_WARPS, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.forward_warps, num_stages=2),
       interpret=interpret, name="fused_attention_forward")(q, k, v)
 
 
 def _backward(q, k, v, o, lse, do, keys: int, interpret: bool,
-              precision: jax.lax.Precision):
+              precision: jax.lax.Precision, tuning: Tuning):
   b, nq, h, dim = q.shape
   keys_padded = k.shape[1]
   dim_padded = _pow2_at_least(dim)
-  block = _query_block(nq, keys_padded)
-  runs = _runs(nq // block)
+  block = _query_block(nq, keys_padded, tuning.backward_tile)
+  runs = _runs(nq // block, tuning.max_runs)
   delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
   kernel = functools.partial(_backward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim,
                              block=block, blocks_per_run=nq // block // runs,
@@ -162,38 +182,41 @@ def _backward(q, k, v, o, lse, do, keys: int, interpret: bool,
       in_specs=[all_rows, whole, whole, all_rows, per_row, per_row],
       out_specs=[all_rows, partial, partial],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), partial_shape, partial_shape],
-      compiler_params=plgpu.CompilerParams(num_warps=_WARPS, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.backward_warps, num_stages=2),
       interpret=interpret, name="fused_attention_backward")(q, k, v, do, lse, delta)
   # [runs, b, h, keys, dim] -> [b, keys, h, dim]
   unrun = lambda g: jnp.transpose(g.sum(0)[..., :dim], (0, 2, 1, 3))
   return dq, unrun(dk).astype(k.dtype), unrun(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision):
-  return _forward(q, k, v, keys, interpret, precision)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, keys: int, interpret: bool, precision: jax.lax.Precision,
+               tuning: Tuning):
+  return _forward(q, k, v, keys, interpret, precision, tuning)[0]
 
 
-def _attention_fwd(q, k, v, keys, interpret, precision):
-  o, lse = _forward(q, k, v, keys, interpret, precision)
+def _attention_fwd(q, k, v, keys, interpret, precision, tuning):
+  o, lse = _forward(q, k, v, keys, interpret, precision, tuning)
   return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(keys, interpret, precision, residuals, do):
+def _attention_bwd(keys, interpret, precision, tuning, residuals, do):
   q, k, v, o, lse = residuals
-  return _backward(q, k, v, o, lse, do, keys, interpret, precision)
+  return _backward(q, k, v, o, lse, do, keys, interpret, precision, tuning)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    interpret: bool | None = None) -> jax.Array:
+                    interpret: bool | None = None,
+                    tuning: Tuning = DEFAULT_TUNING) -> jax.Array:
   """softmax(q k^T / sqrt(dim)) v. q [b, queries, heads, dim], k/v [b, keys, heads, dim].
 
   interpret: Pallas' interpreter instead of Triton (default: off a GPU).
+  tuning: launch parameters (same function whatever they are).
   """
-  if not supported(q.shape, k.shape):
+  if not supported(q.shape, k.shape, tuning):
     raise ValueError(f"fused_attention takes <= {MAX_KEYS} keys, head dim <= 128 and a "
                      f"multiple of 16 queries; got q {q.shape}, k {k.shape}")
   if interpret is None:
@@ -201,4 +224,5 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   keys = k.shape[1]
   pad = ((0, 0), (0, _pow2_at_least(keys) - keys), (0, 0), (0, 0))
   # read at trace time, like jnp's products: the backward keeps the forward's
-  return _attention(q, jnp.pad(k, pad), jnp.pad(v, pad), keys, interpret, matmul_precision())
+  return _attention(q, jnp.pad(k, pad), jnp.pad(v, pad), keys, interpret, matmul_precision(),
+                    tuning)

@@ -51,6 +51,27 @@ def test_values_and_gradients_match_float64_reference(batch, queries, keys, head
                                err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("tuning", [
+    fused_attention.Tuning(forward_tile=16 * 128, backward_tile=16 * 128, forward_warps=4,
+                           backward_warps=4, max_runs=64),
+    fused_attention.Tuning(forward_tile=128 * 128, backward_tile=64 * 128, max_runs=1),
+])
+def test_launch_parameters_do_not_change_the_function(tuning):
+  """Other blocks, warps and runs (16 queries a block: 16 runs of 1 block;
+  64 a block: one run of 4): same values and gradients as the reference."""
+  rng = np.random.default_rng(3)
+  q, k, v, weight = (rng.standard_normal(s).astype(np.float32) for s in (
+      (1, 256, 2, 9), (1, 100, 2, 9), (1, 100, 2, 9), (1, 256, 2, 9)))
+  want, want_grads = _reference(2.0 * q, k, v, weight)
+  fn = lambda *a: fused_attention.fused_attention(*a, tuning=tuning)
+  np.testing.assert_allclose(np.asarray(fn(2.0 * q, k, v)), want, rtol=0,
+                             atol=2e-5 * np.abs(want).max())
+  grads = jax.grad(lambda *a: jnp.sum(weight * fn(*a)), argnums=(0, 1, 2))(2.0 * q, k, v)
+  for name, g, w in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=2e-5 * np.abs(w).max(),
+                               err_msg=f"d{name}")
+
+
 def test_bfloat16_inputs_keep_their_dtype_and_stay_close():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
