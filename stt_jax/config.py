@@ -263,9 +263,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(a.fusion in attention.FUSIONS, "model.attention.fusion",
         f"must be one of {attention.FUSIONS}, got {a.fusion!r}")
   levels = range(len(m.widths))
-  _need(all(l in levels for l in a.encoder_levels), "model.attention.encoder_levels",
+  attended = a.design != "none"  # the baseline builds no SST block: its levels are moot
+  _need(not attended or all(l in levels for l in a.encoder_levels),
+        "model.attention.encoder_levels",
         f"levels must lie in 0..{len(m.widths) - 1}, got {tuple(a.encoder_levels)}")
-  _need(all(l in levels[:-1] for l in a.decoder_levels), "model.attention.decoder_levels",
+  _need(not attended or all(l in levels[:-1] for l in a.decoder_levels),
+        "model.attention.decoder_levels",
         f"levels must lie in 0..{len(m.widths) - 2}, got {tuple(a.decoder_levels)}")
   _need(a.implementation in ("auto", "xla", "cudnn", "pallas"),
         "model.attention.implementation",

@@ -14,7 +14,10 @@ from stt_jax.data import sources
 from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.widths=(4,4,6,6,8)", "--config.model.norm_groups=2",
+# three levels: the command line's behaviour does not depend on depth, and
+# each command compiles its programs afresh
+TINY = ["--config.model.widths=(4,6,8)", "--config.model.downsample_z=(False,False)",
+        "--config.model.norm_groups=2",
         "--config.data.synthetic.train_shape=(8,64,64)",
         "--config.data.synthetic.val_shape=(8,64,64)",
         "--config.data.patch_shape=(4,32,32)", "--config.infer.window=(4,32,32)",
@@ -147,7 +150,7 @@ def test_init_from_with_a_missing_or_foreign_source(tmp_path):
   assert not os.path.exists(work)  # checked before the run folder is made
 
 
-def _baseline_export(directory, widths=(4, 4, 6, 6, 8), norm="none", info=None):
+def _baseline_export(directory, widths=(4, 6, 8), norm="none", info=None):
   """An export of a 2-output baseline with random, fan-in scaled weights
   (built from the shapes alone: no initialiser compiled). Returns its leaf count."""
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
@@ -155,6 +158,7 @@ def _baseline_export(directory, widths=(4, 4, 6, 6, 8), norm="none", info=None):
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   cfg = default_config()
   cfg.model.widths = widths
+  cfg.model.downsample_z = (False,) * (len(widths) - 1)
   cfg.model.norm, cfg.model.norm_groups = norm, 2
   shapes = jax.eval_shape(unet.from_config(cfg.model).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 4, 32, 32, 1), np.float32))["params"]

@@ -38,6 +38,18 @@ def test_baseline_preset_has_no_attention_and_unknown_preset_is_refused():
     mitoem_r.get_config("sst")
 
 
+def test_attention_levels_are_checked_only_where_blocks_are_built():
+  """A shallower baseline needs no attention settings; an STT-UNET whose SST
+  levels do not exist is refused, naming the key."""
+  cfg = mitoem_r.get_config("baseline")
+  cfg.model.widths, cfg.model.downsample_z = (8, 16, 32), (False, True)
+  config_lib.validate(cfg)  # encoder_levels (1, 2, 3, 4) unused by the baseline
+  cfg = mitoem_r.get_config("stt")
+  cfg.model.widths, cfg.model.downsample_z = (8, 16, 32), (False, True)
+  with pytest.raises(UserError, match=r"encoder_levels: levels must lie in 0..2"):
+    config_lib.validate(cfg)
+
+
 def test_unknown_preset_on_the_command_line_is_one_line(tmp_path):
   env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")

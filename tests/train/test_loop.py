@@ -26,7 +26,10 @@ import demo  # noqa: E402  pylint: disable=g-import-not-at-top
 # tiny model and volumes; the adversarial loss and the EMA on, so that every
 # part of the state is exercised
 OVERRIDES = {
-    "model.widths": (4, 4, 6, 6, 8), "model.norm_groups": 2,  # the demo's GroupNorm
+    # three levels: the loop's behaviour does not depend on depth, and
+    # compiling (once per process) is most of these tests' time
+    "model.widths": (4, 6, 8), "model.downsample_z": (False, False),
+    "model.norm_groups": 2,  # the demo's GroupNorm
     "model.discriminator.features": (4, 8),
     "data.synthetic.train_shape": (8, 64, 64), "data.synthetic.val_shape": (8, 64, 64),
     "data.patch_shape": (4, 32, 32), "infer.window": (4, 32, 32),
