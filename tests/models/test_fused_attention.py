@@ -114,7 +114,15 @@ def test_sst_block_computes_the_same_function_with_pallas_as_with_xla():
     np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
 
 
-def test_lowers_to_triton_kernels_for_a_gpu():
+@pytest.mark.parametrize("tuning", [
+    fused_attention.DEFAULT_TUNING,
+    # the ends of bench/fused_attention_tune.py's sweep: 16- and 128-query
+    # blocks, 4 warps, the most runs
+    fused_attention.Tuning(forward_tile=4096, backward_tile=4096, forward_warps=4,
+                           backward_warps=4, max_runs=256),
+    fused_attention.Tuning(forward_tile=32768, backward_tile=16384, max_runs=16),
+])
+def test_lowers_to_triton_kernels_for_a_gpu(tuning):
   """Lowered for CUDA without a GPU (an abstract H100): Pallas' Triton
   lowering rejects what the interpreter accepts (tile shapes, ops), so this
   is the check that the kernels compile where they are meant to run."""
@@ -124,7 +132,8 @@ def test_lowers_to_triton_kernels_for_a_gpu():
   q = jax.ShapeDtypeStruct((16, 25600, 4, 9), jnp.bfloat16)  # level 1 of the paper's patch
   k = jax.ShapeDtypeStruct((16, 196, 4, 9), jnp.bfloat16)
   loss = lambda q, k, v: jnp.sum(
-      fused_attention.fused_attention(q, k, v, interpret=False).astype(jnp.float32))
+      fused_attention.fused_attention(q, k, v, interpret=False, tuning=tuning).astype(
+          jnp.float32))
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
         lowering_platforms=("cuda",))
