@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mitoem_r  # noqa: E402
+import result_files  # noqa: E402
 from stt_jax.models import unet  # noqa: E402
 from stt_jax.train import state as state_lib  # noqa: E402
 
@@ -73,9 +74,7 @@ def main() -> None:
   image = jnp.asarray(np.random.default_rng(0).random((args.batch, *patch, 1), np.float32))
   out = {"device": jax.devices()[0].device_kind, "patch": list(patch), "batch": args.batch,
          "dtype": args.dtype, "chunks": args.chunks, "reference": impls[0]}
-  os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-  name = out["device"].replace(" ", "_").lower()
-  path = os.path.join(ROOT, "bench/results", f"attention_impl-{name}.json")
+  path = result_files.results_path("attention_impl", out["device"])
   params = reference = None
   for impl in impls:
     cfg = mitoem_r.get_config("stt")

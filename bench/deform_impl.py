@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import result_files  # noqa: E402
 from stt_jax.models.deformable_conv import deformable_conv2d  # noqa: E402
 
 ARGS = ("x", "offsets", "kernel")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                       "in), each optionally +sorted")
   parser.add_argument("--offset-scale", type=float, default=1.5)
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench/results"))
+  parser.add_argument("--out-dir", default=result_files.RESULTS_DIR)
   args = parser.parse_args(argv)
   shape = tuple(int(v) for v in args.shape.split(","))
   # inputs the compute dtype holds exactly: the errors are the computation's,
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> None:
   out = {"device": jax.devices()[0].device_kind, "shape": list(shape), "groups": args.groups,
          "dtype": args.dtype, "offset_scale": args.offset_scale,
          "reference": "float32 inputs, float32 sampling, HIGHEST products"}
-  os.makedirs(args.out_dir, exist_ok=True)
-  name = out["device"].replace(" ", "_").lower()
-  path = os.path.join(args.out_dir, f"deform_impl-{name}.json")
+  path = result_files.results_path("deform_impl", out["device"], args.out_dir)
   for variant in [v for v in args.variants.split(",") if v]:
     dtype_name, _, sort = variant.partition("+")
     if dtype_name not in ("float32", "input") or sort not in ("", "sorted"):

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import result_files  # noqa: E402
 from stt_jax.models import fused_attention  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--warps", default="4,8")
   parser.add_argument("--max-runs", default="16,64,256")
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench/results"))
+  parser.add_argument("--out-dir", default=result_files.RESULTS_DIR)
   args = parser.parse_args(argv)
   b, nq, nk, heads, dim = (int(v) for v in args.shape.split(","))
   ints = lambda text: [int(v) for v in text.split(",") if v]
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
   operands = (q, k, v)
   out = {"device": jax.devices()[0].device_kind, "shape": [b, nq, nk, heads, dim],
          "dtype": args.dtype, "rows": []}
-  os.makedirs(args.out_dir, exist_ok=True)
-  path = os.path.join(args.out_dir, "fused_attention_tune-"
-                      f"{out['device'].replace(' ', '_').lower()}.json")
+  path = result_files.results_path("fused_attention_tune", out["device"], args.out_dir)
 
   def save():
     out["rows"].sort(key=lambda r: (r["pass"], r["step_s"]))

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 import demo_stt  # noqa: E402  pylint: disable=g-import-not-at-top
 import mitoem_r  # noqa: E402  pylint: disable=g-import-not-at-top
+import result_files  # noqa: E402  pylint: disable=g-import-not-at-top
 from stt_jax import presets  # noqa: E402
 from stt_jax.models import attention, unet  # noqa: E402
 from stt_jax.models.discriminator import Discriminator  # noqa: E402
@@ -173,9 +174,7 @@ def _print_stages(rows):
 def _write(name: str, payload: dict) -> None:
   """bench/results/<name>-<device>.json, with the device and jax version."""
   device = jax.devices()[0]
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{name}-{device.device_kind.replace(' ', '_').lower()}.json")
+  path = result_files.results_path(name, device.device_kind)
   with open(path, "w") as f:
     json.dump({"device": device.device_kind, "platform": device.platform,
                "jax": jax.__version__, **payload}, f, indent=2, default=float)

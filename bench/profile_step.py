@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
+import result_files  # noqa: E402  pylint: disable=g-import-not-at-top
 import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # events that wrap others (would count the same time twice)
@@ -238,9 +239,8 @@ def main() -> None:
   for r in result["by_primitive"][:10]:
     print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['primitive']}")
   impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
-  out = os.path.join(ROOT, "bench", "results", f"profile-{args.model}-{args.kind}{impl}-"
-                     f"{device.device_kind.replace(' ', '_').lower()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  out = result_files.results_path(f"profile-{args.model}-{args.kind}{impl}", device.device_kind,
+                                  os.path.join(ROOT, "bench", "results"))
   with open(out, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {os.path.relpath(out, ROOT)}")

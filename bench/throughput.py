@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import result_files  # noqa: E402  (bench/, beside this file)
 from stt_jax.config import default_config  # noqa: E402
 from stt_jax.train import loop, step as step_lib  # noqa: E402
 
@@ -107,10 +108,7 @@ def main() -> None:
     print(f"{r['kind']:<8}{str(tuple(r['widths'])):<22}{'x'.join(map(str, r['patch'])):<14}"
           f"{r['batch']:>5}{r['step_s']:>9.3f}{r['voxels_per_s']:>12.3g}"
           f"{r['compile_s']:>10.1f}{r['peak_rss_bytes'] / 2**20:>13.0f}{ratio:>9}")
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  name = device.device_kind.replace(" ", "_").lower()
-  path = os.path.join(out_dir, f"throughput-{name}.json")
+  path = result_files.results_path("throughput", device.device_kind)
   with open(path, "w") as f:
     json.dump({"device": device.device_kind, "platform": device.platform,
                "device_count": jax.device_count(), "jax": jax.__version__,

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import result_files  # bench/, beside this file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # the driver and both workers share one GPU: allocate on demand, not 75% up front
@@ -514,14 +516,14 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
 
   def save():  # after every worker: a run cut short keeps what it measured
     nonlocal path
-    name = result.get("device", "unknown").replace(" ", "_").lower()
     tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
     if attention_impl != "auto":  # not to overwrite the default's rows
       tag += "-attention_" + attention_impl
     for item in overrides:  # model.attention.deform_sorted_gradient=True -> deform_sorted_gradient_True
       key, _, value = item.partition("=")
       tag += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", f"{key.rpartition('.')[2]}_{value}")
-    path = os.path.join(out_dir, f"vs_torch-{'_'.join(kinds)}{tag}-{name}.json")
+    path = result_files.results_path(f"vs_torch-{'_'.join(kinds)}{tag}",
+                                     result.get("device", "unknown"), out_dir)
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
   for kind in kinds:

@@ -1,0 +1,19 @@
+"""Where the bench scripts write: bench/results/<stem>-<device>.json."""
+
+from __future__ import annotations
+
+import os
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_tag(device_kind: str) -> str:
+  """'NVIDIA H200' -> 'nvidia_h200' (the part of a results file's name that
+  says which device measured it)."""
+  return device_kind.replace(" ", "_").lower()
+
+
+def results_path(stem: str, device_kind: str, out_dir: str = RESULTS_DIR) -> str:
+  """out_dir/<stem>-<device tag>.json, out_dir created."""
+  os.makedirs(out_dir, exist_ok=True)
+  return os.path.join(out_dir, f"{stem}-{device_tag(device_kind)}.json")
