@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import aot_timing  # noqa: E402
 import mitoem_r  # noqa: E402
 import result_files  # noqa: E402
 from stt_jax.models import unet  # noqa: E402
@@ -89,17 +89,10 @@ def main() -> None:
       params = jax.tree_util.tree_map_with_path(
           lambda path, p: p + 0.02 if "proj" in jax.tree_util.keystr(path) else p, params)
     loss = lambda p, m=model: jnp.mean(jax.nn.sigmoid(m.apply({"params": p}, image)) ** 2)
-    t0 = time.perf_counter()  # compiled once, ahead of time: the program timed is the one read
-    fn = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
-    compile_s = time.perf_counter() - t0
-    hlo = fn.as_text()
-    value, grads = jax.block_until_ready(fn(params))
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(params))
-      times.append(time.perf_counter() - t0)
-    row = {"step_s": float(np.median(times)), "compile_s": compile_s, "loss": float(value),
+    timed = aot_timing.compile_and_time(jax.value_and_grad(loss), (params,), args.repeats)
+    compile_s, hlo = timed.compile_s, timed.compiled.as_text()
+    value, grads = timed.outputs
+    row = {"step_s": timed.step_s, "compile_s": compile_s, "loss": float(value),
            "cudnn_attention_calls": hlo.count("__cudnn$fmha"),
            "triton_calls": hlo.count("__gpu$xla.gpu.triton")}
     if reference is None:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -34,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import aot_timing  # noqa: E402
 import result_files  # noqa: E402
 from stt_jax.models.deformable_conv import deformable_conv2d  # noqa: E402
 
@@ -96,20 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     if dtype_name not in ("float32", "input") or sort not in ("", "sorted"):
       parser.error(f"unknown variant {variant!r}: float32 or input, optionally +sorted")
     accumulate = None if dtype_name == "input" else jnp.float32
-    t0 = time.perf_counter()  # compiled once, ahead of time: the program timed is the one read
-    fn = jax.jit(gradient_fn(jnp.dtype(args.dtype), accumulate, sort == "sorted")).lower(
-        *operands).compile()
-    compile_s = time.perf_counter() - t0
-    grads = jax.block_until_ready(fn(*operands))
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*operands))
-      times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
+    timed = aot_timing.compile_and_time(
+        gradient_fn(jnp.dtype(args.dtype), accumulate, sort == "sorted"), operands, args.repeats)
+    step_s, compile_s = timed.step_s, timed.compile_s
     row = {"step_s": step_s, "compile_s": compile_s,
            "pixels_per_s": shape[0] * shape[1] * shape[2] / step_s,
-           "grad_relative_error": relative_errors(grads, reference)}
+           "grad_relative_error": relative_errors(timed.outputs, reference)}
     out[variant] = row
     errors = ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
     print(f"{variant:14s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "

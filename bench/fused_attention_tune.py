@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,22 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import aot_timing  # noqa: E402
 import result_files  # noqa: E402
 from stt_jax.models import fused_attention  # noqa: E402
-
-
-def _timed(fn, args, repeats: int) -> tuple[float, float, object]:
-  """(compile s, median run s, outputs) of jit(fn), compiled once ahead of time."""
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  out = jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return compile_s, float(np.median(times)), out
 
 
 def _max_difference(a, b) -> float:
@@ -98,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
   xla_grad = jax.value_and_grad(
       lambda q, k, v: jnp.sum(xla(q, k, v).astype(jnp.float32) * probe), argnums=(0, 1, 2))
   for name, fn in (("forward", xla), ("forward+gradient", xla_grad)):
-    compile_s, step_s, _ = _timed(fn, operands, args.repeats)
-    out["xla_" + name] = {"step_s": step_s, "compile_s": compile_s}
-    print(f"xla {name}: {step_s * 1e3:.3f} ms (compile {compile_s:.1f} s)", flush=True)
+    timed = aot_timing.compile_and_time(fn, operands, args.repeats)
+    out["xla_" + name] = {"step_s": timed.step_s, "compile_s": timed.compile_s}
+    print(f"xla {name}: {timed.step_s * 1e3:.3f} ms (compile {timed.compile_s:.1f} s)",
+          flush=True)
 
   default_forward, default_grad = programs(fused_attention.DEFAULT_TUNING, probe)
   reference = {"forward": jax.jit(default_forward)(*operands),
@@ -109,15 +96,16 @@ def main(argv: list[str] | None = None) -> None:
   def trial(pass_, tuning):
     fn = programs(tuning, probe)[0 if pass_ == "forward" else 1]
     try:
-      compile_s, step_s, result = _timed(fn, operands, args.repeats)
+      timed = aot_timing.compile_and_time(fn, operands, args.repeats)
     except Exception as e:  # pylint: disable=broad-except
       print(f"{pass_} {tuning}: failed: {str(e).splitlines()[0][:200]}", flush=True)
       return None
-    row = {"pass": pass_, "tuning": tuning.__dict__, "step_s": step_s, "compile_s": compile_s,
-           "difference_to_default": _max_difference(result, reference[pass_])}
+    row = {"pass": pass_, "tuning": tuning.__dict__, "step_s": timed.step_s,
+           "compile_s": timed.compile_s,
+           "difference_to_default": _max_difference(timed.outputs, reference[pass_])}
     out["rows"].append(row)
     save()
-    print(f"{pass_} {tuning}: {step_s * 1e3:.3f} ms, compile {compile_s:.1f} s, "
+    print(f"{pass_} {tuning}: {timed.step_s * 1e3:.3f} ms, compile {timed.compile_s:.1f} s, "
           f"differs from the default by {row['difference_to_default']:.1e}", flush=True)
     return row
 

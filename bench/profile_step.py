@@ -239,8 +239,7 @@ def main() -> None:
   for r in result["by_primitive"][:10]:
     print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['primitive']}")
   impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
-  out = result_files.results_path(f"profile-{args.model}-{args.kind}{impl}", device.device_kind,
-                                  os.path.join(ROOT, "bench", "results"))
+  out = result_files.results_path(f"profile-{args.model}-{args.kind}{impl}", device.device_kind)
   with open(out, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {os.path.relpath(out, ROOT)}")

@@ -489,8 +489,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   result = {"kinds": list(kinds), "models": list(models), "cases": cases,
             "dtypes": list(dtypes), "torch": None}
   if overrides:  # a typo fails here, not in a worker after the peer's check
-    apply_overrides(_bench_setup((8, 64, 64), 2, "float32", model=models[0], build=False)[0],
-                    overrides)
+    _bench_setup((8, 64, 64), 2, "float32", model=models[0], build=False, overrides=overrides)
   if check == "only" and not have_torch:
     raise SystemExit("--check=only needs PyTorch (and torchvision) importable")
   if have_torch and check != "skip":

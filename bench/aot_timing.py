@@ -1,0 +1,33 @@
+"""Compile a function once, ahead of time, and time that very program: the
+bench scripts that compare implementations of one piece read the times (and
+the compiled text) of the executable they ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class Timed:
+  compiled: jax.stages.Compiled  # e.g. .as_text() to count kernels
+  compile_s: float
+  step_s: float                  # median of the timed runs
+  outputs: object                # of the first (untimed) run
+
+
+def compile_and_time(fn, args, repeats: int) -> Timed:
+  """jit(fn) lowered and compiled for `args`, run once, then `repeats` timed runs."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  outputs = jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return Timed(compiled, compile_s, float(np.median(times)), outputs)
