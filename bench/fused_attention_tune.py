@@ -7,9 +7,11 @@ Default shape: one level-1 chunk of the paper's STT-UNET step (32x320x320,
 batch 2, chunks 4: 16 slices of 160x160 queries, 256 pooled keys, 4 heads of
 dim 9), whose backward took 5.25 ms a call on an H200 against the forward's
 0.88 ms (README, "On one H200"). Tries forward tiles x warps with the default
-backward, then backward tiles x warps x runs with the best forward; each
+backward, then the backward's variants with the best forward; each
 variant's outputs and gradients are compared with the default's (launch
-parameters must not change the function). Writes
+parameters must not change the function). The backward sweep has two
+rounds: each backward design (fused_attention.BACKWARDS) x query block, at the
+default warps and runs; then warps x runs for the fastest of those. Writes
 bench/results/fused_attention_tune-<device>.json, best first. Off a GPU the
 kernels run in Pallas' interpreter: numbers, not speed (use a small --shape).
 """
@@ -59,9 +61,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--backward-tiles", default="4096,8192,16384")
   parser.add_argument("--warps", default="4,8")
   parser.add_argument("--max-runs", default="16,64,256")
+  parser.add_argument("--backwards", default=",".join(fused_attention.BACKWARDS),
+                      help="backward designs to try (Tuning.backward)")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out-dir", default=result_files.RESULTS_DIR)
   args = parser.parse_args(argv)
+  designs = [d for d in args.backwards.split(",") if d]
+  unknown = set(designs) - set(fused_attention.BACKWARDS)
+  if unknown:
+    parser.error(f"--backwards {sorted(unknown)}: one of {fused_attention.BACKWARDS}")
   b, nq, nk, heads, dim = (int(v) for v in args.shape.split(","))
   ints = lambda text: [int(v) for v in text.split(",") if v]
   rng = np.random.default_rng(0)
@@ -115,11 +123,20 @@ def main(argv: list[str] | None = None) -> None:
                   for tile, warps in itertools.product(ints(args.forward_tiles), ints(args.warps))]
   good = [r for r in forward_rows if r]
   best = min(good, key=lambda r: r["step_s"])["tuning"] if good else base.__dict__
-  for tile, warps, runs in itertools.product(ints(args.backward_tiles), ints(args.warps),
-                                             ints(args.max_runs)):
-    trial("forward+gradient", dataclasses.replace(
-        base, forward_tile=best["forward_tile"], forward_warps=best["forward_warps"],
-        backward_tile=tile, backward_warps=warps, max_runs=runs))
+  base = dataclasses.replace(base, forward_tile=best["forward_tile"],
+                             forward_warps=best["forward_warps"])
+  first = [trial("forward+gradient", dataclasses.replace(base, backward=design,
+                                                         backward_tile=tile))
+           for design, tile in itertools.product(designs, ints(args.backward_tiles))]
+  good = [r for r in first if r]
+  if good:
+    fastest = min(good, key=lambda r: r["step_s"])["tuning"]
+    base = dataclasses.replace(base, backward=fastest["backward"],
+                               backward_tile=fastest["backward_tile"])
+  for warps, runs in itertools.product(ints(args.warps), ints(args.max_runs)):
+    if (warps, runs) != (base.backward_warps, base.max_runs):  # timed in the first round
+      trial("forward+gradient", dataclasses.replace(base, backward_warps=warps,
+                                                    max_runs=runs))
   save()
   for pass_ in ("forward", "forward+gradient"):
     rows = [r for r in out["rows"] if r["pass"] == pass_]

@@ -7,9 +7,14 @@ times in the forward and the backward pass; by XLA's own cost analysis that
 traffic is the largest of the SST block's (~31 GB per level-1 chunk, forward
 and gradient). Here every key fits in one tile, so each program holds a block
 of queries against all keys on chip: one pass, no online softmax, no score
-matrix in memory. Backward: each program walks a run of query blocks, writes
-their dQ and sums dK, dV on chip; the runs' partial sums (a few MB) are added
-in jnp.
+matrix in memory. Backward (`Tuning.backward`, same function each way):
+"query_major", each program walks a run of query blocks, writes their dQ and
+sums dK, dV on chip, the runs' partial sums (a few MB) added in jnp;
+"key_major", the same pass on transposed tiles ([keys, queries]), so the two
+products that sum over queries need no transpose of a tile in registers and
+only dQ's does; "split", a key-major pass for dK, dV alone plus a second
+kernel, parallel over query blocks like the forward, for dQ (FlashAttention-2's
+split: two more products, no transposes, many more programs for dQ).
 
 q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]; keys <= MAX_KEYS
 and queries a multiple of 16 (`supported`). Same function as
@@ -40,13 +45,22 @@ class Tuning:
   queries x padded keys, in the forward and the backward pass (which keeps
   more of them alive); warps per program of each; most runs of query blocks the
   backward splits each (slice, head) into (more programs, more partial dK/dV
-  sums). Defaults: session 33's choice, untuned on a GPU
-  (bench/fused_attention_tune.py tunes them)."""
+  sums); which backward kernels (BACKWARDS, module docstring). Defaults:
+  session 33's choice, untuned on a GPU (bench/fused_attention_tune.py tunes
+  them)."""
   forward_tile: int = 64 * 256
   backward_tile: int = 32 * 256
   forward_warps: int = 8
   backward_warps: int = 8
   max_runs: int = 16
+  backward: str = "query_major"
+
+  def __post_init__(self):
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"Tuning.backward {self.backward!r}: one of {BACKWARDS}")
+
+
+BACKWARDS = ("query_major", "key_major", "split")
 
 
 DEFAULT_TUNING = Tuning()
@@ -134,6 +148,58 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk
   dv_ref[...] = dv
 
 
+def _key_major_backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *out_refs,
+                                scale: float, keys: int, dim: int, block: int,
+                                blocks_per_run: int, precision: jax.lax.Precision):
+  """_backward_kernel on transposed tiles: scores [keys, queries]. out_refs:
+  (dq, dk, dv), or (dk, dv) when a separate kernel computes dQ."""
+  dot = functools.partial(plgpu.dot, precision=precision)
+  *dq_ref, dk_ref, dv_ref = out_refs
+  dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
+  head = (jnp.arange(dim_padded) < dim)[None, :]
+  valid = (jnp.arange(keys_padded) < keys)[:, None]
+  k = plgpu.load(k_ref, mask=head, other=0.0)
+  v = plgpu.load(v_ref, mask=head, other=0.0)
+  first = pl.program_id(0) * blocks_per_run
+
+  def step(i, carry):
+    dk, dv = carry
+    rows = pl.dslice((first + i) * block, block)
+    q = plgpu.load(q_ref.at[rows, :], mask=head, other=0.0)
+    do = plgpu.load(do_ref.at[rows, :], mask=head, other=0.0)
+    st = jnp.where(valid, dot(k, q, trans_b=True) * scale, _MASKED)  # [keys, block]
+    pt = jnp.exp(st - lse_ref[rows][None, :])
+    dv = dv + dot(pt.astype(do.dtype), do)
+    dst = pt * (dot(v, do, trans_b=True) - delta_ref[rows][None, :]) * scale
+    dk = dk + dot(dst.astype(q.dtype), q)
+    if dq_ref:
+      dq = dot(dst.astype(k.dtype), k, trans_a=True)
+      plgpu.store(dq_ref[0].at[rows, :], dq.astype(dq_ref[0].dtype), mask=head)
+    return dk, dv
+
+  zeros = jnp.zeros((keys_padded, dim_padded), jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, blocks_per_run, step, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _query_gradient_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+                           scale: float, keys: int, dim: int, precision: jax.lax.Precision):
+  """dQ of one block of queries (the "split" backward's second kernel)."""
+  dot = functools.partial(plgpu.dot, precision=precision)
+  dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
+  head = (jnp.arange(dim_padded) < dim)[None, :]
+  q = plgpu.load(q_ref, mask=head, other=0.0)
+  do = plgpu.load(do_ref, mask=head, other=0.0)
+  k = plgpu.load(k_ref, mask=head, other=0.0)
+  v = plgpu.load(v_ref, mask=head, other=0.0)
+  s = jnp.where((jnp.arange(keys_padded) < keys)[None, :], dot(q, k, trans_b=True) * scale,
+                _MASKED)
+  p = jnp.exp(s - lse_ref[...][:, None])
+  ds = p * (dot(do, v, trans_b=True) - delta_ref[...][:, None]) * scale
+  plgpu.store(dq_ref, dot(ds.astype(k.dtype), k).astype(dq_ref.dtype), mask=head)
+
+
 def _runs(blocks: int, max_runs: int) -> int:
   """Query blocks are split into this many runs per (batch, head): enough
   programs to fill a GPU, few partial dK/dV sums to add up."""
@@ -168,22 +234,38 @@ def _backward(q, k, v, o, lse, do, keys: int, interpret: bool,
   block = _query_block(nq, keys_padded, tuning.backward_tile)
   runs = _runs(nq // block, tuning.max_runs)
   delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
-  kernel = functools.partial(_backward_kernel, scale=float(dim) ** -0.5, keys=keys, dim=dim,
-                             block=block, blocks_per_run=nq // block // runs,
-                             precision=precision)
+  shared = dict(scale=float(dim) ** -0.5, keys=keys, dim=dim, precision=precision)
+  params = plgpu.CompilerParams(num_warps=tuning.backward_warps, num_stages=2)
+  dq_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  kernel = functools.partial(
+      _backward_kernel if tuning.backward == "query_major" else _key_major_backward_kernel,
+      block=block, blocks_per_run=nq // block // runs, **shared)
   all_rows = pl.BlockSpec((None, nq, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
   whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
   per_row = pl.BlockSpec((None, None, nq), lambda r, j, n: (j, n, 0))
   partial = pl.BlockSpec((None, None, None, keys_padded, dim_padded),
                          lambda r, j, n: (r, j, n, 0, 0))
   partial_shape = jax.ShapeDtypeStruct((runs, b, h, keys_padded, dim_padded), jnp.float32)
-  dq, dk, dv = pl.pallas_call(
+  with_dq = tuning.backward != "split"
+  grads = pl.pallas_call(
       kernel, grid=(runs, b, h),
       in_specs=[all_rows, whole, whole, all_rows, per_row, per_row],
-      out_specs=[all_rows, partial, partial],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), partial_shape, partial_shape],
-      compiler_params=plgpu.CompilerParams(num_warps=tuning.backward_warps, num_stages=2),
-      interpret=interpret, name="fused_attention_backward")(q, k, v, do, lse, delta)
+      out_specs=[all_rows] * with_dq + [partial, partial],
+      out_shape=[dq_shape] * with_dq + [partial_shape, partial_shape],
+      compiler_params=params, interpret=interpret,
+      name="fused_attention_backward")(q, k, v, do, lse, delta)
+  dk, dv = grads[-2:]
+  if with_dq:
+    dq = grads[0]
+  else:  # blocks of queries in parallel, as the forward
+    rows = pl.BlockSpec((None, block, None, dim_padded), lambda i, j, n: (j, i, n, 0))
+    whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda i, j, n: (j, 0, n, 0))
+    per_row = pl.BlockSpec((None, None, block), lambda i, j, n: (j, n, i))
+    dq = pl.pallas_call(
+        functools.partial(_query_gradient_kernel, **shared), grid=(nq // block, b, h),
+        in_specs=[rows, whole, whole, rows, per_row, per_row], out_specs=rows,
+        out_shape=dq_shape, compiler_params=params, interpret=interpret,
+        name="fused_attention_backward_dq")(q, k, v, do, lse, delta)
   # [runs, b, h, keys, dim] -> [b, keys, h, dim]
   unrun = lambda g: jnp.transpose(g.sum(0)[..., :dim], (0, 2, 1, 3))
   return dq, unrun(dk).astype(k.dtype), unrun(dv).astype(v.dtype)

@@ -55,10 +55,13 @@ def test_values_and_gradients_match_float64_reference(batch, queries, keys, head
     fused_attention.Tuning(forward_tile=16 * 128, backward_tile=16 * 128, forward_warps=4,
                            backward_warps=4, max_runs=64),
     fused_attention.Tuning(forward_tile=128 * 128, backward_tile=64 * 128, max_runs=1),
+    fused_attention.Tuning(backward="key_major", backward_tile=16 * 128, max_runs=4),
+    fused_attention.Tuning(backward="split", backward_tile=16 * 128, max_runs=4),
 ])
 def test_launch_parameters_do_not_change_the_function(tuning):
-  """Other blocks, warps and runs (16 queries a block: 16 runs of 1 block;
-  64 a block: one run of 4): same values and gradients as the reference."""
+  """Other blocks, warps, runs and backward kernels (16 queries a block: 16
+  runs of 1 block, or 4 runs of 4; 64 a block: one run of 4): same values
+  and gradients as the reference."""
   rng = np.random.default_rng(3)
   q, k, v, weight = (rng.standard_normal(s).astype(np.float32) for s in (
       (1, 256, 2, 9), (1, 100, 2, 9), (1, 100, 2, 9), (1, 256, 2, 9)))
@@ -81,6 +84,11 @@ def test_bfloat16_inputs_keep_their_dtype_and_stay_close():
   got = fused_attention.fused_attention(q, k, v)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.02 * np.abs(want).max())
+
+
+def test_unknown_backward_is_refused():
+  with pytest.raises(ValueError, match="Tuning.backward 'fast'"):
+    fused_attention.Tuning(backward="fast")
 
 
 def test_shapes_it_does_not_take_are_refused():
@@ -121,6 +129,8 @@ def test_sst_block_computes_the_same_function_with_pallas_as_with_xla():
     fused_attention.Tuning(forward_tile=4096, backward_tile=4096, forward_warps=4,
                            backward_warps=4, max_runs=256),
     fused_attention.Tuning(forward_tile=32768, backward_tile=16384, max_runs=16),
+    fused_attention.Tuning(backward="key_major"),
+    fused_attention.Tuning(backward="split"),
 ])
 def test_lowers_to_triton_kernels_for_a_gpu(tuning):
   """Lowered for CUDA without a GPU (an abstract H100): Pallas' Triton
@@ -138,7 +148,8 @@ def test_lowers_to_triton_kernels_for_a_gpu(tuning):
     lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
         lowering_platforms=("cuda",))
   text = lowered.as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 2  # forward and backward kernels
+  # forward and backward kernels, and the split backward's dQ kernel
+  assert text.count("__gpu$xla.gpu.triton") == 2 + (tuning.backward == "split")
 
 
 def test_float32_products_follow_the_default_matmul_precision():
