@@ -8,8 +8,10 @@ under `jax.profiler.trace` (Perfetto trace), sums the device-side events by
 the XLA instruction that ran them, and names each instruction by what JAX
 lowered into it (the `op_name` metadata of the compiled HLO: module path and
 primitive, e.g. `.../enc1/residual/conv1/conv_general_dilated`). Prints the top
-operations and the time per primitive (convolution, attention, gather, ...)
-and writes bench/results/profile-<model>-<kind>-<device>.json.
+operations, the time per primitive (convolution, attention, gather, ...) and
+per module and pass (`ResUNet/sst_enc1/deform_fuse`, backward), and writes
+bench/results/profile-<model>-<kind>-<device>.json (every instruction's row
+under "all", for questions the printed tables do not answer).
 
 On a GPU, XLA's command buffers (CUDA graphs) are switched off for the
 profile (`--xla_gpu_enable_command_buffer=`, unless XLA_FLAGS already sets
@@ -103,6 +105,30 @@ def primitive(op_name: str, opcode: str) -> str:
   return _ALIASES.get(last, last)
 
 
+_MODEL = re.compile(r"^(?:\w+\()*([A-Z]\w*)\)*$")  # ResUNet, jvp(ResUNet), transpose(jvp(...))
+_PLUMBING = re.compile(r"[.(]|^(?:while|body|cond|checkpoint|remat|eval_jaxpr|rem|scan|closed_call|"
+                       r"core_call|custom_jvp_call|custom_vjp_call|pjit)$")
+
+
+def module_of(op_name: str) -> tuple[str, str]:
+  """(module, pass) an instruction belongs to: the model's top-level child and
+  the first module inside it (`ResUNet/sst_enc1/deform_fuse`), skipping
+  plumbing (while loops, checkpoints, vmaps, `x._fuse` methods); pass
+  "backward" under autodiff's transpose (with the remat's recomputed forward),
+  else "forward". Work outside any module (loss, optimizer) is
+  "(outside the model)"; an instruction without metadata "(unnamed)"."""
+  if not op_name or op_name.startswith("("):
+    return "(unnamed)", "?"
+  parts = op_name.split("/")
+  pass_ = "backward" if "transpose(" in op_name else "forward"
+  for i, part in enumerate(parts[:-1]):
+    m = _MODEL.match(part)
+    if m:
+      inner = [p for p in parts[i + 1:-1] if not _PLUMBING.search(p)]
+      return "/".join([m.group(1)] + inner[:2]), pass_
+  return "(outside the model)", pass_
+
+
 def device_events(trace: dict) -> list[dict]:
   """Complete events of the device tracks: GPU/TPU streams where there are
   any, else the host events XLA:CPU tags with the instruction they ran
@@ -157,12 +183,15 @@ def summarize(events: list[dict], names: dict[str, dict], steps: int, top: int) 
     rows.append({"instruction": op, "opcode": info["opcode"], "op_name": info["op_name"],
                  "primitive": primitive(info["op_name"], info["opcode"]),
                  "ms_per_step": ms / steps, "share": ms / total, "calls_per_step": calls / steps})
-  by_primitive = collections.Counter()
+  by_primitive, by_module = collections.Counter(), collections.Counter()
   for r in rows:
     by_primitive[r["primitive"]] += r["ms_per_step"]
-  return {"device_ms_per_step": total / steps, "top": rows[:top],
+    by_module[module_of(r["op_name"])] += r["ms_per_step"]
+  return {"device_ms_per_step": total / steps, "top": rows[:top], "all": rows,
           "by_primitive": [{"primitive": p, "ms_per_step": ms, "share": ms * steps / total}
-                           for p, ms in by_primitive.most_common()]}
+                           for p, ms in by_primitive.most_common()],
+          "by_module": [{"module": m, "pass": p, "ms_per_step": ms, "share": ms * steps / total}
+                        for (m, p), ms in by_module.most_common()]}
 
 
 def without_command_buffers(xla_flags: str) -> str:
@@ -238,6 +267,9 @@ def main() -> None:
   print("\nby primitive:")
   for r in result["by_primitive"][:10]:
     print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['primitive']}")
+  print("\nby module (model's child / first module in it) and pass:")
+  for r in result["by_module"][:args.top]:
+    print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['pass']:<9}{r['module']}")
   impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
   out = result_files.results_path(f"profile-{args.model}-{args.kind}{impl}", device.device_kind)
   with open(out, "w") as f:

@@ -40,6 +40,20 @@ def test_instructions_are_named_by_what_jax_lowered_into_them():
   assert profile_step.primitive("jit(f)/enc/jit(elu)", "fusion") == "elu"
 
 
+def test_instructions_are_put_in_the_module_and_pass_they_came_from():
+  scatter = ("jit(train_step)/transpose(jvp(ResUNet))/sst_enc1/sst_enc1._fuse/while/body/"
+             "eval_jaxpr/checkpoint/deform_fuse.body/deform_fuse/vmap(jit(_take))/scatter-add")
+  assert profile_step.module_of(scatter) == ("ResUNet/sst_enc1/deform_fuse", "backward")
+  conv = "jit(train_step)/jvp(ResUNet)/enc0/residual/conv1/conv_general_dilated"
+  assert profile_step.module_of(conv) == ("ResUNet/enc0/residual", "forward")
+  assert profile_step.module_of("jit(f)/ResUNet/head/conv_general_dilated") == (
+      "ResUNet/head", "forward")
+  assert profile_step.module_of("jit(train_step)/transpose(jvp(Discriminator))/c1/dot_general"
+                                ) == ("Discriminator/c1", "backward")
+  assert profile_step.module_of("jit(train_step)/mul") == ("(outside the model)", "forward")
+  assert profile_step.module_of("(convolution without metadata, in f.1)")[0] == "(unnamed)"
+
+
 def test_summary_adds_device_time_by_instruction(tmp_path):
   fn, x, k = _program()
   fn(x, k).block_until_ready()
@@ -64,6 +78,8 @@ def test_summary_adds_device_time_by_instruction(tmp_path):
   assert result["device_ms_per_step"] == pytest.approx(total)
   assert sum(r["share"] for r in result["top"]) == pytest.approx(1.0)
   assert sum(r["share"] for r in result["by_primitive"]) == pytest.approx(1.0)
+  assert sum(r["share"] for r in result["by_module"]) == pytest.approx(1.0)
+  assert len(result["all"]) == len({e["args"]["hlo_op"] for e in events})
   assert result["by_primitive"][0]["primitive"] == "convolution"  # the work here
 
 
