@@ -13,8 +13,6 @@ custom kernels.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -37,36 +35,49 @@ def _neighbourhoods(x: jax.Array, groups: int, dtype: jnp.dtype) -> jax.Array:
   return quads.reshape(-1, 4 * (c // groups))
 
 
-def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
-  """table [rows, width], index [p] (in range) -> [p, width]; autodiff's
-  gradient is an atomic scatter-add in the order of `index`."""
-  return table.at[index].get(mode="promise_in_bounds")
+def _sample(table: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array:
+  """Bilinear samples: table [rows, 4 * cg] (_neighbourhoods), index [p] (in
+  range), weights [p, 4] (one per corner) -> [p, cg].
+
+  Written as a product and a sum over the corner axis, not an einsum: XLA:GPU
+  then computes the gradient's rows (cotangent x weights, [p, 4 * cg] in the
+  table's layout) inside the scatter-add's fusion. The einsum's gradient came
+  out in [p, cg, 4] order and XLA wrote it to memory twice, once as computed
+  and once transposed (2 GB each per level-1 chunk of the paper's patch;
+  compiled for an H200 without one, docs/architecture.md)."""
+  vals = table.at[index].get(mode="promise_in_bounds").reshape(index.shape[0], 4, -1)
+  return jnp.sum(vals * weights[:, :, None], axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _take_rows_sorted_gradient(table: jax.Array, index: jax.Array, rows: int) -> jax.Array:
-  """_take_rows whose gradient first sorts the samples by the row they read:
-  the scatter-add then runs over sorted indices, which lets XLA's GPU
-  emitter sum runs of equal rows in registers (one atomic per run instead of
-  one per sample) at the price of a sort (CUB's radix sort on GPUs)."""
-  del rows
-  return _take_rows(table, index)
+@jax.custom_vjp
+def _sample_sorted_gradient(table: jax.Array, index: jax.Array, weights: jax.Array
+                            ) -> jax.Array:
+  """_sample whose gradient first sorts the samples by the row they read: the
+  scatter-add then runs over sorted indices, which lets XLA's GPU emitter sum
+  runs of equal rows in registers (one atomic per run instead of one per
+  sample) at the price of a sort (CUB's radix sort on GPUs) and of permuting
+  each sample's weights and cotangent (4 + cg values, not 4 * cg)."""
+  return _sample(table, index, weights)
 
 
-def _take_rows_sorted_fwd(table, index, rows):
-  del rows
-  return _take_rows(table, index), index
+def _sample_sorted_fwd(table, index, weights):
+  return _sample(table, index, weights), (table, index, weights)
 
 
-def _take_rows_sorted_bwd(rows, index, cotangent):
+def _sample_sorted_bwd(residuals, cotangent):
+  table, index, weights = residuals
+  cotangent = cotangent.astype(table.dtype)
+  vals = table.at[index].get(mode="promise_in_bounds").reshape(index.shape[0], 4, -1)
+  d_weights = jnp.sum(vals * cotangent[:, None, :], axis=-1).astype(weights.dtype)
   keys, order = jax.lax.sort((index, jax.lax.iota(jnp.int32, index.shape[0])), num_keys=1)
-  grad = jnp.zeros((rows, cotangent.shape[1]), cotangent.dtype).at[keys].add(
-      cotangent.at[order].get(mode="promise_in_bounds", unique_indices=True),
-      indices_are_sorted=True, mode="promise_in_bounds")
-  return grad, None
+  permute = lambda a: a.at[order].get(mode="promise_in_bounds", unique_indices=True)
+  rows = permute(weights)[:, :, None].astype(table.dtype) * permute(cotangent)[:, None, :]
+  d_table = jnp.zeros_like(table).at[keys].add(
+      rows.reshape(index.shape[0], -1), indices_are_sorted=True, mode="promise_in_bounds")
+  return d_table, None, d_weights
 
 
-_take_rows_sorted_gradient.defvjp(_take_rows_sorted_fwd, _take_rows_sorted_bwd)
+_sample_sorted_gradient.defvjp(_sample_sorted_fwd, _sample_sorted_bwd)
 
 
 def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
@@ -84,7 +95,7 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
     accumulate_dtype: dtype the bilinear sampling and its gradient's
       scatter-add compute in (None: x's dtype); at least x's precision.
     sorted_gradient: sort the samples by the pixels they read before the
-      gradient's scatter-add (same values; a speed choice, see _take_rows_sorted_gradient).
+      gradient's scatter-add (same values; a speed choice, see _sample_sorted_gradient).
   Returns:
     [n, h, w, c_out].
   """
@@ -114,19 +125,20 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
   group = jnp.arange(groups, dtype=jnp.int32)[None, None, None, :, None]
   index = ((batch * (h + 1) + row) * (w + 1) + col) * groups + group
   table = _neighbourhoods(x, groups, accumulate)
-  if sorted_gradient:
-    vals = _take_rows_sorted_gradient(table, index.reshape(-1), table.shape[0])
-  else:
-    vals = _take_rows(table, index.reshape(-1))
-  vals = vals.reshape(n, h, w, groups, taps, 4, cg)
   weights = jnp.stack([(1.0 - wy) * (1.0 - wx), (1.0 - wy) * wx,
                        wy * (1.0 - wx), wy * wx], axis=-1) * inside[..., None]
-  columns = jnp.einsum("nhwgkqc,nhwgkq->nhwgkc", vals, weights.astype(accumulate))
-  columns = columns.astype(x.dtype)                # [n, h, w, g, k, cg]
+  sample = _sample_sorted_gradient if sorted_gradient else _sample
+  columns = sample(table, index.reshape(-1), weights.reshape(-1, 4).astype(accumulate))
+  columns = columns.reshape(n, h, w, groups, taps, cg).astype(x.dtype)
   if mask is not None:
     columns = columns * mask[..., None].astype(x.dtype)
-  weights = kernel.reshape(taps, groups, cg, c_out)
-  return jnp.einsum("nhwgkc,kgco->nhwo", columns, weights.astype(x.dtype))
+  # one matrix product over a single flattened (group, tap, channel) axis, the
+  # (small) kernel permuted to that order: given the three axes, XLA:GPU chose
+  # to transpose the 9x wider columns instead (253 MB per level-1 chunk)
+  weights = jnp.swapaxes(kernel.reshape(taps, groups, cg, c_out), 0, 1)
+  out = columns.reshape(n * h * w, groups * taps * cg) @ weights.reshape(-1, c_out).astype(
+      x.dtype)
+  return out.reshape(n, h, w, c_out)
 
 
 class DeformableConv(nn.Module):

@@ -141,9 +141,9 @@ def test_lowers_to_triton_kernels_for_a_gpu(tuning):
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   q = jax.ShapeDtypeStruct((16, 25600, 4, 9), jnp.bfloat16)  # level 1 of the paper's patch
   k = jax.ShapeDtypeStruct((16, 196, 4, 9), jnp.bfloat16)
+  # interpret left to its default: under an abstract GPU mesh, Triton
   loss = lambda q, k, v: jnp.sum(
-      fused_attention.fused_attention(q, k, v, interpret=False, tuning=tuning).astype(
-          jnp.float32))
+      fused_attention.fused_attention(q, k, v, tuning=tuning).astype(jnp.float32))
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
         lowering_platforms=("cuda",))
