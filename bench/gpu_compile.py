@@ -102,9 +102,10 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
 _CALLED = re.compile(r"\b(?:calls|to_apply|select|scatter|comparator)=%?([\w.\-]+)")
 # results that are views or control flow, not buffers an instruction writes
+# (an async fusion's start holds its operands too: its done is the write)
 _NOT_WRITES = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
                "conditional", "call", "copy-start", "copy-done", "after-all",
-               "partition-id", "replica-id", "iota"}
+               "partition-id", "replica-id", "iota", "fusion-start"}
 
 
 def shape_bytes(shape: str) -> int:
@@ -144,7 +145,10 @@ def written_buffers(hlo_text: str) -> list[dict]:
   entry computation and of loop bodies, not those inside a fusion (or a
   reduction's or sort's comparator), each with the bytes its result holds
   and the bytes it writes per call of the module (times its loop's known
-  trip count), largest first by the latter."""
+  trip count), largest first by the latter. A dynamic-update-slice (a scan
+  stacking its chunks' outputs) is flagged `in_place`: it writes only its
+  update into a buffer it shares with its operand, so its `bytes` overstate
+  it and the totals leave it out."""
   bodies, current = collections.defaultdict(list), None
   for line in hlo_text.splitlines():
     c = _COMPUTATION.match(line)
@@ -173,6 +177,8 @@ def written_buffers(hlo_text: str) -> list[dict]:
       rows.append({"instruction": m.group(1), "opcode": m.group(3),
                    "computation": computation, "bytes": size,
                    "runs": runs[computation], "bytes_per_call": size * runs[computation],
+                   # updates its operand's buffer in place: writes a slice, not `bytes`
+                   "in_place": op_name.endswith("dynamic_update_slice"),
                    "shape": m.group(2).split("{")[0][:120], "op_name": op_name,
                    "module": module, "pass": pass_})
   return sorted(rows, key=lambda r: -r["bytes_per_call"])
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
   memory = compiled.memory_analysis()
   rows = written_buffers(hlo)
   by_module = collections.Counter()
-  for r in rows:
+  written = [r for r in rows if not r["in_place"]]
+  for r in written:
     by_module[(r["module"], r["pass"])] += r["bytes_per_call"]
   gib = lambda b: b / 2**30
   out = {"target": TARGETS[args.target]["kind"], "jax": jax.__version__,
@@ -292,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
          "temp_gib": gib(memory.temp_size_in_bytes),
          "argument_gib": gib(memory.argument_size_in_bytes),
          "output_gib": gib(memory.output_size_in_bytes),
-         "written_gib": gib(sum(r["bytes_per_call"] for r in rows)),
+         "written_gib": gib(sum(r["bytes_per_call"] for r in written)),
+         "in_place_buffers_gib": gib(sum(r["bytes_per_call"] for r in rows if r["in_place"])),
          "buffers": rows[:_KEPT], "buffer_count": len(rows),
          "by_module": [{"module": m, "pass": p, "gib": gib(b)}
                        for (m, p), b in by_module.most_common()]}
@@ -300,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         f"compile {seconds:.0f} s; scratch {out['temp_gib']:.2f} GiB, arguments "
         f"{out['argument_gib']:.2f} GiB; buffers written per call {out['written_gib']:.1f} GiB")
   print(f"{'MiB':>7} {'runs':>4}  {'opcode':<13}{'instruction':<34}{'shape':<38}module")
-  for r in rows[:args.top]:
+  for r in written[:args.top]:
     print(f"{r['bytes'] / 2**20:>7.0f} {r['runs']:>4}  {r['opcode'][:12]:<13}"
           f"{r['instruction'][:33]:<34}{r['shape'][:37]:<38}{r['module']} ({r['pass']})")
   print("\nwritten per call, by module and pass:")

@@ -44,6 +44,16 @@ def test_written_buffers_are_those_outside_fusions_including_loop_bodies():
   assert {r["opcode"] for r in rows}.isdisjoint(gpu_compile._NOT_WRITES)  # pylint: disable=protected-access
   # the output row: sum over axis 0 -> f32[48], once
   assert any(r["bytes"] == 48 * 4 and r["runs"] == 1 for r in rows)
+  assert not any(r["in_place"] for r in rows)
+
+
+def test_a_scan_stacking_its_outputs_is_flagged_as_an_in_place_update():
+  def f(x):
+    _, ys = jax.lax.scan(lambda c, xi: (c, jnp.sin(xi) * c), 2.0, x)
+    return ys
+  hlo = jax.jit(f).lower(jnp.ones((4, 1000), jnp.float32)).compile().as_text()
+  updates = [r for r in gpu_compile.written_buffers(hlo) if r["in_place"]]
+  assert updates and all(r["op_name"].endswith("dynamic_update_slice") for r in updates)
 
 
 def test_target_descriptions_name_the_device_pallas_and_xla_read():
