@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"gpu_compile-deform{'-sorted' if args.deform_sorted else ''}"
   else:
     patch = tuple(int(v) for v in args.patch.split(","))
-    # conv_impl "native": "auto" would pick the CPU's form, the host being a CPU
-    cfg, _ = vs_torch._bench_setup(patch, args.batch, args.dtype, conv_impl="native",  # pylint: disable=protected-access
+    # forms chosen per platform ("auto" convs, the edge padding, the fused
+    # attention's Triton or interpreter) follow the abstract GPU mesh below
+    cfg, _ = vs_torch._bench_setup(patch, args.batch, args.dtype,  # pylint: disable=protected-access
                                    model=args.model, build=False,
                                    chunks=args.attention_chunks,
                                    attention_impl=args.attention_impl,

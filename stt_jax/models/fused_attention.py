@@ -35,6 +35,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from stt_jax.models import traced_platform
+
 MAX_KEYS = 256
 _MIN_TILE = 16  # Triton's dot needs every tile dimension >= 16
 
@@ -290,15 +292,6 @@ def _attention_bwd(keys, interpret, precision, tuning, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _for_a_gpu() -> bool:
-  """Whether the program being traced is for a GPU: an abstract mesh's device
-  when one is set (compiling for a GPU without one, bench/gpu_compile.py),
-  else the default backend."""
-  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  platform = device.platform if device is not None else jax.default_backend()
-  return platform in ("gpu", "cuda", "rocm")
-
-
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     interpret: bool | None = None,
                     tuning: Tuning = DEFAULT_TUNING) -> jax.Array:
@@ -312,7 +305,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"fused_attention takes <= {MAX_KEYS} keys, head dim <= 128 and a "
                      f"multiple of 16 queries; got q {q.shape}, k {k.shape}")
   if interpret is None:
-    interpret = not _for_a_gpu()
+    interpret = traced_platform.name() != "gpu"
   keys = k.shape[1]
   pad = ((0, 0), (0, _pow2_at_least(keys) - keys), (0, 0), (0, 0))
   # read at trace time, like jnp's products: the backward keeps the forward's

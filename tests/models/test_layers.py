@@ -51,6 +51,48 @@ def test_conv_module_pads_by_edge_replication():
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pads", [
+    ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)),   # a 3x3x3 conv's
+    ((0, 0), (0, 0), (2, 2), (1, 1), (0, 0)),   # wider, and an axis left alone
+    ((1, 0), (0, 3), (2, 1), (0, 0), (0, 0)),   # uneven, batch axis too
+])
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_edge_pad_equals_numpy_and_its_gradient_sums_the_copies(pads, one_pass):
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 3, 4, 5, 2)).astype(np.float32)
+  x[0, 0, 0, 0, 0] = np.inf  # exact: a term of zeros added to inf is still inf
+  pad = jax.jit(lambda a: layers.edge_pad(a, pads, one_pass=one_pass))
+  got = np.asarray(pad(x))
+  np.testing.assert_array_equal(got, np.pad(x, pads, mode="edge"))
+  if one_pass:  # the sum of pads, not jnp.pad's concatenation, ran
+    assert "concatenate" not in str(jax.make_jaxpr(pad)(x))
+  # gradient of sum(w * pad(x)): each x element receives the weights of every
+  # padded position that copies it (numpy: clamped source indices, np.add.at)
+  x[0, 0, 0, 0, 0] = 0.0
+  w = rng.standard_normal(got.shape)
+  grad = np.asarray(jax.grad(lambda a: jnp.sum(w * pad(a)))(x))
+  sources = np.meshgrid(*[np.clip(np.arange(-lo, n + hi), 0, n - 1)
+                          for n, (lo, hi) in zip(x.shape, pads)], indexing="ij")
+  want = np.zeros(x.shape)
+  np.add.at(want, tuple(sources), w)
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
+def test_edge_pad_and_conv_form_follow_the_platform_traced_for():
+  """On this CPU: the concatenation and depth-as-batch; under an abstract
+  GPU mesh (compiling for a GPU without one): one pass and native 3D convs."""
+  x = jnp.zeros((1, 3, 4, 4, 2))
+  pads = ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))
+  trace = lambda: str(jax.make_jaxpr(lambda a: layers.edge_pad(a, pads))(x))
+  assert "concatenate" in trace() and layers.resolve_conv_impl("auto") == "depth_as_batch"
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                       platform="cuda")
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+    assert "concatenate" not in trace()
+    assert layers.resolve_conv_impl("auto") == "native"
+
+
 def test_bilinear_upsample_matches_transposed_conv_loop():
   x = np.random.default_rng(2).standard_normal((2, 3, 5, 4, 2)).astype(np.float32)
   weights = [0.25, 0.75, 0.75, 0.25]
