@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -188,18 +189,9 @@ def _train_program(cfg, mesh):
   """(jitted train step, abstract arguments) of cfg on mesh, as loop.build
   would build it, without creating a state."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
-  from stt_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
-  model = unet.from_config(cfg.model)
-  optimizer = state_lib.make_optimizer(cfg.train)
-  discriminator = disc_optimizer = None
-  if cfg.loss.adversarial_weight > 0:
-    discriminator = state_lib.make_discriminator(cfg.model)
-    disc_optimizer = state_lib.make_disc_optimizer(cfg.train)
-  ema = float(cfg.train.ema_decay)
-  shapes = jax.eval_shape(functools.partial(
-      state_lib.create, model, optimizer, tuple(cfg.data.patch_shape), cfg.seed,
-      discriminator=discriminator, disc_optimizer=disc_optimizer, ema=ema > 0))
+  from stt_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+  setup, create = loop.components(cfg)
+  shapes = jax.eval_shape(create)
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        shapes, step_lib.state_shardings(shapes, mesh))
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -207,10 +199,8 @@ def _train_program(cfg, mesh):
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
            for k, v in (("image", image), ("target", target))}
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-  fn = step_lib.jit_train_step(model, optimizer, cfg.loss, mesh, state,
-                               discriminator=discriminator, disc_optimizer=disc_optimizer,
-                               ema_decay=ema)
-  return fn, (state, batch, key)
+  setup = dataclasses.replace(setup, state=state, mesh=mesh)
+  return setup.jit_step(cfg.loss), (state, batch, key)
 
 
 def _infer_program(cfg, mesh):

@@ -119,47 +119,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, keys: 
   lse_ref[...] = m + jnp.log(l)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
-                     *, scale: float, keys: int, dim: int, block: int, blocks_per_run: int,
-                     precision: jax.lax.Precision):
-  dot = functools.partial(plgpu.dot, precision=precision)
-  dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
-  head = (jnp.arange(dim_padded) < dim)[None, :]
-  valid = (jnp.arange(keys_padded) < keys)[None, :]
-  k = plgpu.load(k_ref, mask=head, other=0.0)
-  v = plgpu.load(v_ref, mask=head, other=0.0)
-  first = pl.program_id(0) * blocks_per_run
-
-  def step(i, carry):
-    dk, dv = carry
-    rows = pl.dslice((first + i) * block, block)
-    q = plgpu.load(q_ref.at[rows, :], mask=head, other=0.0)
-    do = plgpu.load(do_ref.at[rows, :], mask=head, other=0.0)
-    s = jnp.where(valid, dot(q, k, trans_b=True) * scale, _MASKED)
-    p = jnp.exp(s - lse_ref[rows][:, None])  # softmax from the saved log-sum-exp
-    dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
-    ds = p * (dot(do, v, trans_b=True) - delta_ref[rows][:, None]) * scale
-    dq = dot(ds.astype(k.dtype), k)
-    plgpu.store(dq_ref.at[rows, :], dq.astype(dq_ref.dtype), mask=head)
-    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
-    return dk, dv
-
-  zeros = jnp.zeros((keys_padded, dim_padded), jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, blocks_per_run, step, (zeros, zeros))
-  dk_ref[...] = dk
-  dv_ref[...] = dv
-
-
-def _key_major_backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *out_refs,
-                                scale: float, keys: int, dim: int, block: int,
-                                blocks_per_run: int, precision: jax.lax.Precision):
-  """_backward_kernel on transposed tiles: scores [keys, queries]. out_refs:
-  (dq, dk, dv), or (dk, dv) when a separate kernel computes dQ."""
+def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *out_refs,
+                     scale: float, keys: int, dim: int, block: int, blocks_per_run: int,
+                     precision: jax.lax.Precision, key_major: bool):
+  """One run of query blocks of one (slice, head): writes their dQ (when
+  out_refs is (dq, dk, dv); (dk, dv) when a separate kernel computes dQ) and
+  this run's partial dK, dV. key_major: the same products on transposed
+  tiles, scores [keys, queries] instead of [queries, keys]."""
   dot = functools.partial(plgpu.dot, precision=precision)
   *dq_ref, dk_ref, dv_ref = out_refs
   dim_padded, keys_padded = q_ref.shape[-1], k_ref.shape[0]
   head = (jnp.arange(dim_padded) < dim)[None, :]
-  valid = (jnp.arange(keys_padded) < keys)[:, None]
+  key_axis = jnp.arange(keys_padded) < keys
   k = plgpu.load(k_ref, mask=head, other=0.0)
   v = plgpu.load(v_ref, mask=head, other=0.0)
   first = pl.program_id(0) * blocks_per_run
@@ -169,13 +140,22 @@ def _key_major_backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
     rows = pl.dslice((first + i) * block, block)
     q = plgpu.load(q_ref.at[rows, :], mask=head, other=0.0)
     do = plgpu.load(do_ref.at[rows, :], mask=head, other=0.0)
-    st = jnp.where(valid, dot(k, q, trans_b=True) * scale, _MASKED)  # [keys, block]
-    pt = jnp.exp(st - lse_ref[rows][None, :])
-    dv = dv + dot(pt.astype(do.dtype), do)
-    dst = pt * (dot(v, do, trans_b=True) - delta_ref[rows][None, :]) * scale
-    dk = dk + dot(dst.astype(q.dtype), q)
-    if dq_ref:
-      dq = dot(dst.astype(k.dtype), k, trans_a=True)
+    lse, delta = lse_ref[rows], delta_ref[rows]
+    if key_major:
+      st = jnp.where(key_axis[:, None], dot(k, q, trans_b=True) * scale, _MASKED)
+      pt = jnp.exp(st - lse[None, :])  # softmax from the saved log-sum-exp
+      dv = dv + dot(pt.astype(do.dtype), do)
+      dst = pt * (dot(v, do, trans_b=True) - delta[None, :]) * scale
+      dk = dk + dot(dst.astype(q.dtype), q)
+      dq = dot(dst.astype(k.dtype), k, trans_a=True) if dq_ref else None
+    else:
+      s = jnp.where(key_axis[None, :], dot(q, k, trans_b=True) * scale, _MASKED)
+      p = jnp.exp(s - lse[:, None])
+      dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+      ds = p * (dot(do, v, trans_b=True) - delta[:, None]) * scale
+      dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
+      dq = dot(ds.astype(k.dtype), k) if dq_ref else None
+    if dq is not None:
       plgpu.store(dq_ref[0].at[rows, :], dq.astype(dq_ref[0].dtype), mask=head)
     return dk, dv
 
@@ -239,9 +219,8 @@ def _backward(q, k, v, o, lse, do, keys: int, interpret: bool,
   shared = dict(scale=float(dim) ** -0.5, keys=keys, dim=dim, precision=precision)
   params = plgpu.CompilerParams(num_warps=tuning.backward_warps, num_stages=2)
   dq_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  kernel = functools.partial(
-      _backward_kernel if tuning.backward == "query_major" else _key_major_backward_kernel,
-      block=block, blocks_per_run=nq // block // runs, **shared)
+  kernel = functools.partial(_backward_kernel, block=block, blocks_per_run=nq // block // runs,
+                             key_major=tuning.backward != "query_major", **shared)
   all_rows = pl.BlockSpec((None, nq, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
   whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda r, j, n: (j, 0, n, 0))
   per_row = pl.BlockSpec((None, None, nq), lambda r, j, n: (j, n, 0))

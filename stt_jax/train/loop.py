@@ -49,8 +49,10 @@ class Setup:
         ema_decay=self.ema_decay)
 
 
-def build(cfg, devices=None) -> Setup:
-  """Models, optimisers, fresh state and mesh for `cfg`."""
+def components(cfg) -> tuple[Setup, object]:
+  """(a Setup of `cfg` whose state and mesh are still None, the function that
+  creates a fresh state): what `build` places on devices, and what
+  bench/gpu_compile.py compiles for a GPU it does not have."""
   model = unet.from_config(cfg.model)
   optimizer = state_lib.make_optimizer(cfg.train)
   discriminator = disc_optimizer = None
@@ -58,14 +60,20 @@ def build(cfg, devices=None) -> Setup:
     discriminator = state_lib.make_discriminator(cfg.model)
     disc_optimizer = state_lib.make_disc_optimizer(cfg.train)
   ema_decay = float(cfg.train.ema_decay)
-  mesh = step_lib.make_mesh(devices, model_parallel=int(cfg.train.model_parallel))
   create = functools.partial(
       state_lib.create, model, optimizer, tuple(cfg.data.patch_shape), cfg.seed,
       discriminator=discriminator, disc_optimizer=disc_optimizer, ema=ema_decay > 0)
+  return Setup(model, optimizer, None, None, discriminator, disc_optimizer, ema_decay), create
+
+
+def build(cfg, devices=None) -> Setup:
+  """Models, optimisers, fresh state and mesh for `cfg`."""
+  setup, create = components(cfg)
+  mesh = step_lib.make_mesh(devices, model_parallel=int(cfg.train.model_parallel))
   # created in place with its shardings: nothing is copied between hosts
   shardings = step_lib.state_shardings(jax.eval_shape(create), mesh)
   state = jax.jit(create, out_shardings=shardings)()
-  return Setup(model, optimizer, state, mesh, discriminator, disc_optimizer, ema_decay)
+  return dataclasses.replace(setup, state=state, mesh=mesh)
 
 
 @dataclasses.dataclass
