@@ -16,5 +16,5 @@ _FAMILIES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "t
 def name() -> str:
   """'cpu', 'gpu' or 'tpu' (another platform: its own name)."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  name = device.platform if device is not None else jax.default_backend()
-  return _FAMILIES.get(name, name)
+  platform = device.platform if device is not None else jax.default_backend()
+  return _FAMILIES.get(platform, platform)
