@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -17,3 +18,13 @@ def results_path(stem: str, device_kind: str, out_dir: str = RESULTS_DIR) -> str
   """out_dir/<stem>-<device tag>.json, out_dir created."""
   os.makedirs(out_dir, exist_ok=True)
   return os.path.join(out_dir, f"{stem}-{device_tag(device_kind)}.json")
+
+
+def override_tag(overrides) -> str:
+  """The part of a results file's name that says which config overrides ran:
+  ["model.attention.deform_sorted_gradient=True"] -> "-deform_sorted_gradient_True"."""
+  tag = ""
+  for item in overrides:
+    key, _, value = item.partition("=")
+    tag += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", f"{key.rpartition('.')[2]}_{value}")
+  return tag

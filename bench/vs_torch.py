@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -518,9 +517,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
     tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
     if attention_impl != "auto":  # not to overwrite the default's rows
       tag += "-attention_" + attention_impl
-    for item in overrides:  # model.attention.deform_sorted_gradient=True -> deform_sorted_gradient_True
-      key, _, value = item.partition("=")
-      tag += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", f"{key.rpartition('.')[2]}_{value}")
+    tag += result_files.override_tag(overrides)
     path = result_files.results_path(f"vs_torch-{'_'.join(kinds)}{tag}",
                                      result.get("device", "unknown"), out_dir)
     with open(path, "w") as f:

@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.deform_sorted_gradient = False
   # auto = xla (measured on an H100: cudnn no faster here, gradients disagree)
   c.model.attention.implementation = "auto"     # auto | xla | cudnn | pallas (fused spatial stream)
+  # the temporal stream's (32 keys per pixel column): auto = implementation's,
+  # but XLA's when that is pallas (a speed choice: bench/gpu_compile.py)
+  c.model.attention.temporal_implementation = "auto"   # auto | xla | cudnn | pallas
   # > 1: each SST block runs its streams in this many sequential pieces, each
   # recomputed in the backward pass (less memory, same function and parameters)
   c.model.attention.chunks = 1
@@ -273,6 +276,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(a.implementation in ("auto", "xla", "cudnn", "pallas"),
         "model.attention.implementation",
         f"must be auto, xla, cudnn or pallas, got {a.implementation!r}")
+  _need(a.temporal_implementation in ("auto", "xla", "cudnn", "pallas"),
+        "model.attention.temporal_implementation",
+        f"must be auto, xla, cudnn or pallas, got {a.temporal_implementation!r}")
   _need(a.heads > 0 and a.kv_grid > 0 and a.deform_groups > 0, "model.attention",
         "heads, kv_grid and deform_groups must be positive")
   _need(a.chunks >= 1, "model.attention.chunks", f"must be 1 or more, got {a.chunks}")

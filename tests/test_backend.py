@@ -61,7 +61,12 @@ def test_bad_attention_implementation_is_named():
     config_lib.validate(cfg)
   for ok in ("auto", "xla", "cudnn", "pallas"):
     cfg.model.attention.implementation = ok
+    cfg.model.attention.temporal_implementation = ok
     config_lib.validate(cfg)
+  cfg.model.attention.temporal_implementation = "flash"
+  with pytest.raises(UserError, match="model.attention.temporal_implementation"):
+    config_lib.validate(cfg)
+  cfg.model.attention.temporal_implementation = "auto"
   cfg.model.attention.chunks = 0
   with pytest.raises(UserError, match="model.attention.chunks"):
     config_lib.validate(cfg)

@@ -44,6 +44,7 @@ class ResUNet(nn.Module):
   deform_modulation: bool = False
   deform_sorted_gradient: bool = False
   attention_impl: str = "auto"
+  attention_temporal_impl: str = "auto"
   attention_chunks: int = 1
   denoise: bool = False
   denoise_kernel: int = 5
@@ -58,6 +59,7 @@ class ResUNet(nn.Module):
                     deform_modulation=self.deform_modulation,
                     deform_sorted_gradient=self.deform_sorted_gradient, dtype=self.dtype,
                     implementation=self.attention_impl,
+                    temporal_implementation=self.attention_temporal_impl,
                     chunks=self.attention_chunks, name=name)
 
   def setup(self):
@@ -128,6 +130,7 @@ def from_config(model_cfg) -> ResUNet:
                  out_channels=len(outputs(model_cfg)), conv_impl=model_cfg.conv_impl,
                  dtype=backend.compute_dtype(model_cfg.compute_dtype),
                  attention_impl=att.implementation,
+                 attention_temporal_impl=att.temporal_implementation,
                  attention_chunks=att.chunks,
                  attention_design=att.design, attention_fusion=att.fusion,
                  attention_heads=att.heads, attention_kv_grid=att.kv_grid,

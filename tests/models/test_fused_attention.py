@@ -122,6 +122,26 @@ def test_sst_block_computes_the_same_function_with_pallas_as_with_xla():
     np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
 
 
+def test_temporal_stream_through_the_fused_kernel_on_request():
+  """temporal_implementation="pallas" (16 slices: queries a multiple of 16):
+  the temporal stream runs the kernel, the spatial one XLA's, same function."""
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 16, 4, 4, 8)), jnp.float32)
+  blocks = {impl: attention.SSTBlock(num_heads=2, kv_grid=4, implementation="xla",
+                                     temporal_implementation=impl, chunks=2)
+            for impl in ("auto", "pallas")}
+  params = blocks["auto"].init(jax.random.key(0), x)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.1 if "proj" in jax.tree_util.keystr(path) else p, params)
+  jaxpr = lambda impl: str(jax.make_jaxpr(lambda p: blocks[impl].apply(p, x))(params))
+  assert "pallas_call" in jaxpr("pallas") and "pallas_call" not in jaxpr("auto")
+  outs = {impl: b.apply(params, x) for impl, b in blocks.items()}
+  np.testing.assert_allclose(outs["pallas"], outs["auto"], atol=1e-5)
+  grads = {impl: jax.grad(lambda p, b=b: jnp.sum(jnp.sin(b.apply(p, x))))(params)
+           for impl, b in blocks.items()}
+  for a, b in zip(jax.tree.leaves(grads["pallas"]), jax.tree.leaves(grads["auto"])):
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
+
+
 @pytest.mark.parametrize("tuning", [
     fused_attention.DEFAULT_TUNING,
     # the ends of bench/fused_attention_tune.py's sweep: 16- and 128-query
