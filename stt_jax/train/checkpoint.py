@@ -25,10 +25,13 @@ EXPORT_MARKER = "stt_jax_export.json"
 
 # how the model is computed, not what it is: a run may resume under others
 EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation",
-                  "model.attention.chunks")
+                  "model.attention.temporal_implementation", "model.attention.chunks",
+                  "model.attention.deform_sorted_gradient")
 # keys added after runs and exports were made: one without the key had this value
 _ADDED_LATER = {"model.outputs": ["mask", "contour"], "model.norm": "none",
-                "model.norm_groups": 4, "model.attention.chunks": 1}
+                "model.norm_groups": 4, "model.attention.chunks": 1,
+                "model.attention.deform_sorted_gradient": False,     # session 34
+                "model.attention.temporal_implementation": "auto"}  # session 35
 
 
 def _with_keys_added_later(model: dict) -> dict:

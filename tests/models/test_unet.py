@@ -113,21 +113,24 @@ def test_group_norm_follows_every_conv_but_the_head():
 
 
 def test_exports_made_before_later_model_keys_build_the_network_they_held(tmp_path):
-  """An export whose config predates model.outputs, model.norm(_groups) and
-  model.attention.chunks: two outputs, no norm, one chunk; the keys it has
-  are kept."""
+  """An export whose config predates model.outputs, model.norm(_groups),
+  model.attention.chunks, deform_sorted_gradient and temporal_implementation:
+  two outputs, no norm, one chunk, no sort, the temporal stream as before;
+  the keys it has are kept."""
   import json  # pylint: disable=g-import-not-at-top
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
   from stt_jax.models.unet import from_config  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   old = json.loads(default_config().model.to_json())
   del old["norm"], old["norm_groups"], old["outputs"], old["attention"]["chunks"]
+  del old["attention"]["deform_sorted_gradient"], old["attention"]["temporal_implementation"]
   old["widths"], old["attention"]["heads"] = [4, 4, 6, 6, 8], 2
   (tmp_path / checkpoint.EXPORT_MARKER).write_text(json.dumps({"model": old}))
   model = from_config(ml_collections.ConfigDict(
       checkpoint.read_export_model_config(str(tmp_path))))
   assert (model.norm, model.norm_groups, model.out_channels, model.attention_chunks,
           model.widths, model.attention_heads) == ("none", 4, 2, 1, (4, 4, 6, 6, 8), 2)
+  assert (model.deform_sorted_gradient, model.attention_temporal_impl) == (False, "auto")
 
 
 def test_denoiser_sits_in_front():

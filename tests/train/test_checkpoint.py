@@ -1,3 +1,4 @@
+import json
 import os
 
 import jax
@@ -146,6 +147,23 @@ def test_a_state_of_another_structure_is_one_clear_error(tmp_path):
     ckpts.restore({"opt_state": [jnp.zeros(2), jnp.zeros(2), jnp.zeros(2)]})
   assert "\n" not in str(info.value)
   ckpts.close()
+
+
+def test_speed_choices_added_later_do_not_block_a_resume(tmp_path):
+  """deform_sorted_gradient (session 34) and temporal_implementation (35)
+  change neither the parameters nor the function: a run made before them
+  resumes under any value, and so does a run that has them."""
+  work = str(tmp_path / "run")
+  checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8], "attention": {"chunks": 1}}}',
+                             resume=False, overwrite=False)
+  for sort, temporal in ((False, "auto"), (True, "pallas")):
+    checkpoint.prepare_workdir(
+        work, json.dumps({"model": {"widths": [4, 8], "attention": {
+            "chunks": 1, "deform_sorted_gradient": sort, "temporal_implementation": temporal}}}),
+        resume=True, overwrite=False)
+  with pytest.raises(UserError, match="model.widths"):  # a real difference still refuses
+    checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 6], "attention": {"chunks": 1}}}',
+                               resume=True, overwrite=False)
 
 
 @pytest.mark.parametrize("same, other, message", [
