@@ -99,7 +99,6 @@ _KEPT = 300  # buffer rows the JSON keeps (largest first); totals count every on
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
 _CALLED = re.compile(r"\b(?:calls|to_apply|select|scatter|comparator)=%?([\w.\-]+)")
 # results that are views or control flow, not buffers an instruction writes
@@ -150,14 +149,7 @@ def written_buffers(hlo_text: str) -> list[dict]:
   stacking its chunks' outputs) is flagged `in_place`: it writes only its
   update into a buffer it shares with its operand, so its `bytes` overstate
   it and the totals leave it out."""
-  bodies, current = collections.defaultdict(list), None
-  for line in hlo_text.splitlines():
-    c = _COMPUTATION.match(line)
-    if c and " = " not in line:
-      current = c.group(1)
-      continue
-    if current is not None:
-      bodies[current].append(line)
+  bodies = profile_step.computations(hlo_text)
   # a while body or condition is also named by calls-like attributes
   # (body=, condition=): those stay; what a fusion or a reduction calls goes
   inner = {name for lines in bodies.values() for line in lines

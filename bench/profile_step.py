@@ -53,25 +53,35 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _HEAVY = ("convolution", "dot", "custom-call", "gather", "scatter", "reduce-window")
 
 
-def instruction_names(hlo_text: str) -> dict[str, dict]:
-  """{instruction: {"opcode", "op_name"}} of a compiled module's text. A
-  fusion without metadata of its own is named by the heaviest instruction it
-  calls (a convolution, dot, custom call, ...), else by its first named one."""
-  out, calls, bodies, current = {}, {}, collections.defaultdict(list), None
+def computations(hlo_text: str) -> dict[str, list[str]]:
+  """{computation: its lines} of a compiled module's text, in order."""
+  out, current = {}, None
   for line in hlo_text.splitlines():
     c = _COMPUTATION.match(line)
     if c and " = " not in line:
       current = c.group(1)
-      continue
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    op = _OP_NAME.search(line)
-    out[m.group(1)] = {"opcode": m.group(2), "op_name": op.group(1) if op else ""}
-    bodies[current].append(out[m.group(1)])
-    called = _CALLS.search(line)
-    if called:
-      calls[m.group(1)] = called.group(1)
+      out[current] = []
+    elif current is not None:
+      out[current].append(line)
+  return out
+
+
+def instruction_names(hlo_text: str) -> dict[str, dict]:
+  """{instruction: {"opcode", "op_name"}} of a compiled module's text. A
+  fusion without metadata of its own is named by the heaviest instruction it
+  calls (a convolution, dot, custom call, ...), else by its first named one."""
+  out, calls, bodies = {}, {}, collections.defaultdict(list)
+  for current, lines in computations(hlo_text).items():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      op = _OP_NAME.search(line)
+      out[m.group(1)] = {"opcode": m.group(2), "op_name": op.group(1) if op else ""}
+      bodies[current].append(out[m.group(1)])
+      called = _CALLS.search(line)
+      if called:
+        calls[m.group(1)] = called.group(1)
   for name, info in out.items():
     if not info["op_name"] and name in calls:
       body = bodies.get(calls[name], [])
