@@ -238,9 +238,8 @@ def _backward(q, k, v, o, lse, do, keys: int, interpret: bool,
   dk, dv = grads[-2:]
   if with_dq:
     dq = grads[0]
-  else:  # blocks of queries in parallel, as the forward
+  else:  # blocks of queries in parallel, as the forward (`whole` as above)
     rows = pl.BlockSpec((None, block, None, dim_padded), lambda i, j, n: (j, i, n, 0))
-    whole = pl.BlockSpec((None, keys_padded, None, dim_padded), lambda i, j, n: (j, 0, n, 0))
     per_row = pl.BlockSpec((None, None, block), lambda i, j, n: (j, n, i))
     dq = pl.pallas_call(
         functools.partial(_query_gradient_kernel, **shared), grid=(nq // block, b, h),
