@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from stt_jax.models import layers
+
 
 def _neighbourhoods(planes: jax.Array, k: int) -> jax.Array:
   """[n, h, w] -> [n, h, w, k*k] edge-padded k x k neighbourhoods, row-major."""
   r = k // 2
-  padded = jnp.pad(planes, ((0, 0), (r, r), (r, r)), mode="edge")
+  padded = layers.edge_pad(planes, ((0, 0), (r, r), (r, r)))
   h, w = planes.shape[1:]
   return jnp.stack([padded[:, dy:dy + h, dx:dx + w] for dy in range(k) for dx in range(k)],
                    axis=-1)
