@@ -66,18 +66,80 @@ def computations(hlo_text: str) -> dict[str, list[str]]:
   return out
 
 
+_LOOP_PARTS = re.compile(r"\b(?:body|condition)=%?([\w.\-]+)")
+_CALLED_PARTS = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
+
+
+def _call_sites(comps: dict[str, list[str]]) -> dict[str, tuple[str, str, bool]]:
+  """{computation: (the computation calling it, the caller's op_name, whether
+  the caller is a while loop)}."""
+  sites = {}
+  for parent, lines in comps.items():
+    for line in lines:
+      op = _OP_NAME.search(line)
+      op_name = op.group(1) if op else ""
+      is_loop = " while(" in line
+      for name in (_LOOP_PARTS if is_loop else _CALLED_PARTS).findall(line):
+        sites.setdefault(name, (parent, op_name, is_loop))
+  return sites
+
+
+def _renamer(comps: dict[str, list[str]]):
+  """op_name, computation -> the op_name as its call site names it.
+
+  JAX lowers a function traced twice with the same shapes (the two level-1
+  SST blocks' chunk loops, enc1 and dec1) once; XLA then clones the loop body
+  for each call, and every clone keeps the first site's metadata
+  (`.../sst_enc1/sst_enc1._fuse/while/body/...` inside dec1's loop). The
+  while instruction itself carries its own site's op_name, so a loop body's
+  names are rebuilt on it: the part up to the loop's `while` comes from the
+  caller, the rest (`body/...`) from the instruction."""
+  sites, anchors = _call_sites(comps), {}
+
+  def anchor(computation: str) -> tuple[list[str], int] | None:
+    """(the calling while's op_name, split; how many `while` parts it has)."""
+    if computation not in anchors:
+      anchors[computation] = None  # a cycle, if any, ends here
+      site = sites.get(computation)
+      if site is not None:
+        parent, op_name, is_loop = site
+        if is_loop and op_name.split("/")[-1] == "while":
+          parts = rename(op_name, parent).split("/")
+          anchors[computation] = (parts, parts.count("while"))
+        else:  # a fusion, a call, a while XLA made from one instruction: as its caller's
+          anchors[computation] = anchor(parent)
+    return anchors[computation]
+
+  def rename(op_name: str, computation: str) -> str:
+    found = anchor(computation) if op_name else None
+    if found is None:
+      return op_name
+    parts, loops = found
+    inner = op_name.split("/")
+    at = [i for i, part in enumerate(inner) if part == "while"]
+    if len(at) < loops:
+      return op_name
+    return "/".join(parts + inner[at[loops - 1] + 1:])
+
+  return rename
+
+
 def instruction_names(hlo_text: str) -> dict[str, dict]:
   """{instruction: {"opcode", "op_name"}} of a compiled module's text. A
   fusion without metadata of its own is named by the heaviest instruction it
-  calls (a convolution, dot, custom call, ...), else by its first named one."""
-  out, calls, bodies = {}, {}, collections.defaultdict(list)
-  for current, lines in computations(hlo_text).items():
+  calls (a convolution, dot, custom call, ...), else by its first named one.
+  Inside a loop body the names are those of the loop's own call site
+  (_renamer)."""
+  out, calls, bodies, where = {}, {}, collections.defaultdict(list), {}
+  comps = computations(hlo_text)
+  for current, lines in comps.items():
     for line in lines:
       m = _INSTRUCTION.match(line)
       if not m:
         continue
       op = _OP_NAME.search(line)
       out[m.group(1)] = {"opcode": m.group(2), "op_name": op.group(1) if op else ""}
+      where[m.group(1)] = current
       bodies[current].append(out[m.group(1)])
       called = _CALLS.search(line)
       if called:
@@ -94,6 +156,12 @@ def instruction_names(hlo_text: str) -> dict[str, dict]:
         if unnamed:
           info["op_name"] = f"({unnamed[0]} without metadata, in {calls[name]})"
           info["opcode"] = unnamed[0]
+  # renamed last, each by the computation it runs in: a fusion named through
+  # its body takes its own call site's loop
+  rename = _renamer(comps)
+  for name, info in out.items():
+    if not info["op_name"].startswith("("):
+      info["op_name"] = rename(info["op_name"], where[name])
   return out
 
 

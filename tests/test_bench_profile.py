@@ -54,6 +54,61 @@ def test_instructions_are_put_in_the_module_and_pass_they_came_from():
   assert profile_step.module_of("(convolution without metadata, in f.1)")[0] == "(unnamed)"
 
 
+# Two chunk loops of the same shapes (enc1's and dec1's), as XLA:GPU leaves
+# them: it merged their bodies and cloned them back per loop, both clones
+# keeping enc1's metadata; each while keeps its own site's op_name
+_CLONED_LOOPS = """HloModule m
+
+%cond.1 (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT, metadata={op_name="jit(s)/jvp(M)/enc1/enc1._fuse/while/cond/lt"}
+}
+
+%fused_sine (q: f32[8]) -> f32[8] {
+  %q = f32[8]{0} parameter(0)
+  ROOT %s = f32[8]{0} sine(%q), metadata={op_name="jit(s)/jvp(M)/enc1/enc1._fuse/while/body/eval_jaxpr/fuse.body/fuse/sin"}
+}
+
+%body.clone (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %f = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_sine
+  %y = f32[8]{0} cosine(%f), metadata={op_name="jit(s)/jvp(M)/enc1/enc1._fuse/while/body/eval_jaxpr/fuse.body/fuse/cos"}
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %y)
+}
+
+%body.clone.clone (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %f.1 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_sine
+  %y.1 = f32[8]{0} cosine(%f.1), metadata={op_name="jit(s)/jvp(M)/enc1/enc1._fuse/while/body/eval_jaxpr/fuse.body/fuse/cos"}
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %y.1)
+}
+
+ENTRY %main (a: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %a = (s32[], f32[8]{0}) parameter(0)
+  %w.1 = (s32[], f32[8]{0}) while(%a), condition=%cond.1, body=%body.clone, metadata={op_name="jit(s)/jvp(M)/enc1/enc1._fuse/while"}
+  %w.2 = (s32[], f32[8]{0}) while(%w.1), condition=%cond.1, body=%body.clone.clone, metadata={op_name="jit(s)/jvp(M)/dec1/dec1._fuse/while"}
+  ROOT %e = f32[8]{0} exponential(%w.2), metadata={op_name="jit(s)/jvp(M)/dec1/exp"}
+}
+"""
+
+
+def test_a_cloned_loop_body_is_named_by_its_own_loop():
+  names = profile_step.instruction_names(_CLONED_LOOPS)
+  assert names["y"]["op_name"].startswith("jit(s)/jvp(M)/enc1/enc1._fuse/while/body/")
+  assert names["y.1"]["op_name"] == (
+      "jit(s)/jvp(M)/dec1/dec1._fuse/while/body/eval_jaxpr/fuse.body/fuse/cos")
+  # a fusion is named through its body, and so by the loop it runs in
+  assert profile_step.module_of(names["f"]["op_name"]) == ("M/enc1/fuse", "forward")
+  assert profile_step.module_of(names["f.1"]["op_name"]) == ("M/dec1/fuse", "forward")
+  assert names["e"]["op_name"] == "jit(s)/jvp(M)/dec1/exp"  # outside any loop: as written
+
+
 def test_summary_adds_device_time_by_instruction(tmp_path):
   fn, x, k = _program()
   fn(x, k).block_until_ready()
