@@ -2,12 +2,13 @@
 for each way of computing its gradient's scatter-add.
 
   python3 bench/deform_impl.py [--shape=16,160,160,36] [--groups=4]
-      [--variants=float32,input,float32+sorted,input+sorted]
+      [--variants=float32,float32+tap_major,float32+sorted,input,input+sorted]
 
 A variant is the dtype the bilinear sampling and the gradient's scatter-add
-sum in (float32, or input: the inputs' dtype), "+sorted" to sort the samples
-by the row they read before that scatter-add (deformable_conv2d's
-accumulate_dtype and sorted_gradient).
+sum in (float32, or input: the inputs' dtype), optionally "+sorted" (the
+samples sorted by the row they read before that scatter-add) or "+tap_major"
+(taken tap by tap instead of pixel by pixel): deformable_conv2d's
+accumulate_dtype and gradient.
 
 Default shape: one level-1 chunk of the paper's STT-UNET step (32x320x320,
 batch 2, chunks 4: 16 slices of 160x160, 36 channels, 4 offset groups), whose
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 
 import aot_timing  # noqa: E402
 import result_files  # noqa: E402
-from stt_jax.models.deformable_conv import deformable_conv2d  # noqa: E402
+from stt_jax.models.deformable_conv import GRADIENTS, deformable_conv2d  # noqa: E402
 
 ARGS = ("x", "offsets", "kernel")
 
@@ -52,12 +53,12 @@ def inputs(shape, groups: int, offset_scale: float, seed: int = 0) -> dict:
           "probe": rng.standard_normal(shape, np.float32)}
 
 
-def gradient_fn(dtype, accumulate_dtype, sorted_gradient: bool = False):
+def gradient_fn(dtype, accumulate_dtype, gradient: str = "scatter"):
   """(x, offsets, kernel, probe) -> gradients of sum(deform(x) * probe) w.r.t.
   x, offsets and kernel."""
   def loss(x, offsets, kernel, probe):
     out = deformable_conv2d(x.astype(dtype), offsets.astype(dtype), kernel.astype(dtype),
-                            accumulate_dtype=accumulate_dtype, sorted_gradient=sorted_gradient)
+                            accumulate_dtype=accumulate_dtype, gradient=gradient)
     return jnp.sum(out.astype(jnp.float32) * probe)
   return jax.grad(loss, argnums=(0, 1, 2))
 
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--shape", default="16,160,160,36", help="n,h,w,c")
   parser.add_argument("--groups", type=int, default=4)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--variants", default="float32,input,float32+sorted,input+sorted",
+  parser.add_argument("--variants",
+                      default="float32,float32+tap_major,float32+sorted,input,input+sorted",
                       help="comma list of float32 or input (the dtype the scatter-add sums "
-                      "in), each optionally +sorted")
+                      "in), each optionally +sorted or +tap_major (the scatter-add's order)")
   parser.add_argument("--offset-scale", type=float, default=1.5)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out-dir", default=result_files.RESULTS_DIR)
@@ -91,20 +93,25 @@ def main(argv: list[str] | None = None) -> None:
          "dtype": args.dtype, "offset_scale": args.offset_scale,
          "reference": "float32 inputs, float32 sampling, HIGHEST products"}
   path = result_files.results_path("deform_impl", out["device"], args.out_dir)
-  for variant in [v for v in args.variants.split(",") if v]:
-    dtype_name, _, sort = variant.partition("+")
-    if dtype_name not in ("float32", "input") or sort not in ("", "sorted"):
-      parser.error(f"unknown variant {variant!r}: float32 or input, optionally +sorted")
+  variants = [v for v in args.variants.split(",") if v]
+  for variant in variants:  # all checked before any work
+    dtype_name, _, order = variant.partition("+")
+    if dtype_name not in ("float32", "input") or order not in ("", *GRADIENTS[1:]):
+      parser.error(f"unknown variant {variant!r}: float32 or input, optionally "
+                   f"+{' or +'.join(GRADIENTS[1:])}")
+  for variant in variants:
+    dtype_name, _, order = variant.partition("+")
     accumulate = None if dtype_name == "input" else jnp.float32
     timed = aot_timing.compile_and_time(
-        gradient_fn(jnp.dtype(args.dtype), accumulate, sort == "sorted"), operands, args.repeats)
+        gradient_fn(jnp.dtype(args.dtype), accumulate, order or "scatter"), operands,
+        args.repeats)
     step_s, compile_s = timed.step_s, timed.compile_s
     row = {"step_s": step_s, "compile_s": compile_s,
            "pixels_per_s": shape[0] * shape[1] * shape[2] / step_s,
            "grad_relative_error": relative_errors(timed.outputs, reference)}
     out[variant] = row
     errors = ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
-    print(f"{variant:14s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "
+    print(f"{variant:18s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "
           f"{compile_s:5.1f} s, gradient error {errors}", flush=True)
     with open(path, "w") as f:  # after every variant: a cut run keeps its rows
       json.dump(out, f, indent=2)

@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import profile_step  # noqa: E402  pylint: disable=g-import-not-at-top
 import result_files  # noqa: E402  pylint: disable=g-import-not-at-top
 import vs_torch  # noqa: E402  pylint: disable=g-import-not-at-top
+from stt_jax.models.deformable_conv import GRADIENTS  # noqa: E402
 
 # Published figures of each GPU (SXM parts); the device kind is what jax and
 # Pallas read to pick the architecture.
@@ -208,14 +209,14 @@ def _infer_program(cfg, mesh):
   return jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x))), (params, image)
 
 
-def _deform_program(shape, groups: int, dtype: str, sorted_gradient: bool, mesh):
+def _deform_program(shape, groups: int, dtype: str, gradient: str, mesh):
   """Forward + gradient of one deformable conv of `shape` [n, h, w, c]."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from stt_jax.models.deformable_conv import deformable_conv2d  # pylint: disable=g-import-not-at-top
   n, h, w, c = shape
   spec = lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=NamedSharding(mesh, P()))
   loss = lambda x, o, k: jnp.sum(deformable_conv2d(
-      x, o, k, sorted_gradient=sorted_gradient).astype(jnp.float32))
+      x, o, k, gradient=gradient).astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (
       spec((n, h, w, c)), spec((n, h, w, groups, 9, 2)), spec((3, 3, c, c)))
 
@@ -233,10 +234,12 @@ def main(argv: list[str] | None = None) -> None:
                       help="model.attention.implementation: auto, xla, cudnn or pallas")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="a config field for train/infer, e.g. "
-                      "model.attention.deform_sorted_gradient=True (repeatable)")
+                      "model.attention.deform_gradient=tap_major (repeatable)")
   parser.add_argument("--deform-shape", default="16,160,160,36", help="n,h,w,c (--program=deform)")
   parser.add_argument("--deform-groups", type=int, default=4)
-  parser.add_argument("--deform-sorted", action="store_true")
+  parser.add_argument("--deform-gradient", default="scatter",
+                      choices=GRADIENTS,
+                      help="the order of the gradient's scatter-add (--program=deform)")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--hlo", help="also write the compiled module's text here")
   parser.add_argument("--out-dir", default=result_files.RESULTS_DIR)
@@ -244,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
   mesh = gpu_mesh(args.target)
   if args.program == "deform":
     shape = tuple(int(v) for v in args.deform_shape.split(","))
-    fn, operands = _deform_program(shape, args.deform_groups, args.dtype, args.deform_sorted,
+    fn, operands = _deform_program(shape, args.deform_groups, args.dtype, args.deform_gradient,
                                    mesh)
-    stem = f"gpu_compile-deform{'-sorted' if args.deform_sorted else ''}"
+    order = "" if args.deform_gradient == "scatter" else f"-{args.deform_gradient}"
+    stem = f"gpu_compile-deform{order}"
   else:
     patch = tuple(int(v) for v in args.patch.split(","))
     # forms chosen per platform ("auto" convs, the edge padding, the fused

@@ -22,7 +22,7 @@ def results_path(stem: str, device_kind: str, out_dir: str = RESULTS_DIR) -> str
 
 def override_tag(overrides) -> str:
   """The part of a results file's name that says which config overrides ran:
-  ["model.attention.deform_sorted_gradient=True"] -> "-deform_sorted_gradient_True"."""
+  ["model.attention.deform_gradient=sorted"] -> "-deform_gradient_sorted"."""
   tag = ""
   for item in overrides:
     key, _, value = item.partition("=")

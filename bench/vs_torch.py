@@ -93,8 +93,10 @@ def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices
                  attention_impl: str = "auto", overrides=()):
   """(cfg, loop.Setup or None) of `model` (a preset) at the paper's training
   settings; the loss is the original's weighted BCE alone (dice weight 0), as
-  the peer's; then `overrides` ("key=value")."""
-  from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  the peer's; then `overrides` ("key=value"), checked as stt_jax.main checks
+  a config."""
+  from stt_jax.config import default_config, validate  # pylint: disable=g-import-not-at-top
+  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from stt_jax.presets import apply_preset  # pylint: disable=g-import-not-at-top
   from stt_jax.train import loop  # pylint: disable=g-import-not-at-top
   cfg = apply_preset(default_config(), model)
@@ -107,6 +109,10 @@ def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices
   cfg.model.attention.chunks = chunks
   cfg.model.attention.implementation = attention_impl
   apply_overrides(cfg, overrides)
+  try:  # a bad value fails here, not in the model after the peer's run
+    validate(cfg)
+  except UserError as e:
+    raise SystemExit(f"--override: {e}") from None
   return cfg, (loop.build(cfg, devices=devices) if build else None)
 
 
@@ -613,7 +619,7 @@ def main(kinds=("train", "infer")) -> None:
                       "cudnn or pallas (the fused spatial attention)")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override of our programs (repeatable), e.g. "
-                      "model.attention.deform_sorted_gradient=True; the JSON's name gains it")
+                      "model.attention.deform_gradient=tap_major; the JSON's name gains it")
   parser.add_argument("--flops", default="after", choices=["after", "skip"],
                       help="count our programs' FLOPs (XLA cost analysis, ~40 s on a CPU) "
                       "after timing, or skip it and fill them in later with --add-flops")

@@ -68,9 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.decoder_levels = (3, 2, 1)
   c.model.attention.deform_groups = 4
   c.model.attention.deform_modulation = False   # eq. 3 has none
-  # sort the deformable samples by the pixel they read before the gradient's
-  # scatter-add: same values, fewer atomics for a sort (a speed choice; GPU)
-  c.model.attention.deform_sorted_gradient = False
+  # the order the deformable fusion's gradient scatter-adds its samples in:
+  # scatter (as sampled, pixel-major) | sorted (by the pixel read: fewer
+  # atomics, for a sort) | tap_major (tap by tap: fewer adds to one row at a
+  # time). Same values; a speed choice for GPUs (bench/deform_impl.py)
+  c.model.attention.deform_gradient = "scatter"
   # auto = xla (measured on an H100: cudnn no faster here, gradients disagree)
   c.model.attention.implementation = "auto"     # auto | xla | cudnn | pallas (fused spatial stream)
   # the temporal stream's (32 keys per pixel column): auto = implementation's,
@@ -276,6 +278,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(a.implementation in ("auto", "xla", "cudnn", "pallas"),
         "model.attention.implementation",
         f"must be auto, xla, cudnn or pallas, got {a.implementation!r}")
+  from stt_jax.models import deformable_conv  # pylint: disable=g-import-not-at-top
+  _need(a.deform_gradient in deformable_conv.GRADIENTS, "model.attention.deform_gradient",
+        f"must be one of {deformable_conv.GRADIENTS}, got {a.deform_gradient!r}")
   _need(a.temporal_implementation in ("auto", "xla", "cudnn", "pallas"),
         "model.attention.temporal_implementation",
         f"must be auto, xla, cudnn or pallas, got {a.temporal_implementation!r}")

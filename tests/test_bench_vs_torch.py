@@ -67,14 +67,17 @@ def test_other_output_is_passed_through(capsys):
 def test_overrides_reach_our_config_and_typos_are_refused():
   cfg, _ = vs_torch._bench_setup(
       (8, 64, 64), 2, "float32", model="stt", build=False,
-      overrides=("model.attention.deform_sorted_gradient=True", "model.attention.kv_grid=8",
+      overrides=("model.attention.deform_gradient=tap_major", "model.attention.kv_grid=8",
                  "model.attention.implementation=xla"))
-  assert cfg.model.attention.deform_sorted_gradient is True
+  assert cfg.model.attention.deform_gradient == "tap_major"
   assert cfg.model.attention.kv_grid == 8 and cfg.model.attention.implementation == "xla"
   for bad in ("model.attention.deform_sorted=True", "model.attention", "nope.kv_grid=1"):
     with pytest.raises(SystemExit, match="existing config key"):
       vs_torch._bench_setup((8, 64, 64), 2, "float32", model="stt", build=False,
                             overrides=(bad,))
+  with pytest.raises(SystemExit, match="config.model.attention.deform_gradient: must be one of"):
+    vs_torch._bench_setup((8, 64, 64), 2, "float32", model="stt", build=False,
+                          overrides=("model.attention.deform_gradient=sort",))
 
 
 def test_overrides_travel_to_the_worker_and_into_the_file_name(monkeypatch, tmp_path):
@@ -92,7 +95,7 @@ def test_overrides_travel_to_the_worker_and_into_the_file_name(monkeypatch, tmp_
   monkeypatch.setitem(sys.modules, "torch", None)  # no peer: ours only
   monkeypatch.setattr(vs_torch, "_print", lambda *a: None)
   vs_torch.run(("train",), ["tiny"], ("float32",), 1, models=("stt",), check="skip",
-               flops="skip", overrides=("model.attention.deform_sorted_gradient=True",))
-  assert specs[0]["overrides"] == ["model.attention.deform_sorted_gradient=True"]
+               flops="skip", overrides=("model.attention.deform_gradient=tap_major",))
+  assert specs[0]["overrides"] == ["model.attention.deform_gradient=tap_major"]
   assert os.listdir(tmp_path / "bench" / "results") == [
-      "vs_torch-train-stt-deform_sorted_gradient_True-fake_gpu.json"]
+      "vs_torch-train-stt-deform_gradient_tap_major-fake_gpu.json"]

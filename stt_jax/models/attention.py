@@ -166,7 +166,7 @@ class SSTBlock(nn.Module):
   kv_grid: int = 16
   deform_groups: int = 4
   deform_modulation: bool = False
-  deform_sorted_gradient: bool = False
+  deform_gradient: str = "scatter"   # deformable_conv.GRADIENTS; a speed choice
   dtype: jnp.dtype = jnp.float32
   implementation: str = "auto"
   temporal_implementation: str = "auto"   # auto: implementation's, XLA's for pallas
@@ -218,7 +218,7 @@ class SSTBlock(nn.Module):
     if self.fusion == "deform":
       groups = math.gcd(self.deform_groups, c)
       fuse = DeformableConv(c, (3, 3), groups, self.deform_modulation, self.dtype,
-                            sorted_gradient=self.deform_sorted_gradient,
+                            gradient=self.deform_gradient,
                             name="deform_fuse")
       out = chunked_apply(fuse, self.chunks, xs.reshape(b * t, h, w, c),
                           xt.reshape(b * t, h, w, c))

@@ -13,6 +13,8 @@ custom kernels.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -49,6 +51,13 @@ def _sample(table: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array
   return jnp.sum(vals * weights[:, :, None], axis=1)
 
 
+def _weights_gradient(table, index, weights, cotangent):
+  """d(_sample)/d(weights) [p, 4]: each corner's values dotted with the
+  sample's cotangent (cotangent [p, cg] in the table's dtype)."""
+  vals = table.at[index].get(mode="promise_in_bounds").reshape(index.shape[0], 4, -1)
+  return jnp.sum(vals * cotangent[:, None, :], axis=-1).astype(weights.dtype)
+
+
 @jax.custom_vjp
 def _sample_sorted_gradient(table: jax.Array, index: jax.Array, weights: jax.Array
                             ) -> jax.Array:
@@ -67,8 +76,7 @@ def _sample_sorted_fwd(table, index, weights):
 def _sample_sorted_bwd(residuals, cotangent):
   table, index, weights = residuals
   cotangent = cotangent.astype(table.dtype)
-  vals = table.at[index].get(mode="promise_in_bounds").reshape(index.shape[0], 4, -1)
-  d_weights = jnp.sum(vals * cotangent[:, None, :], axis=-1).astype(weights.dtype)
+  d_weights = _weights_gradient(table, index, weights, cotangent)
   keys, order = jax.lax.sort((index, jax.lax.iota(jnp.int32, index.shape[0])), num_keys=1)
   permute = lambda a: a.at[order].get(mode="promise_in_bounds", unique_indices=True)
   rows = permute(weights)[:, :, None].astype(table.dtype) * permute(cotangent)[:, None, :]
@@ -80,10 +88,47 @@ def _sample_sorted_bwd(residuals, cotangent):
 _sample_sorted_gradient.defvjp(_sample_sorted_fwd, _sample_sorted_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sample_tap_major_gradient(table: jax.Array, index: jax.Array, weights: jax.Array,
+                               taps: int) -> jax.Array:
+  """_sample whose gradient scatter-adds the samples tap by tap instead of
+  pixel by pixel. The samples come pixel-major ([pixels, taps]), so the nine
+  taps of neighbouring pixels, which read the same 2x2 neighbourhoods, reach
+  the scatter-add one after another: atomic adds to the same rows, close in
+  time. Taken tap-major ([taps, pixels]), consecutive samples read distinct,
+  consecutive rows, and a row's nine readers lie a whole image apart. The
+  price: the sample's weights, index and cotangent (4 + 1 + cg values) are
+  transposed first; no sort. `taps`: the innermost sample axes' size
+  (offset groups x kernel taps)."""
+  return _sample(table, index, weights)
+
+
+def _sample_tap_major_fwd(table, index, weights, taps):
+  return _sample(table, index, weights), (table, index, weights)
+
+
+def _sample_tap_major_bwd(taps, residuals, cotangent):
+  table, index, weights = residuals
+  cotangent = cotangent.astype(table.dtype)
+  d_weights = _weights_gradient(table, index, weights, cotangent)
+  tap_major = lambda a: jnp.swapaxes(a.reshape(-1, taps, *a.shape[1:]), 0, 1).reshape(a.shape)
+  rows = tap_major(weights)[:, :, None].astype(table.dtype) * tap_major(cotangent)[:, None, :]
+  d_table = jnp.zeros_like(table).at[tap_major(index)].add(
+      rows.reshape(index.shape[0], -1), mode="promise_in_bounds")
+  return d_table, None, d_weights
+
+
+_sample_tap_major_gradient.defvjp(_sample_tap_major_fwd, _sample_tap_major_bwd)
+
+# deformable_conv2d's `gradient`: the order its gradient's scatter-add takes
+# the samples in (the same values; a speed choice, for GPUs)
+GRADIENTS = ("scatter", "sorted", "tap_major")
+
+
 def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
                       mask: jax.Array | None = None,
                       accumulate_dtype: jnp.dtype | None = jnp.float32,
-                      sorted_gradient: bool = False) -> jax.Array:
+                      gradient: str = "scatter") -> jax.Array:
   """Stride-1, 'same'-size deformable convolution.
 
   Args:
@@ -94,8 +139,10 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
     mask: optional [n, h, w, groups, kh * kw] modulation.
     accumulate_dtype: dtype the bilinear sampling and its gradient's
       scatter-add compute in (None: x's dtype); at least x's precision.
-    sorted_gradient: sort the samples by the pixels they read before the
-      gradient's scatter-add (same values; a speed choice, see _sample_sorted_gradient).
+    gradient: the order the gradient's scatter-add takes the samples in, all
+      the same values (a speed choice): "scatter" as sampled (pixel-major),
+      "sorted" by the pixel they read (_sample_sorted_gradient), "tap_major"
+      tap by tap (_sample_tap_major_gradient).
   Returns:
     [n, h, w, c_out].
   """
@@ -105,6 +152,8 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
   if taps != kh * kw or c % groups:
     raise ValueError(f"offsets {offsets.shape} do not fit kernel {kernel.shape} "
                      f"and {c} channels")
+  if gradient not in GRADIENTS:
+    raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
   cg = c // groups
   accumulate = jnp.promote_types(x.dtype, accumulate_dtype or x.dtype)
   ky, kx = jnp.meshgrid(jnp.arange(kh) - kh // 2, jnp.arange(kw) - kw // 2,
@@ -127,7 +176,9 @@ def deformable_conv2d(x: jax.Array, offsets: jax.Array, kernel: jax.Array,
   table = _neighbourhoods(x, groups, accumulate)
   weights = jnp.stack([(1.0 - wy) * (1.0 - wx), (1.0 - wy) * wx,
                        wy * (1.0 - wx), wy * wx], axis=-1) * inside[..., None]
-  sample = _sample_sorted_gradient if sorted_gradient else _sample
+  sample = {"scatter": _sample, "sorted": _sample_sorted_gradient,
+            "tap_major": functools.partial(_sample_tap_major_gradient,
+                                           taps=groups * taps)}[gradient]
   columns = sample(table, index.reshape(-1), weights.reshape(-1, 4).astype(accumulate))
   columns = columns.reshape(n, h, w, groups, taps, cg).astype(x.dtype)
   if mask is not None:
@@ -153,7 +204,7 @@ class DeformableConv(nn.Module):
   offset_groups: int = 1
   modulation: bool = False
   dtype: jnp.dtype = jnp.float32
-  sorted_gradient: bool = False   # deformable_conv2d's; a speed choice
+  gradient: str = "scatter"   # deformable_conv2d's; a speed choice
 
   @nn.compact
   def __call__(self, x: jax.Array, guide: jax.Array) -> jax.Array:
@@ -174,5 +225,5 @@ class DeformableConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     y = deformable_conv2d(x.astype(self.dtype), offsets.astype(self.dtype),
                           kernel.astype(self.dtype), mask,
-                          sorted_gradient=self.sorted_gradient)
+                          gradient=self.gradient)
     return y + bias.astype(self.dtype)

@@ -42,7 +42,7 @@ class ResUNet(nn.Module):
   attention_decoder_levels: Sequence[int] = (3, 2, 1)
   deform_groups: int = 4
   deform_modulation: bool = False
-  deform_sorted_gradient: bool = False
+  deform_gradient: str = "scatter"
   attention_impl: str = "auto"
   attention_temporal_impl: str = "auto"
   attention_chunks: int = 1
@@ -57,7 +57,7 @@ class ResUNet(nn.Module):
                     num_heads=self.attention_heads, kv_grid=self.attention_kv_grid,
                     deform_groups=self.deform_groups,
                     deform_modulation=self.deform_modulation,
-                    deform_sorted_gradient=self.deform_sorted_gradient, dtype=self.dtype,
+                    deform_gradient=self.deform_gradient, dtype=self.dtype,
                     implementation=self.attention_impl,
                     temporal_implementation=self.attention_temporal_impl,
                     chunks=self.attention_chunks, name=name)
@@ -138,7 +138,7 @@ def from_config(model_cfg) -> ResUNet:
                  attention_decoder_levels=tuple(att.decoder_levels),
                  deform_groups=att.deform_groups,
                  deform_modulation=att.deform_modulation,
-                 deform_sorted_gradient=att.deform_sorted_gradient,
+                 deform_gradient=att.deform_gradient,
                  denoise=model_cfg.denoise.enabled,
                  denoise_kernel=model_cfg.denoise.kernel_size,
                  denoise_features=model_cfg.denoise.features,

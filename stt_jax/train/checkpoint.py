@@ -24,20 +24,26 @@ EXPORT_MARKER = "stt_jax_export.json"
 
 
 # how the model is computed, not what it is: a run may resume under others
+# (deform_sorted_gradient: sessions 34-35's form of deform_gradient)
 EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.implementation",
                   "model.attention.temporal_implementation", "model.attention.chunks",
-                  "model.attention.deform_sorted_gradient")
+                  "model.attention.deform_gradient", "model.attention.deform_sorted_gradient")
 # keys added after runs and exports were made: one without the key had this value
 _ADDED_LATER = {"model.outputs": ["mask", "contour"], "model.norm": "none",
                 "model.norm_groups": 4, "model.attention.chunks": 1,
-                "model.attention.deform_sorted_gradient": False,     # session 34
-                "model.attention.temporal_implementation": "auto"}  # session 35
+                "model.attention.temporal_implementation": "auto",  # session 35
+                "model.attention.deform_gradient": "scatter"}        # session 36
 
 
 def _with_keys_added_later(model: dict) -> dict:
   """`model` (a saved model config) with the keys it predates at their old
   values, so readers need no fallbacks of their own."""
   model = json.loads(json.dumps(model))  # a deep copy
+  attention = model.get("attention")
+  if isinstance(attention, dict) and "deform_sorted_gradient" in attention:
+    # sessions 34-35 saved the one alternative order as a bool
+    sort = attention.pop("deform_sorted_gradient")
+    attention.setdefault("deform_gradient", "sorted" if sort else "scatter")
   for key, value in _ADDED_LATER.items():
     *parents, name = key.split(".")[1:]
     node = model

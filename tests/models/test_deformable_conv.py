@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 from scipy import ndimage
 
-from stt_jax.models.deformable_conv import DeformableConv, deformable_conv2d
+from stt_jax.models.deformable_conv import GRADIENTS, DeformableConv, deformable_conv2d
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -21,6 +21,7 @@ def _inputs(seed, n=2, h=7, w=9, c=4, c_out=3, groups=2, k=3):
 
 
 def _rel_err(a, b):
+  b = np.asarray(b, np.float64)
   return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
 
@@ -77,8 +78,8 @@ def test_fractional_offsets_match_scipy_map_coordinates(use_mask):
   assert _rel_err(got, _scipy_reference(x, offsets, kernel, mask)) <= 1e-5
 
 
-@pytest.mark.parametrize("sorted_gradient", [False, True])
-def test_gradients_match_finite_differences(sorted_gradient):
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_gradients_match_finite_differences(gradient):
   rng, x, kernel, offsets = _inputs(3, n=2, h=5, w=6, c=4, c_out=2, groups=2)
   offsets[:] = rng.uniform(-1.4, 1.4, offsets.shape)
   offsets = np.round(offsets * 4) / 4 + 0.125  # keep away from integer kinks
@@ -86,7 +87,7 @@ def test_gradients_match_finite_differences(sorted_gradient):
     x64, k64, o64 = (jnp.asarray(a, jnp.float64) for a in (x, kernel, offsets))
     probe = jnp.asarray(rng.standard_normal((2, 5, 6, 2)), jnp.float64)
     loss = lambda xx, kk, oo: jnp.sum(
-        deformable_conv2d(xx, oo, kk, sorted_gradient=sorted_gradient) * probe)
+        deformable_conv2d(xx, oo, kk, gradient=gradient) * probe)
     grads = jax.grad(loss, argnums=(0, 1, 2))(x64, k64, o64)
     eps = 1e-6
     for arg, grad in zip(range(3), grads):
@@ -177,10 +178,28 @@ def test_module_starts_as_a_plain_convolution():
   assert np.abs(np.asarray(grads["params"]["offset_conv"]["kernel"])).max() > 0
 
 
-def test_sorted_gradient_reaches_the_module_from_the_config():
-  """model.attention.deform_sorted_gradient -> UNet -> SST block ->
-  DeformableConv: the STT-UNET's gradient sorts, and only then (the values
-  are deformable_conv2d's, checked above against finite differences)."""
+def test_the_gradient_orders_agree_where_many_samples_share_a_pixel():
+  """The three orders of the scatter-add sum the same terms: in float32 they
+  differ by rounding only, on offsets that pile many samples onto a few
+  pixels (ties for the sort, repeated rows within a tap for tap_major)."""
+  rng, x, kernel, offsets = _inputs(7, n=2, h=9, w=11, c=6, c_out=3, groups=3)
+  offsets[:] = np.round(rng.uniform(-3, 3, offsets.shape)) + 0.5 * (
+      rng.uniform(size=offsets.shape) < 0.5)
+  probe = jnp.asarray(rng.standard_normal((2, 9, 11, 3)), jnp.float32)
+  grads = {g: jax.jit(jax.grad(lambda xx, oo, g=g: jnp.sum(
+      deformable_conv2d(xx, oo, kernel, gradient=g) * probe), argnums=(0, 1)))(x, offsets)
+           for g in GRADIENTS}
+  for g in GRADIENTS[1:]:
+    for got, want in zip(grads[g], grads["scatter"]):
+      assert _rel_err(got, want) <= 1e-6, g
+  with pytest.raises(ValueError, match="gradient must be one of"):
+    deformable_conv2d(x, offsets, kernel, gradient="sort")
+
+
+def test_the_gradient_order_reaches_the_module_from_the_config():
+  """model.attention.deform_gradient -> UNet -> SST block -> DeformableConv:
+  the STT-UNET samples through the custom gradient of the order asked for,
+  and only then (the values are deformable_conv2d's, checked above)."""
   from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
   cfg = config_lib.default_config()
@@ -191,9 +210,12 @@ def test_sorted_gradient_reaches_the_module_from_the_config():
   cfg.model.attention.decoder_levels = ()
   cfg.model.attention.deform_groups = 2
   image = jnp.zeros((1, 2, 8, 8, 1), jnp.float32)
-  for sort in (False, True):
-    cfg.model.attention.deform_sorted_gradient = sort
+  for order in GRADIENTS:
+    cfg.model.attention.deform_gradient = order
     model = unet.from_config(cfg.model)
     params = jax.eval_shape(model.init, jax.random.key(0), image)["params"]
     loss = lambda p, m=model: jnp.sum(m.apply({"params": p}, image))
-    assert (" sort[" in str(jax.make_jaxpr(jax.grad(loss))(params))) == sort
+    forward = str(jax.make_jaxpr(loss)(params))
+    for other in GRADIENTS[1:]:
+      assert (f"name=_sample_{other}_gradient" in forward) == (order == other)
+    assert (" sort[" in str(jax.make_jaxpr(jax.grad(loss))(params))) == (order == "sorted")

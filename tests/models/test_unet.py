@@ -114,23 +114,30 @@ def test_group_norm_follows_every_conv_but_the_head():
 
 def test_exports_made_before_later_model_keys_build_the_network_they_held(tmp_path):
   """An export whose config predates model.outputs, model.norm(_groups),
-  model.attention.chunks, deform_sorted_gradient and temporal_implementation:
-  two outputs, no norm, one chunk, no sort, the temporal stream as before;
-  the keys it has are kept."""
+  model.attention.chunks, deform_gradient and temporal_implementation:
+  two outputs, no norm, one chunk, the gradient's scatter as sampled, the
+  temporal stream as before; the keys it has are kept. One of sessions
+  34-35, with deform_sorted_gradient, gets the order that bool named."""
   import json  # pylint: disable=g-import-not-at-top
   from stt_jax.config import default_config  # pylint: disable=g-import-not-at-top
   from stt_jax.models.unet import from_config  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   old = json.loads(default_config().model.to_json())
   del old["norm"], old["norm_groups"], old["outputs"], old["attention"]["chunks"]
-  del old["attention"]["deform_sorted_gradient"], old["attention"]["temporal_implementation"]
+  del old["attention"]["deform_gradient"], old["attention"]["temporal_implementation"]
   old["widths"], old["attention"]["heads"] = [4, 4, 6, 6, 8], 2
   (tmp_path / checkpoint.EXPORT_MARKER).write_text(json.dumps({"model": old}))
   model = from_config(ml_collections.ConfigDict(
       checkpoint.read_export_model_config(str(tmp_path))))
   assert (model.norm, model.norm_groups, model.out_channels, model.attention_chunks,
           model.widths, model.attention_heads) == ("none", 4, 2, 1, (4, 4, 6, 6, 8), 2)
-  assert (model.deform_sorted_gradient, model.attention_temporal_impl) == (False, "auto")
+  assert (model.deform_gradient, model.attention_temporal_impl) == ("scatter", "auto")
+  for sort, order in ((True, "sorted"), (False, "scatter")):
+    old["attention"]["deform_sorted_gradient"] = sort
+    (tmp_path / checkpoint.EXPORT_MARKER).write_text(json.dumps({"model": old}))
+    model = from_config(ml_collections.ConfigDict(
+        checkpoint.read_export_model_config(str(tmp_path))))
+    assert model.deform_gradient == order
 
 
 def test_denoiser_sits_in_front():

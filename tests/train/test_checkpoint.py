@@ -150,17 +150,23 @@ def test_a_state_of_another_structure_is_one_clear_error(tmp_path):
 
 
 def test_speed_choices_added_later_do_not_block_a_resume(tmp_path):
-  """deform_sorted_gradient (session 34) and temporal_implementation (35)
-  change neither the parameters nor the function: a run made before them
-  resumes under any value, and so does a run that has them."""
+  """deform_gradient (session 36; sessions 34-35's deform_sorted_gradient)
+  and temporal_implementation (35) change neither the parameters nor the
+  function: a run made before them resumes under any value, and so does a
+  run that has them, in either form."""
   work = str(tmp_path / "run")
   checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 8], "attention": {"chunks": 1}}}',
                              resume=False, overwrite=False)
-  for sort, temporal in ((False, "auto"), (True, "pallas")):
+  for order, temporal in (("scatter", "auto"), ("sorted", "pallas"), ("tap_major", "xla")):
     checkpoint.prepare_workdir(
         work, json.dumps({"model": {"widths": [4, 8], "attention": {
-            "chunks": 1, "deform_sorted_gradient": sort, "temporal_implementation": temporal}}}),
+            "chunks": 1, "deform_gradient": order, "temporal_implementation": temporal}}}),
         resume=True, overwrite=False)
+  old = str(tmp_path / "session35")
+  checkpoint.prepare_workdir(old, json.dumps({"model": {"widths": [4, 8], "attention": {
+      "chunks": 1, "deform_sorted_gradient": True}}}), resume=False, overwrite=False)
+  checkpoint.prepare_workdir(old, json.dumps({"model": {"widths": [4, 8], "attention": {
+      "chunks": 1, "deform_gradient": "tap_major"}}}), resume=True, overwrite=False)
   with pytest.raises(UserError, match="model.widths"):  # a real difference still refuses
     checkpoint.prepare_workdir(work, '{"model": {"widths": [4, 6], "attention": {"chunks": 1}}}',
                                resume=True, overwrite=False)
