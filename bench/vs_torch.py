@@ -486,7 +486,10 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
         check: str = "first", flops: str = "after", attention_impl: str = "auto",
         overrides=()) -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
-  have_torch = importlib.util.find_spec("torch") is not None
+  modes = tuple(m for m in modes if m)
+  # no modes: our rows alone (e.g. a second setting of ours beside a peer row
+  # already measured in the same lease)
+  have_torch = bool(modes) and importlib.util.find_spec("torch") is not None
   import jax  # pylint: disable=g-import-not-at-top
   on_cpu = jax.default_backend() == "cpu"
   cases = list(cases or (["tiny"] if on_cpu else ["paper", "small"]))
@@ -496,7 +499,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   if overrides:  # a typo fails here, not in a worker after the peer's check
     _bench_setup((8, 64, 64), 2, "float32", model=models[0], build=False, overrides=overrides)
   if check == "only" and not have_torch:
-    raise SystemExit("--check=only needs PyTorch (and torchvision) importable")
+    raise SystemExit("--check=only needs PyTorch (and torchvision) importable and a --modes")
   if have_torch and check != "skip":
     print("checking the peer against ours (float32, highest precision) ...", flush=True)
     result["equivalence"] = {}
@@ -523,6 +526,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
     tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
     if attention_impl != "auto":  # not to overwrite the default's rows
       tag += "-attention_" + attention_impl
+    if chunks != 1 and "stt" in models:  # idem (the baseline has no SST block to chunk)
+      tag += f"-chunks_{chunks}"
     tag += result_files.override_tag(overrides)
     path = result_files.results_path(f"vs_torch-{'_'.join(kinds)}{tag}",
                                      result.get("device", "unknown"), out_dir)
@@ -604,7 +609,8 @@ def main(kinds=("train", "infer")) -> None:
   parser.add_argument("--dtypes", default="", help="float32,bfloat16 (default: both on a "
                       "GPU, float32 on a CPU)")
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--modes", default="eager,compile", help="PyTorch modes")
+  parser.add_argument("--modes", default="eager,compile",
+                      help="PyTorch modes; empty (--modes=): our rows only")
   parser.add_argument("--attention-chunks", type=int, default=1,
                       help="model.attention.chunks of our programs (less memory; the peer "
                            "is unchanged)")

@@ -99,3 +99,28 @@ def test_overrides_travel_to_the_worker_and_into_the_file_name(monkeypatch, tmp_
   assert specs[0]["overrides"] == ["model.attention.deform_gradient=tap_major"]
   assert os.listdir(tmp_path / "bench" / "results") == [
       "vs_torch-train-stt-deform_gradient_tap_major-fake_gpu.json"]
+
+
+def test_no_modes_times_ours_alone_and_chunks_name_the_file(monkeypatch, tmp_path):
+  """--modes= spawns no peer worker (and no check) even where PyTorch is
+  importable; a chunked STT-UNET's rows go to their own file."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  workers = []
+
+  def fake_spawn(argv, env=None, on_row=None):
+    del env, on_row
+    workers.append(argv[0])
+    return {"device": "Fake GPU", "platform": "gpu", "devices": 1, "jax": "0",
+            "matmul_bf16_flops": None, "rows": [{"framework": "jax", "step_s": 1.0}]}
+
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: object() if name == "torch" else real_find_spec(name, *a))
+  monkeypatch.setattr(vs_torch, "_spawn", fake_spawn)
+  monkeypatch.setattr(vs_torch, "ROOT", str(tmp_path))
+  monkeypatch.setattr(vs_torch, "_print", lambda *a: None)
+  vs_torch.run(("train",), ["tiny"], ("float32",), 1, modes=("",), models=("stt",), chunks=4,
+               flops="skip")
+  assert workers == ["--worker=jax"]
+  assert os.listdir(tmp_path / "bench" / "results") == [
+      "vs_torch-train-stt-chunks_4-fake_gpu.json"]
