@@ -96,7 +96,7 @@ def _sample_tap_major_gradient(table: jax.Array, index: jax.Array, weights: jax.
   taps of neighbouring pixels, which read the same 2x2 neighbourhoods, reach
   the scatter-add one after another: atomic adds to the same rows, close in
   time. Taken tap-major ([taps, pixels]), consecutive samples read distinct,
-  consecutive rows, and a row's nine readers lie a whole image apart. The
+  consecutive rows, and a row's nine readers lie all the slices apart. The
   price: the sample's weights, index and cotangent (4 + 1 + cg values) are
   transposed first; no sort. `taps`: the innermost sample axes' size
   (offset groups x kernel taps)."""
