@@ -54,6 +54,9 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "evaluate/segment/export from --workdir: its newest "
     "saved state (checkpoints/, or best/ where newer), its best state (best/, kept "
     "when train.eval_every > 0) or a step.")
+_EMA = flags.DEFINE_bool(
+    "ema", True, "evaluate/segment/export from --workdir, of a run trained with "
+    "train.ema_decay > 0: its EMA weights; --noema: its live ones (to score both).")
 _LABELS = flags.DEFINE_string("labels", None, "evaluate: ground-truth instance labels "
                               "to score --input (a segmentation) against.")
 _COMPARE = flags.DEFINE_string(
@@ -404,6 +407,9 @@ def _load(cfg, workdir: str | None):
   from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   weights = _WEIGHTS.value
+  if weights and not _EMA.value:
+    raise UserError("--noema chooses between a run's EMA and live weights; an export "
+                    "(--weights) holds one set: drop --noema or load the run (--workdir)")
   if weights:
     if not checkpoint.is_export(weights):
       raise UserError(f"--weights {weights} is not an stt_jax export "
@@ -422,9 +428,15 @@ def _load(cfg, workdir: str | None):
   checkpoint.check_resumable(workdir, cfg.to_json_best_effort())
   setup = loop.build(cfg)
   state = checkpoint.restore_from(directory, setup.state, step)
-  kind = "EMA weights" if cfg.train.ema_decay > 0 else "weights"
+  ema = _uses_ema(cfg)
+  kind = "EMA weights" if ema else "live weights" if cfg.train.ema_decay > 0 else "weights"
   what = f"{os.path.basename(directory)}/{step} of {os.path.abspath(workdir)} ({kind})"
-  return cfg, setup.model, state.inference_params(), setup.mesh, what
+  return cfg, setup.model, state.inference_params() if ema else state.params, setup.mesh, what
+
+
+def _uses_ema(cfg) -> bool:
+  """Whether the weights loaded from a run are its EMA (kept, and not --noema)."""
+  return cfg.train.ema_decay > 0 and _EMA.value
 
 
 def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
@@ -618,7 +630,7 @@ def _export(cfg, workdir: str) -> None:
   if _WEIGHTS.value:  # an export exported again keeps what its weights are
     weights = checkpoint.read_export_info(source).get("weights", "unknown")
   else:
-    weights = "ema" if cfg.train.ema_decay > 0 else "live"
+    weights = "ema" if _uses_ema(cfg) else "live"
   checkpoint.export_weights(out, params, cfg.model.to_dict(),
                             overwrite=_OVERWRITE.value,
                             info={"weights": weights,

@@ -38,6 +38,13 @@ def _main(*args, check_ok=True):
   return proc
 
 
+def _export_leaves(directory):
+  """The parameter arrays of an export, in tree order."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
 def _one_line_error(proc, *needles):
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
@@ -285,10 +292,24 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
              if l.startswith("foreground Jaccard")][0]), abs=1e-4)
   assert scores["weights"] == f"checkpoints/2 of {work} (EMA weights)"
   assert f"weights: checkpoints/2 of {work} (EMA weights)" in proc.stdout
+  # the same state's live weights, scored and exported: other weights
+  _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=2", "--noema")
+  live = json.load(open(os.path.join(work, "eval.json")))
+  assert live["weights"] == f"checkpoints/2 of {work} (live weights)"
+  exported_leaves = {}
+  for kind, flag in (("ema", "--ema"), ("live", "--noema")):
+    out = str(tmp_path / f"export2_{kind}")
+    _main(f"--workdir={work}", "--mode=export", f"--output={out}", *TINY, *adv,
+          "--checkpoint=2", flag)
+    assert json.load(open(os.path.join(out, "stt_jax_export.json")))["weights"] == kind
+    exported_leaves[kind] = _export_leaves(out)
+  assert len(exported_leaves["ema"]) == len(exported_leaves["live"])
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(exported_leaves["ema"], exported_leaves["live"]))
+  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   missing = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=3",
                   check_ok=False)
   _one_line_error(missing, "--checkpoint=3", "holds steps 2, 4, 6; pick one, best or latest")
-  from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   [best_step] = checkpoint.saved_steps(os.path.join(work, "best"))
 
   export = str(tmp_path / "export")
@@ -307,6 +328,10 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
         f"--input={val_image}", f"--output={seg_b}", *TINY)
   # an export exported again still says its weights are the EMA's
   _main("--mode=export", f"--weights={export}", f"--output={tmp_path}/export2", *TINY)
+  noema = _main("--mode=export", f"--weights={export}", f"--output={tmp_path}/export3",
+                "--noema", *TINY, check_ok=False)
+  _one_line_error(noema, "--noema", "an export (--weights) holds one set")
+  assert not os.path.exists(tmp_path / "export3")
   again = json.load(open(os.path.join(tmp_path, "export2", "stt_jax_export.json")))
   assert again["weights"] == "ema" and again["from"] == f"export {export}"
   assert again["training_patch_shape"] == [4, 32, 32]
