@@ -262,10 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                                    overrides=args.override)
     build = _train_program if args.program == "train" else _infer_program
     fn, operands = build(cfg, mesh)
-    impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
-    chunks = "" if args.attention_chunks == 1 else f"-chunks_{args.attention_chunks}"
-    stem = (f"gpu_compile-{args.model}-{args.program}{impl}{chunks}"
-            f"{result_files.override_tag(args.override)}")
+    stem = f"gpu_compile-{args.model}-{args.program}" + result_files.settings_tag(
+        args.attention_impl, args.attention_chunks, args.override)
   start = time.perf_counter()
   # the abstract mesh tells Pallas which GPU its Triton kernels are for
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -20,6 +20,15 @@ def results_path(stem: str, device_kind: str, out_dir: str = RESULTS_DIR) -> str
   return os.path.join(out_dir, f"{stem}-{device_tag(device_kind)}.json")
 
 
+def settings_tag(attention_impl: str, chunks: int, overrides) -> str:
+  """The part of a results file's name that says how our programs ran, so
+  that no setting's run overwrites another's: "-attention_<impl>" unless
+  auto, "-chunks_<n>" unless 1, then override_tag's."""
+  tag = "" if attention_impl == "auto" else f"-attention_{attention_impl}"
+  tag += "" if chunks == 1 else f"-chunks_{chunks}"
+  return tag + override_tag(overrides)
+
+
 def override_tag(overrides) -> str:
   """The part of a results file's name that says which config overrides ran:
   ["model.attention.deform_gradient=sorted"] -> "-deform_gradient_sorted"."""

@@ -524,11 +524,9 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   def save():  # after every worker: a run cut short keeps what it measured
     nonlocal path
     tag = "" if tuple(models) == ("baseline",) else "-" + "_".join(models)
-    if attention_impl != "auto":  # not to overwrite the default's rows
-      tag += "-attention_" + attention_impl
-    if chunks != 1 and "stt" in models:  # idem (the baseline has no SST block to chunk)
-      tag += f"-chunks_{chunks}"
-    tag += result_files.override_tag(overrides)
+    # not to overwrite the default's rows (chunks: the baseline has no SST block to chunk)
+    tag += result_files.settings_tag(attention_impl, chunks if "stt" in models else 1,
+                                     overrides)
     path = result_files.results_path(f"vs_torch-{'_'.join(kinds)}{tag}",
                                      result.get("device", "unknown"), out_dir)
     with open(path, "w") as f:

@@ -51,11 +51,26 @@ def _sample(table: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array
   return jnp.sum(vals * weights[:, :, None], axis=1)
 
 
-def _weights_gradient(table, index, weights, cotangent):
-  """d(_sample)/d(weights) [p, 4]: each corner's values dotted with the
-  sample's cotangent (cotangent [p, cg] in the table's dtype)."""
+def _sample_fwd(table, index, weights, *static):
+  """The custom-gradient samplers' forward: _sample, keeping its inputs."""
+  del static
+  return _sample(table, index, weights), (table, index, weights)
+
+
+def _reordered_gradient(residuals, cotangent, reorder, **scatter):
+  """_sample's gradient (d_table, None, d_weights) with its scatter-add
+  taking the samples in another order. reorder(index) -> (the rows the
+  samples read, in that order; a function putting any per-sample array in
+  that order); `scatter`: more arguments of the scatter-add."""
+  table, index, weights = residuals
+  cotangent = cotangent.astype(table.dtype)
   vals = table.at[index].get(mode="promise_in_bounds").reshape(index.shape[0], 4, -1)
-  return jnp.sum(vals * cotangent[:, None, :], axis=-1).astype(weights.dtype)
+  d_weights = jnp.sum(vals * cotangent[:, None, :], axis=-1).astype(weights.dtype)
+  keys, permute = reorder(index)
+  rows = permute(weights)[:, :, None].astype(table.dtype) * permute(cotangent)[:, None, :]
+  d_table = jnp.zeros_like(table).at[keys].add(
+      rows.reshape(index.shape[0], -1), mode="promise_in_bounds", **scatter)
+  return d_table, None, d_weights
 
 
 @jax.custom_vjp
@@ -69,23 +84,14 @@ def _sample_sorted_gradient(table: jax.Array, index: jax.Array, weights: jax.Arr
   return _sample(table, index, weights)
 
 
-def _sample_sorted_fwd(table, index, weights):
-  return _sample(table, index, weights), (table, index, weights)
-
-
 def _sample_sorted_bwd(residuals, cotangent):
-  table, index, weights = residuals
-  cotangent = cotangent.astype(table.dtype)
-  d_weights = _weights_gradient(table, index, weights, cotangent)
-  keys, order = jax.lax.sort((index, jax.lax.iota(jnp.int32, index.shape[0])), num_keys=1)
-  permute = lambda a: a.at[order].get(mode="promise_in_bounds", unique_indices=True)
-  rows = permute(weights)[:, :, None].astype(table.dtype) * permute(cotangent)[:, None, :]
-  d_table = jnp.zeros_like(table).at[keys].add(
-      rows.reshape(index.shape[0], -1), indices_are_sorted=True, mode="promise_in_bounds")
-  return d_table, None, d_weights
+  def by_row(index):
+    keys, order = jax.lax.sort((index, jax.lax.iota(jnp.int32, index.shape[0])), num_keys=1)
+    return keys, lambda a: a.at[order].get(mode="promise_in_bounds", unique_indices=True)
+  return _reordered_gradient(residuals, cotangent, by_row, indices_are_sorted=True)
 
 
-_sample_sorted_gradient.defvjp(_sample_sorted_fwd, _sample_sorted_bwd)
+_sample_sorted_gradient.defvjp(_sample_fwd, _sample_sorted_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -103,22 +109,12 @@ def _sample_tap_major_gradient(table: jax.Array, index: jax.Array, weights: jax.
   return _sample(table, index, weights)
 
 
-def _sample_tap_major_fwd(table, index, weights, taps):
-  return _sample(table, index, weights), (table, index, weights)
-
-
 def _sample_tap_major_bwd(taps, residuals, cotangent):
-  table, index, weights = residuals
-  cotangent = cotangent.astype(table.dtype)
-  d_weights = _weights_gradient(table, index, weights, cotangent)
   tap_major = lambda a: jnp.swapaxes(a.reshape(-1, taps, *a.shape[1:]), 0, 1).reshape(a.shape)
-  rows = tap_major(weights)[:, :, None].astype(table.dtype) * tap_major(cotangent)[:, None, :]
-  d_table = jnp.zeros_like(table).at[tap_major(index)].add(
-      rows.reshape(index.shape[0], -1), mode="promise_in_bounds")
-  return d_table, None, d_weights
+  return _reordered_gradient(residuals, cotangent, lambda index: (tap_major(index), tap_major))
 
 
-_sample_tap_major_gradient.defvjp(_sample_tap_major_fwd, _sample_tap_major_bwd)
+_sample_tap_major_gradient.defvjp(_sample_fwd, _sample_tap_major_bwd)
 
 # deformable_conv2d's `gradient`: the order its gradient's scatter-add takes
 # the samples in (the same values; a speed choice, for GPUs)
