@@ -145,6 +145,7 @@ def _run_peer(args, mode: str, image: str, params: str, ours: str, out: str) -> 
 
 
 def main() -> None:
+  memory_use.restart_with_hugepages()  # as stt_jax.main does; the peer inherits it
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=os.path.join(ROOT, "configs/demo.py"))
   parser.add_argument("--shape", default="32,384,384", help="volume z,y,x")
@@ -242,6 +243,7 @@ def main() -> None:
     result = {
         "device": jax.devices()[0].device_kind, "platform": platform,
         "devices": jax.device_count(), "cpu_cores": os.cpu_count(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "config": os.path.relpath(args.config, ROOT), "widths": list(cfg.model.widths),
         "attention": cfg.model.attention.design, "dtype": args.dtype,
         "volume": list(shape), "window": list(window), "overlap": args.overlap,

@@ -495,7 +495,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   cases = list(cases or (["tiny"] if on_cpu else ["paper", "small"]))
   dtypes = tuple(dtypes or (("float32",) if on_cpu else ("float32", "bfloat16")))
   result = {"kinds": list(kinds), "models": list(models), "cases": cases,
-            "dtypes": list(dtypes), "torch": None}
+            "dtypes": list(dtypes), "torch": None,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   if overrides:  # a typo fails here, not in a worker after the peer's check
     _bench_setup((8, 64, 64), 2, "float32", model=models[0], build=False, overrides=overrides)
   if check == "only" and not have_torch:
@@ -562,6 +563,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
 def _print(result: dict, have_torch: bool) -> None:
   print(f"\ndevice: {result['device']} x {result['devices']}, jax {result['jax']}, "
         f"torch {result['torch'] or 'not installed (pip install torch for the peer rows)'}")
+  if result.get("glibc_tunables"):
+    print(f"host heap: GLIBC_TUNABLES={result['glibc_tunables']}")
   if result.get("matmul_bf16_flops"):
     print(f"measured bf16 matmul 8192^3: {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s")
   print(f"{'model':<10}{'kind':<6}{'case':<7}{'patch x batch':<17}{'dtype':<9}{'framework':<15}"
@@ -630,6 +633,9 @@ def main(kinds=("train", "infer")) -> None:
   parser.add_argument("--add-flops", metavar="JSON",
                       help="fill FLOPs/MFU into a results file measured elsewhere, reprint it")
   args = parser.parse_args()
+  if not args.worker:  # as stt_jax.main does; the workers (both peers) inherit it
+    from stt_jax import memory_use  # pylint: disable=g-import-not-at-top
+    memory_use.restart_with_hugepages()
   if args.add_flops:
     with open(args.add_flops) as f:
       result = json.load(f)

@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = "res_unet"
   c.model.widths = (28, 36, 48, 64, 80)
   c.model.downsample_z = (False, False, False, False)
-  c.model.conv_impl = "auto"           # auto | native | depth_as_batch
+  c.model.conv_impl = "auto"           # auto | native | depth_as_batch | im2col
   # auto: bfloat16 on GPU/TPU, float32 on CPU (parameters and optimiser
   # state stay float32 either way)
   c.model.compute_dtype = "auto"       # auto | float32 | bfloat16
@@ -251,8 +251,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"needs >= 2 positive widths, got {tuple(m.widths)}")
   _need(len(m.downsample_z) == len(m.widths) - 1, "model.downsample_z",
         f"needs {len(m.widths) - 1} entries (one per down-sampling), got {len(m.downsample_z)}")
-  _need(m.conv_impl in ("auto", "native", "depth_as_batch"), "model.conv_impl",
-        f"must be auto, native or depth_as_batch, got {m.conv_impl!r}")
+  _need(m.conv_impl in ("auto", "native", "depth_as_batch", "im2col"), "model.conv_impl",
+        f"must be auto, native, depth_as_batch or im2col, got {m.conv_impl!r}")
   _need(m.compute_dtype in ("auto", "float32", "bfloat16"), "model.compute_dtype",
         f"must be auto, float32 or bfloat16, got {m.compute_dtype!r}")
   from stt_jax.models.layers import NORMS  # pylint: disable=g-import-not-at-top

@@ -732,6 +732,8 @@ def _main(argv) -> None:
 
 
 def cli() -> None:
+  from stt_jax import memory_use  # pylint: disable=g-import-not-at-top
+  memory_use.restart_with_hugepages()  # first: a restart repeats what came before
   app.run(_main, flags_parser=_parse_flags)
 
 

@@ -35,16 +35,17 @@ def test_both_conv_implementations_give_the_same_logits():
   mask = jax.random.uniform(jax.random.key(1), (2, 8, 32, 32, 1))
   native = Discriminator(features=(4, 8), impl="native")
   params = native.init(jax.random.key(2), image, mask)
-  folded = Discriminator(features=(4, 8), impl="depth_as_batch")
-  np.testing.assert_allclose(np.asarray(folded.apply(params, image, mask)),
-                             np.asarray(native.apply(params, image, mask)),
-                             rtol=1e-5, atol=1e-6)
+  for impl in ("depth_as_batch", "im2col"):
+    other = Discriminator(features=(4, 8), impl=impl)
+    np.testing.assert_allclose(np.asarray(other.apply(params, image, mask)),
+                               np.asarray(native.apply(params, image, mask)),
+                               rtol=1e-5, atol=1e-6, err_msg=impl)
   # zero padding 1 on each side: ceil(n / 2) outputs, like SAME's size
   x = jnp.concatenate([image, mask], -1)
   conv0 = params["params"]["conv0"]
   ref = jax.lax.conv_general_dilated(x, conv0["kernel"], (2, 2, 2), [(1, 1)] * 3,
                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-  for impl in ("native", "depth_as_batch"):
+  for impl in ("native", "depth_as_batch", "im2col"):
     got = StridedConv(4, (2, 2, 2), impl=impl).apply({"params": conv0}, x)
     assert got.shape == (2, 4, 16, 16, 4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref + conv0["bias"]),

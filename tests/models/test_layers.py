@@ -26,7 +26,7 @@ def _scipy_conv(x, kernel):
   return out
 
 
-@pytest.mark.parametrize("impl", ["native", "depth_as_batch"])
+@pytest.mark.parametrize("impl", ["native", "depth_as_batch", "im2col"])
 @pytest.mark.parametrize("kernel_shape,strides", [((3, 3, 3), (1, 1, 1)),
                                                   ((1, 3, 3), (1, 2, 2)),
                                                   ((3, 3, 3), (2, 2, 2)),
@@ -79,12 +79,12 @@ def test_edge_pad_equals_numpy_and_its_gradient_sums_the_copies(pads, one_pass):
 
 
 def test_edge_pad_and_conv_form_follow_the_platform_traced_for():
-  """On this CPU: the concatenation and depth-as-batch; under an abstract
-  GPU mesh (compiling for a GPU without one): one pass and native 3D convs."""
+  """On this CPU: the concatenation and im2col; under an abstract GPU mesh
+  (compiling for a GPU without one): one pass and native 3D convs."""
   x = jnp.zeros((1, 3, 4, 4, 2))
   pads = ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))
   trace = lambda: str(jax.make_jaxpr(lambda a: layers.edge_pad(a, pads))(x))
-  assert "concatenate" in trace() and layers.resolve_conv_impl("auto") == "depth_as_batch"
+  assert "concatenate" in trace() and layers.resolve_conv_impl("auto") == "im2col"
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
                                        platform="cuda")
   with jax.sharding.use_abstract_mesh(
@@ -148,3 +148,42 @@ def test_norm_none_is_the_identity_without_parameters():
   np.testing.assert_array_equal(np.asarray(norm.apply(params, x)), np.asarray(x))
   with pytest.raises(ValueError, match="'layer'"):
     layers.Norm("layer").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("kernel_shape,strides", [((3, 3, 3), (1, 1, 1)),
+                                                  ((3, 3, 3), (2, 2, 2)),
+                                                  ((1, 3, 3), (1, 2, 2))])
+def test_im2col_gradients_equal_xla_convolutions(kernel_shape, strides):
+  """The matmul form's autodiff (slices, pads, a matmul's transposes)
+  against XLA's own conv gradients, for input and kernel."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 7, 10, 11, 3))
+  kernel = rng.standard_normal((*kernel_shape, 3, 4))
+  weights = rng.standard_normal(_scipy_conv(x[:1, ..., :1], kernel[..., :1, :1])
+                                [:, ::strides[0], ::strides[1], ::strides[2]].shape[1:-1])
+  def loss(impl):
+    return lambda a, k: jnp.sum(weights[..., None] * layers.conv3d(a, k, strides, impl) ** 2)
+  with jax.enable_x64():
+    want = jax.grad(loss("native"), argnums=(0, 1))(x, kernel)
+    got = jax.grad(loss("im2col"), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
+
+
+def test_im2col_values_do_not_depend_on_the_place_in_the_batch():
+  """Sliding-window inference puts a window in whichever batch slot is free;
+  a region predicted with context equals the whole volume's only if a
+  window's output is the same bits in every slot. The matmul form gives
+  that on XLA:CPU with the batch sharded over two devices (depth_as_batch's
+  2D convs did not, by an ulp)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((4, 4, 16, 16, 8)).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, 3, 8, 8)).astype(np.float32)
+  conv = jax.jit(lambda a, k: layers.conv3d(a, k, (1, 1, 1), "im2col"),
+                 in_shardings=(batch, whole), out_shardings=batch)
+  swapped = [1, 0, 3, 2]  # each device's two windows trade places
+  np.testing.assert_array_equal(np.asarray(conv(x[swapped], kernel)),
+                                np.asarray(conv(x, kernel))[swapped])
