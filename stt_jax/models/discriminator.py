@@ -51,10 +51,11 @@ class Discriminator(nn.Module):
     """image, mask: [b, d, h, w, 1] -> region logits [b, d', h/4, w/4, 1]."""
     x = jnp.concatenate([image, mask], axis=-1).astype(self.dtype)
     depth = x.shape[1]
+    impl = layers.resolve_conv_impl(self.impl, min(self.features))
     for i, width in enumerate(self.features):
       stride_z = 2 if depth >= 4 else 1
       depth = -(-depth // stride_z)
-      x = StridedConv(width, (stride_z, 2, 2), impl=self.impl, dtype=self.dtype,
+      x = StridedConv(width, (stride_z, 2, 2), impl=impl, dtype=self.dtype,
                       name=f"conv{i}")(x)
       x = nn.leaky_relu(x, 0.2)
     return nn.Conv(1, (1, 1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)

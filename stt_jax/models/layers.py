@@ -21,17 +21,23 @@ _DN2 = ("NHWC", "HWIO", "NHWC")
 
 
 CONV_IMPLS = ("auto", "native", "depth_as_batch", "im2col")
+# narrowest width of a network from which 'auto' runs its convs as im2col on
+# a CPU: measured faster at widths 24-80 and 28-80, slower at 12-48 and 16-64
+IM2COL_MIN_WIDTH = 24
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """'auto' -> 'im2col' on CPU, 'native' elsewhere (cuDNN has fast 3D convs).
-  On XLA:CPU the matmul form ran the tiny-case train step 2.8x and forward
-  2.9x faster than native 3D convs, 1.4x and 1.8x faster than
-  'depth_as_batch', and unlike that form its values do not depend on a
-  window's place in the batch (docs/architecture.md "Three implementations
-  of the same 3D conv")."""
+def resolve_conv_impl(impl: str, narrowest_width: int | None = None) -> str:
+  """'auto' -> 'native' on GPUs/TPUs (cuDNN has fast 3D convs); on a CPU
+  'im2col' for a network whose narrowest width is >= IM2COL_MIN_WIDTH and
+  'depth_as_batch' otherwise (or with no width given). One form for the
+  whole network: a window's output is then the same bits in every batch
+  slot wherever im2col runs (docs/architecture.md "Three implementations of
+  the same 3D conv")."""
   if impl == "auto":
-    return "im2col" if traced_platform.name() == "cpu" else "native"
+    if traced_platform.name() != "cpu":
+      return "native"
+    wide = narrowest_width is not None and narrowest_width >= IM2COL_MIN_WIDTH
+    return "im2col" if wide else "depth_as_batch"
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv implementation {impl!r}")
   return impl

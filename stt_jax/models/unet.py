@@ -25,7 +25,7 @@ from stt_jax import backend
 from stt_jax.models.attention import SSTBlock
 from stt_jax.models.denoise import InterpolationDenoiser
 from stt_jax.models.layers import (AnisotropicBlock, Conv, bilinear_upsample_2x,
-                                   conv_then_norm)
+                                   conv_then_norm, resolve_conv_impl)
 
 
 class ResUNet(nn.Module):
@@ -69,7 +69,8 @@ class ResUNet(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array) -> jax.Array:
-    kw = dict(impl=self.conv_impl, dtype=self.dtype)
+    kw = dict(impl=resolve_conv_impl(self.conv_impl, min(self.widths)),
+              dtype=self.dtype)
     block_kw = dict(kw, norm=self.norm, norm_groups=self.norm_groups)
 
     def conv_norm_elu(features, kernel, name, strides=(1, 1, 1)):

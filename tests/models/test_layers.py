@@ -79,18 +79,23 @@ def test_edge_pad_equals_numpy_and_its_gradient_sums_the_copies(pads, one_pass):
 
 
 def test_edge_pad_and_conv_form_follow_the_platform_traced_for():
-  """On this CPU: the concatenation and im2col; under an abstract GPU mesh
+  """On this CPU: the concatenation, and im2col for a network at least 24
+  wide, depth-as-batch for narrower ones; under an abstract GPU mesh
   (compiling for a GPU without one): one pass and native 3D convs."""
   x = jnp.zeros((1, 3, 4, 4, 2))
   pads = ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))
   trace = lambda: str(jax.make_jaxpr(lambda a: layers.edge_pad(a, pads))(x))
-  assert "concatenate" in trace() and layers.resolve_conv_impl("auto") == "im2col"
+  assert "concatenate" in trace()
+  assert layers.resolve_conv_impl("auto", 28) == layers.resolve_conv_impl("auto", 24) == "im2col"
+  for narrow in (16, 12, None):  # the demo's widths start at 12
+    assert layers.resolve_conv_impl("auto", narrow) == "depth_as_batch", narrow
+  assert layers.resolve_conv_impl("native", 28) == "native"
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
                                        platform="cuda")
   with jax.sharding.use_abstract_mesh(
       jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
     assert "concatenate" not in trace()
-    assert layers.resolve_conv_impl("auto") == "native"
+    assert layers.resolve_conv_impl("auto", 28) == "native"
 
 
 def test_bilinear_upsample_matches_transposed_conv_loop():
