@@ -295,6 +295,9 @@ def main() -> None:
   parser.add_argument("--keep-command-buffers", action="store_true",
                       help="leave XLA's GPU command buffers on (their kernels then go "
                       "unnamed)")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override (repeatable), as bench/vs_torch.py takes it, "
+                      "e.g. model.norm=group; the JSON's name gains it")
   args = parser.parse_args()
   if not args.keep_command_buffers:
     os.environ["XLA_FLAGS"] = without_command_buffers(os.environ.get("XLA_FLAGS", ""))
@@ -302,7 +305,8 @@ def main() -> None:
   from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   cfg, setup = vs_torch._bench_setup(patch, args.batch, args.dtype, model=args.model,  # pylint: disable=protected-access
                                      chunks=args.attention_chunks,
-                                     attention_impl=args.attention_impl)
+                                     attention_impl=args.attention_impl,
+                                     overrides=tuple(args.override))
   image, target = vs_torch._inputs(patch, args.batch)  # pylint: disable=protected-access
   batch = step_lib.shard_batch({"image": image, "target": target}, setup.mesh)
   if args.kind == "train":
@@ -335,7 +339,8 @@ def main() -> None:
   device = jax.devices()[0]
   result.update(device=device.device_kind, jax=jax.__version__, model=args.model, kind=args.kind,
                 patch=list(patch), batch=args.batch, dtype=args.dtype,
-                attention_chunks=args.attention_chunks, attention_impl=args.attention_impl)
+                attention_chunks=args.attention_chunks, attention_impl=args.attention_impl,
+                overrides=list(args.override))
   print(f"{device.device_kind}: {args.model} {args.kind} {args.patch} x{args.batch} {args.dtype}, "
         f"{result['device_ms_per_step']:.1f} ms of device events per step")
   print(f"{'ms/step':>9}{'share':>7}{'calls':>6}  {'instruction':<28}op (module path / primitive)")
@@ -349,6 +354,7 @@ def main() -> None:
   for r in result["by_module"][:args.top]:
     print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}  {r['pass']:<9}{r['module']}")
   impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
+  impl += result_files.override_tag(args.override)
   out = result_files.results_path(f"profile-{args.model}-{args.kind}{impl}", device.device_kind)
   with open(out, "w") as f:
     json.dump(result, f, indent=2)

@@ -40,6 +40,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import result_files  # noqa: E402  bench/, beside this file
+from config_overrides import apply_overrides  # noqa: E402  bench/, beside this file
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
@@ -133,6 +136,32 @@ def _peer_worker(args, cfg) -> dict:
                              if device.type == "cuda" else None)}
 
 
+def choose_peer_modes(requested: str, platform: str, has_torch: bool, model_cfg) -> list[str]:
+  """--peer's modes. "auto": eager on a CPU, eager and compile elsewhere,
+  none without PyTorch or for a network the peer cannot build (said in one
+  line); asked for by name, such a network is a one-line SystemExit, before
+  our run rather than after it."""
+  from bench.reference_torch import build  # pylint: disable=g-import-not-at-top
+  if requested == "off":
+    return []
+  if requested == "auto":
+    if not has_torch:
+      return []
+    reason = build.unsupported(model_cfg)
+    if reason:
+      print(f"no PyTorch peer: {reason}", flush=True)
+      return []
+    return ["eager"] if platform == "cpu" else ["eager", "compile"]
+  modes = [m for m in requested.split(",") if m]
+  unknown = sorted(set(modes) - {"eager", "compile"})
+  if unknown:
+    raise SystemExit(f"--peer: unknown mode(s) {unknown}; eager, compile, off or auto")
+  reason = build.unsupported(model_cfg)
+  if reason:
+    raise SystemExit(f"--peer={requested}: {reason}")
+  return modes
+
+
 def _run_peer(args, mode: str, image: str, params: str, ours: str, out: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f"--peer-worker={mode}", f"--image={image}",
          f"--params={params}", f"--ours={ours}", f"--out={out}",
@@ -157,10 +186,21 @@ def main() -> None:
   parser.add_argument("--peer", default="auto",
                       help="PyTorch peer modes: eager,compile | off | auto (eager on CPU, "
                            "eager,compile on a GPU; off without PyTorch)")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override (repeatable), e.g. model.conv_impl=im2col "
+                           "(ours only) or model.widths=(16,24,32,48,64) (both networks); "
+                           "the JSON's name gains it")
   for hidden in ("--peer-worker", "--image", "--params", "--ours", "--out"):
     parser.add_argument(hidden, help=argparse.SUPPRESS)
   args = parser.parse_args()
   cfg = _config(args.config)
+  apply_overrides(cfg, args.override)
+  from stt_jax.config import validate  # pylint: disable=g-import-not-at-top
+  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    validate(cfg)
+  except UserError as e:
+    raise SystemExit(f"--override: {e}") from None
   shape, window, block = _ints(args.shape), _ints(args.window), _ints(args.block)
   with cfg.unlocked():
     cfg.infer.window, cfg.infer.block_shape = window, block
@@ -170,12 +210,8 @@ def main() -> None:
     print("RESULT " + json.dumps(_peer_worker(args, cfg)), flush=True)
     return
   platform = jax.devices()[0].platform
-  peer_modes = args.peer.split(",")
-  if args.peer == "auto":
-    has_torch = importlib.util.find_spec("torch") is not None
-    peer_modes = [] if not has_torch else ["eager"] if platform == "cpu" else ["eager", "compile"]
-  elif args.peer == "off":
-    peer_modes = []
+  peer_modes = choose_peer_modes(args.peer, platform,
+                                 importlib.util.find_spec("torch") is not None, cfg.model)
   work = tempfile.mkdtemp(prefix="stt_seg_bench_")
   try:
     image_path, labels = _volume(work, shape)
@@ -237,9 +273,12 @@ def main() -> None:
       _save_params(params_path, params)
       for mode in peer_modes:
         print(f"PyTorch peer ({mode}) ...", flush=True)
-        peers.append(_run_peer(args, mode, image_path, params_path,
-                               os.path.join(out, "probabilities.zarr"),
-                               os.path.join(work, f"peer_{mode}.zarr")))
+        try:
+          peers.append(_run_peer(args, mode, image_path, params_path,
+                                 os.path.join(out, "probabilities.zarr"),
+                                 os.path.join(work, f"peer_{mode}.zarr")))
+        except RuntimeError as e:  # our figures are kept; the row says what failed
+          peers.append({"mode": mode, "error": str(e)})
     result = {
         "device": jax.devices()[0].device_kind, "platform": platform,
         "devices": jax.device_count(), "cpu_cores": os.cpu_count(),
@@ -259,9 +298,10 @@ def main() -> None:
         "peak_host_rss_mb": round(memory_use.peak_resident_mb(), 1),
         "peak_device_mb": _device_peak_mb(),
         "probabilities_channels": probs.shape[-1],
+        "overrides": list(args.override),
         "peers": peers,
     }
-    for peer in peers:
+    for peer in (p for p in peers if "error" not in p):
       peer["ours_over_this"] = round(result["infer_voxels_per_s"] / peer["voxels_per_s"], 3)
   finally:
     shutil.rmtree(work, ignore_errors=True)
@@ -276,17 +316,21 @@ def main() -> None:
           ("peak host RSS", f"{result['peak_host_rss_mb']:.0f} MiB"),
           ("peak device memory", f"{result['peak_device_mb']} MiB")]
   for peer in result["peers"]:
+    if "error" in peer:
+      rows.append((f"PyTorch peer {peer['mode']}", peer["error"]))
+      continue
     rows.append((f"PyTorch peer {peer['mode']} (read-model-blend-write)",
                  f"{peer['voxels_per_s']:.3g} voxels/s (model {peer['model_s']} s, blend "
                  f"{peer['blend_s']} s, read {peer['read_s']} s, write {peer['write_s']} s)"))
     rows.append((f"  its output vs ours", f"max {peer['max_abs_diff_uint8']} uint8 levels, "
                  f"{peer['fraction_differing']:.4%} of values differ"))
-  for peer in result["peers"]:
+  for peer in (p for p in result["peers"] if "error" not in p):
     rows.append((f"ours / PyTorch {peer['mode']}", f"{peer['ours_over_this']:.2f}x"))
   for name, value in rows:
     print(f"{name:<46}{value}")
   os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-  path = os.path.join(ROOT, "bench/results", f"segment_throughput-{platform}.json")
+  path = os.path.join(ROOT, "bench/results", f"segment_throughput"
+                      f"{result_files.override_tag(args.override)}-{platform}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {os.path.relpath(path, ROOT)}")

@@ -38,6 +38,7 @@ import sys
 import time
 
 import result_files  # bench/, beside this file
+from config_overrides import apply_overrides  # bench/, beside this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -114,25 +115,6 @@ def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices
   except UserError as e:
     raise SystemExit(f"--override: {e}") from None
   return cfg, (loop.build(cfg, devices=devices) if build else None)
-
-
-def apply_overrides(cfg, overrides) -> None:
-  """Sets "key=value" entries (Python literals, else strings) on an existing
-  config key, as --config.key=value does for stt_jax.main."""
-  import ast  # pylint: disable=g-import-not-at-top
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    parent, _, leaf = key.rpartition(".")
-    node = cfg
-    for part in filter(None, parent.split(".")):
-      node = node.get(part) if hasattr(node, "get") else None
-    if not sep or node is None or not hasattr(node, "get") or leaf not in node:
-      raise SystemExit(f"--override {item!r}: want key=value with an existing config key")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node[leaf] = value
 
 
 def _forward_fn(setup):
@@ -239,15 +221,18 @@ def _jax_row(kind, case, patch, per_device, n, dtype, model, repeats, device,
   return row
 
 
-def _program_flops(kind: str, patch, batch: int, dtype: str, model: str = "baseline") -> float:
+def _program_flops(kind: str, patch, batch: int, dtype: str, model: str = "baseline",
+                   overrides=()) -> float:
   """FLOPs of our jitted program from XLA's cost analysis of the lowered
   (unoptimised, backend-independent) HLO: on CPU it has convolutions as
-  convolutions; some GPU builds return no analysis for the lowered program."""
+  convolutions; some GPU builds return no analysis for the lowered program.
+  `overrides` as the row ran them, but native 3D convs whatever its
+  model.conv_impl: the model's FLOPs, not those of a CPU's form of them."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  # native 3D convs: the GPU's program, not CPU's depth-as-batch one
+  overrides = [o for o in overrides if not o.startswith("model.conv_impl=")]
   cfg, setup = _bench_setup(patch, batch, dtype, conv_impl="native",
-                            devices=jax.devices()[:1], model=model)
+                            devices=jax.devices()[:1], model=model, overrides=overrides)
   image = jax.ShapeDtypeStruct((batch, *patch, 1), np.float32)
   if kind == "infer":
     analysis = _forward_fn(setup).lower(setup.state.params, image).cost_analysis()
@@ -262,7 +247,8 @@ def _program_flops(kind: str, patch, batch: int, dtype: str, model: str = "basel
 
 def _flops_worker(rows) -> dict:
   return {"flops": [_program_flops(r["kind"], r["patch"], r["batch"], r["dtype"],
-                                   r.get("model", "baseline")) for r in rows]}
+                                   r.get("model", "baseline"), r.get("overrides", ()))
+                    for r in rows]}
 
 
 def add_flops(result: dict) -> None:
@@ -272,8 +258,9 @@ def add_flops(result: dict) -> None:
           and "error" not in r]
   if not todo:
     return
-  spec = json.dumps([{k: r.get(k, "baseline") for k in ("kind", "patch", "batch", "dtype", "model")}
-                     for r in todo])
+  spec = json.dumps([{"overrides": r.get("overrides", []),
+                      **{k: r.get(k, "baseline") for k in ("kind", "patch", "batch", "dtype",
+                                                           "model")}} for r in todo])
   flops = _spawn(["--worker=flops", f"--spec={spec}"],
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))["flops"]
   spec_peak = _spec_peak(result["device"])
@@ -292,9 +279,13 @@ def add_flops(result: dict) -> None:
 # ------------------------------------------------------------ the PyTorch peer
 
 def _peer(model: str):
-  """The PyTorch network of preset `model` at the benchmark's widths."""
+  """The PyTorch network of preset `model` at the benchmark's widths, with
+  OVERRIDES: those that change the network (model.widths, model.norm, ...)
+  change the peer's as they change ours; speed-only ones have no
+  counterpart there and change nothing."""
   from bench.reference_torch import build  # pylint: disable=g-import-not-at-top
-  cfg, _ = _bench_setup((16, 128, 128), 2, "float32", model=model, build=False)
+  cfg, _ = _bench_setup((16, 128, 128), 2, "float32", model=model, build=False,
+                        overrides=OVERRIDES)
   return build.from_config(cfg.model)
 
 
@@ -319,6 +310,8 @@ def _torch_worker(kind: str, cases, dtypes, repeats: int, modes, model: str = "b
             raise
           rows.append(_oom_row("torch", mode, kind, case, patch, batch, dtype, model, e))
         rows[-1]["torch"] = torch.__version__
+        if OVERRIDES:  # those that change the network changed the peer's too
+          rows[-1]["overrides"] = list(OVERRIDES)
         print("ROW " + json.dumps(rows[-1]), flush=True)  # saved before the next mode runs
         if dev.type == "cuda":
           torch.cuda.empty_cache()
@@ -397,7 +390,7 @@ def _check_worker(models=MODELS) -> dict:
   out = {}
   for name in models:
     cfg, _ = _bench_setup((8, 64, 64), 2, "float32", conv_impl="native", model=name,
-                          build=False)
+                          build=False, overrides=OVERRIDES)
     model = unet.from_config(cfg.model)
     for patch in ((8, 64, 64), (16, 128, 96)):
       params = state_lib.init_params(model, patch, seed=3)
@@ -497,15 +490,22 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   result = {"kinds": list(kinds), "models": list(models), "cases": cases,
             "dtypes": list(dtypes), "torch": None,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
-  if overrides:  # a typo fails here, not in a worker after the peer's check
-    _bench_setup((8, 64, 64), 2, "float32", model=models[0], build=False, overrides=overrides)
+  for model in models:  # a typo fails here, not in a worker after the peer's check
+    cfg, _ = _bench_setup((8, 64, 64), 2, "float32", model=model, build=False,
+                          overrides=overrides)
+    if have_torch:
+      from bench.reference_torch import build  # pylint: disable=g-import-not-at-top
+      reason = build.unsupported(cfg.model)
+      if reason:
+        raise SystemExit(f"{model}: {reason}; or run ours alone with --modes=")
   if check == "only" and not have_torch:
     raise SystemExit("--check=only needs PyTorch (and torchvision) importable and a --modes")
   if have_torch and check != "skip":
     print("checking the peer against ours (float32, highest precision) ...", flush=True)
     result["equivalence"] = {}
     for model in models:  # one process each: the float64 STT gradient is large
-      result["equivalence"].update(_spawn(["--worker=check", f"--spec={json.dumps([model])}"]))
+      spec = json.dumps({"models": [model], "overrides": list(overrides)})
+      result["equivalence"].update(_spawn(["--worker=check", f"--spec={spec}"]))
     for key, v in result["equivalence"].items():
       print(f"  {key}: max |ours - peer| / max |logit| = {v['relative']:.2e}; gradients "
             f"{v['gradient_relative']:.2e} of the largest")
@@ -535,7 +535,8 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
   for kind in kinds:
     for model in models:
       spec = json.dumps({"kind": kind, "cases": cases, "dtypes": list(dtypes),
-                         "repeats": repeats, "modes": list(modes), "model": model})
+                         "repeats": repeats, "modes": list(modes), "model": model,
+                         "overrides": list(overrides)})
       for case in cases:  # one process per row: its peak-memory counter is its own
         for dtype in dtypes:
           one = json.dumps({"kind": kind, "cases": [case], "dtypes": [dtype],
@@ -625,8 +626,10 @@ def main(kinds=("train", "infer")) -> None:
                       help="model.attention.implementation of our programs: auto, xla, "
                       "cudnn or pallas (the fused spatial attention)")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="a config override of our programs (repeatable), e.g. "
-                      "model.attention.deform_gradient=tap_major; the JSON's name gains it")
+                      help="a config override (repeatable), e.g. "
+                      "model.attention.deform_gradient=tap_major (ours only: the peer has "
+                      "no such knob) or model.norm=group (both networks, and the check); "
+                      "the JSON's name gains it")
   parser.add_argument("--flops", default="after", choices=["after", "skip"],
                       help="count our programs' FLOPs (XLA cost analysis, ~40 s on a CPU) "
                       "after timing, or skip it and fill them in later with --add-flops")
@@ -646,15 +649,16 @@ def main(kinds=("train", "infer")) -> None:
     return
   if args.worker:
     spec = json.loads(args.spec)
+    global ATTENTION_CHUNKS, ATTENTION_IMPL, OVERRIDES  # pylint: disable=global-statement
+    OVERRIDES = tuple(spec.get("overrides", ())) if isinstance(spec, dict) else ()
     if args.worker == "check":
-      out = _check_worker(spec or MODELS)
+      out = _check_worker(spec.get("models", MODELS) if isinstance(spec, dict) else
+                          spec or MODELS)
     elif args.worker == "flops":
       out = _flops_worker(spec)
     elif args.worker == "jax":
-      global ATTENTION_CHUNKS, ATTENTION_IMPL, OVERRIDES  # pylint: disable=global-statement
       ATTENTION_CHUNKS = int(spec.get("chunks", 1))
       ATTENTION_IMPL = spec.get("attention_impl", "auto")
-      OVERRIDES = tuple(spec.get("overrides", ()))
       out = _jax_worker(spec["kind"], spec["cases"], spec["dtypes"], spec["repeats"],
                         spec.get("model", "baseline"))
     else:

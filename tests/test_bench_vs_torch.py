@@ -124,3 +124,63 @@ def test_no_modes_times_ours_alone_and_chunks_name_the_file(monkeypatch, tmp_pat
   assert workers == ["--worker=jax"]
   assert os.listdir(tmp_path / "bench" / "results") == [
       "vs_torch-train-stt-chunks_4-fake_gpu.json"]
+
+
+def _torch_importable(monkeypatch):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: object() if name == "torch" else real_find_spec(name, *a))
+
+
+def test_overrides_reach_the_peer_and_its_check(monkeypatch, tmp_path):
+  """model.norm=group changes both networks: the check and the peer's timing
+  worker get the override as our worker does."""
+  import json  # pylint: disable=g-import-not-at-top
+  specs = {}
+
+  def fake_spawn(argv, env=None, on_row=None):
+    del env, on_row
+    specs[argv[0]] = json.loads(argv[1].partition("=")[2])
+    if argv[0] == "--worker=check":
+      return {"baseline 8x64x64": {"relative": 1e-7, "gradient_relative": 1e-8}}
+    return {"device": "Fake GPU", "platform": "gpu", "devices": 1, "jax": "0",
+            "matmul_bf16_flops": None, "rows": [{"framework": "jax", "step_s": 1.0}]}
+
+  _torch_importable(monkeypatch)
+  monkeypatch.setattr(vs_torch, "_spawn", fake_spawn)
+  monkeypatch.setattr(vs_torch, "ROOT", str(tmp_path))
+  monkeypatch.setattr(vs_torch, "_print", lambda *a: None)
+  vs_torch.run(("train",), ["tiny"], ("float32",), 1, modes=("eager",), models=("baseline",),
+               flops="skip", overrides=("model.norm=group",))
+  assert set(specs) == {"--worker=check", "--worker=jax", "--worker=torch"}
+  assert all(spec["overrides"] == ["model.norm=group"] for spec in specs.values())
+  assert specs["--worker=check"]["models"] == ["baseline"]
+
+
+def test_a_network_the_peer_cannot_build_is_refused_before_anything_runs(monkeypatch):
+  spawned = []
+  _torch_importable(monkeypatch)
+  monkeypatch.setattr(vs_torch, "_spawn", lambda argv, **kw: spawned.append(argv))
+  with pytest.raises(SystemExit, match="^baseline: the PyTorch peer down-samples in-plane only"):
+    vs_torch.run(("train",), ["tiny"], ("float32",), 1, modes=("eager",),
+                 overrides=("model.downsample_z=(True, False, False, False)",))
+  assert not spawned
+
+
+def test_flops_are_counted_with_each_rows_overrides(monkeypatch):
+  seen = []
+
+  def fake_spawn(argv, env=None, on_row=None):
+    del env, on_row
+    seen.extend(__import__("json").loads(argv[1].partition("=")[2]))
+    return {"flops": [2.0e9] * len(seen)}
+
+  monkeypatch.setattr(vs_torch, "_spawn", fake_spawn)
+  row = {"framework": "jax", "kind": "train", "patch": [8, 64, 64], "batch": 2,
+         "dtype": "float32", "model": "baseline", "step_s": 1.0,
+         "overrides": ["model.widths=(16, 24, 32, 48, 64)"]}
+  result = {"rows": [row], "device": "cpu", "devices": 1}
+  vs_torch.add_flops(result)
+  assert seen[0]["overrides"] == ["model.widths=(16, 24, 32, 48, 64)"]
+  assert row["flops_per_voxel"] == 2.0e9 / (2 * 8 * 64 * 64)

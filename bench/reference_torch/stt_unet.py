@@ -212,8 +212,9 @@ class STTUNet(ResUNet):
                kv_grid: int = 16, encoder_levels: Sequence[int] = (1, 2, 3, 4),
                decoder_levels: Sequence[int] = (3, 2, 1), deform_groups: int = 4,
                deform_modulation: bool = False, denoise: bool = True,
-               denoise_kernel: int = 5, denoise_features: int = 16):
-    super().__init__(widths, out_channels)
+               denoise_kernel: int = 5, denoise_features: int = 16, norm: str = "none",
+               norm_groups: int = 4):
+    super().__init__(widths, out_channels, norm, norm_groups)
     block = lambda c: SSTBlock(c, design, fusion, heads, kv_grid, deform_groups,
                                deform_modulation)
     self.encoder_levels, self.decoder_levels = tuple(encoder_levels), tuple(decoder_levels)
