@@ -46,7 +46,7 @@ class InterpolationDenoiser(nn.Module):
     stack = jnp.stack([prev, x, nxt], axis=-1).reshape(b * t, h, w, 3)
     f = stack.astype(self.dtype)
     for i in range(2):
-      f = nn.elu(nn.Conv(self.features, (3, 3), dtype=self.dtype, name=f"conv{i}")(f))
+      f = layers.elu(nn.Conv(self.features, (3, 3), dtype=self.dtype, name=f"conv{i}")(f))
     head = nn.Conv(2 * k2 + 1, (3, 3), dtype=self.dtype, name="kernels",
                    kernel_init=nn.initializers.zeros,
                    bias_init=lambda key, shape, dtype: jnp.zeros(shape, dtype).at[-1].set(-4.0)

@@ -25,7 +25,7 @@ from stt_jax import backend
 from stt_jax.models.attention import SSTBlock
 from stt_jax.models.denoise import InterpolationDenoiser
 from stt_jax.models.layers import (AnisotropicBlock, Conv, bilinear_upsample_2x,
-                                   conv_then_norm, resolve_conv_impl)
+                                   conv_then_norm, elu, resolve_conv_impl)
 
 
 class ResUNet(nn.Module):
@@ -75,7 +75,7 @@ class ResUNet(nn.Module):
 
     def conv_norm_elu(features, kernel, name, strides=(1, 1, 1)):
       conv = conv_then_norm(features, kernel, name, strides=strides, **block_kw)
-      return lambda v: nn.elu(conv(v))
+      return lambda v: elu(conv(v))
 
     attend = self.attention_design != "none"
     if self.denoise:

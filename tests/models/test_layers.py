@@ -138,11 +138,75 @@ def test_group_norm_matches_numpy():
   params = {"params": {"group_norm": leaf}}
   out = np.asarray(jax.jit(norm.apply)(params, x))
   want = _numpy_group_norm(x, leaf["scale"], leaf["bias"], groups=2)
-  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   # bfloat16 compute (the GPU default) gives the same numbers to its precision
   out_bf16 = layers.Norm("group", groups=2, dtype=jnp.bfloat16).apply(params, x)
   assert out_bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out_bf16, np.float32), want, rtol=2e-2, atol=5e-2)
+
+
+def test_group_norm_keeps_its_digits_where_the_mean_dwarfs_the_spread():
+  """After an ELU activations sit at a mean several times their spread; a
+  one-pass float32 variance (E[x^2] - E[x]^2, flax's nn.GroupNorm) was
+  2.4e-4 off there on a 2x16x128x128x12 activation. Half a million voxels a
+  group, mean 30 spread 1 (E[x^2] ~ 900: float32 keeps ~5e-5 of it)."""
+  rng = np.random.default_rng(1)
+  x = (30 + rng.normal(size=(2, 4, 64, 64, 8))).astype(np.float32)
+  norm = layers.Norm("group", groups=4)
+  params = norm.init(jax.random.key(0), x)
+  out = np.asarray(jax.jit(norm.apply)(params, x))
+  want = _numpy_group_norm(x, np.ones(8), np.zeros(8), groups=4)
+  np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
+
+
+def test_group_norm_takes_flax_group_norm_parameters_and_gradients_match_float64():
+  """States saved while the model used flax's nn.GroupNorm load unchanged
+  (same names and shapes, same function); the gradient against float64
+  autodiff of the textbook formula."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(2, 3, 4, 5, 6)) * 2 + 1).astype(np.float32)
+  ours = layers.GroupNorm(3)
+  theirs = nn.GroupNorm(num_groups=3, epsilon=1e-5)
+  params = theirs.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+      np.shape, params)
+  params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32), params)
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x)),
+                             np.asarray(theirs.apply(params, x)), rtol=1e-5, atol=1e-5)
+  probe = rng.normal(size=x.shape)
+
+  def textbook(a, scale, bias):  # float64
+    g = a.reshape(*a.shape[:-1], 3, 2)
+    mean = g.mean(axis=(1, 2, 3, 5), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 3, 5), keepdims=True)
+    return ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(a.shape) * scale + bias
+
+  leaf = params["params"]
+  got = jax.grad(lambda a, p: jnp.sum(probe * ours.apply({"params": p}, a)),
+                 argnums=(0, 1))(x, leaf)
+  with jax.enable_x64():
+    want = jax.grad(lambda a, sc, bi: jnp.sum(probe * textbook(a, sc, bi)), argnums=(0, 1, 2))(
+        x.astype(np.float64), np.float64(leaf["scale"]), np.float64(leaf["bias"]))
+  for g, w in ((got[0], want[0]), (got[1]["scale"], want[1]), (got[1]["bias"], want[2])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_elu_on_a_cpu_is_elu_to_float32_rounding_and_has_its_gradient():
+  """layers.elu writes expm1(x) as exp(x) - 1 on a CPU (XLA:CPU fuses expm1
+  into a scalar loop); against float64, within the rounding of exp(x) ~ 1,
+  and the gradient exp(x) for x <= 0 (1 at 0, as jax.nn.elu), 1 above."""
+  rng = np.random.default_rng(3)
+  x = np.concatenate([rng.normal(size=4000) * 5, rng.normal(size=1000) * 1e-6,
+                      [0.0, -0.0, -1e-30, 1e-30, -80.0, 80.0]]).astype(np.float32)
+  got = np.asarray(jax.jit(layers.elu)(x))
+  want = np.where(x > 0, x.astype(np.float64), np.expm1(x.astype(np.float64)))
+  np.testing.assert_allclose(got, want, rtol=2e-7, atol=1.2e-7)
+  assert got[-4] == 0.0 and got[-2] == -1.0  # no rounding at 0 or far out
+  grad = np.asarray(jax.jit(jax.vmap(jax.grad(layers.elu)))(x))
+  np.testing.assert_allclose(grad, np.where(x > 0, 1.0, np.exp(x.astype(np.float64))),
+                             rtol=2e-7, atol=0)
+  np.testing.assert_array_equal(grad[-6:-2], np.asarray(jax.vmap(jax.grad(jax.nn.elu))(x[-6:-2])))
 
 
 def test_norm_none_is_the_identity_without_parameters():
