@@ -294,18 +294,39 @@ class BlockPredictor:
     future = image.read_async(start, size) if size[2] > 0 else None
     return _InputRead(origin, reuse, future)
 
-  def _batches(self, ranges: list[list[int]]) -> list[list[tuple[int, int, int]]]:
+  def _batches(self, ranges: list[list[int]]
+               ) -> list[list[tuple[int, int, int] | None]]:
     """Window starts of a block in batches, x-start first: each voxel then
     sums its windows in one order whether its block starts from zeros or
     from a carry, so restarting in the middle of a row gives the same bytes.
-    With several data devices each x-start's windows begin a fresh batch,
-    since a window's device (its place in the batch) fixes which partial
-    sum it joins."""
+    With several data devices a window's device (its place in the batch)
+    fixes which partial sum it joins, so each x-start's windows begin a
+    fresh batch and a window's device follows from its place on the whole
+    volume's grid (its (z, y) ordinal modulo the devices), not from its
+    place in this block's list: a block of another tiling (a --region box)
+    then sums every voxel's windows in the same groups and order. Slots a
+    device has no window for are None (padding)."""
     columns = [[(z, y, x) for z in ranges[0] for y in ranges[1]] for x in ranges[2]]
-    if self.n_data == 1:
-      columns = [[w for column in columns for w in column]]
     size = self.batch_size
-    return [c[i:i + size] for c in columns for i in range(0, len(c), size)]
+    if self.n_data == 1:
+      flat = [w for column in columns for w in column]
+      return [flat[i:i + size] for i in range(0, len(flat), size)]
+    per = size // self.n_data
+    z_index = {z: i for i, z in enumerate(self.starts[0])}
+    y_index = {y: i for i, y in enumerate(self.starts[1])}
+    n_y = len(self.starts[1])
+    batches = []
+    for column in columns:
+      queues = [[] for _ in range(self.n_data)]
+      for w in column:
+        queues[(z_index[w[0]] * n_y + y_index[w[1]]) % self.n_data].append(w)
+      for t in range(-(-max(len(q) for q in queues) // per)):
+        batch = []
+        for q in queues:
+          part = q[t * per:(t + 1) * per]
+          batch += part + [None] * (per - len(part))
+        batches.append(batch)
+    return batches
 
   def dispatch(self, block: blocks_lib.Block, origin: Sequence[int], region: np.ndarray,
                *, as_uint8: bool = False, previous: Carry | None = None
@@ -328,15 +349,15 @@ class BlockPredictor:
     else:
       acc = self._programs.zeros()
     for group in self._batches(ranges):
+      # fixed batch (one compiled program): padding slots repeat a window of
+      # the batch and add nothing (valid 0)
+      group = group + [None] * (self.batch_size - len(group))
+      valid = np.array([w is not None for w in group], np.float32)
+      filler = next(w for w in group if w is not None)
+      group = [filler if w is None else w for w in group]
       offsets = np.array([[s - o for s, o in zip(st, origin)] for st in group], np.int32)
       x = np.stack([region[tuple(slice(o, o + w) for o, w in zip(off, self.window))]
                     for off in offsets])
-      valid = np.ones(self.batch_size, np.float32)
-      valid[len(group):] = 0.0
-      if len(group) < self.batch_size:  # fixed batch: one compiled program
-        x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - len(group), 0)])
-        offsets = np.concatenate(
-            [offsets, np.repeat(offsets[-1:], self.batch_size - len(group), 0)])
       acc = self._programs.accumulate(self.params, acc,
                                       jax.device_put(x, self._batch_sharding),
                                       jax.device_put(offsets, self._batch_sharding),

@@ -18,6 +18,10 @@ def tiny_config(bench: bool = False):
   cfg = demo.get_config()
   cfg.model.widths = (4, 8)
   cfg.model.downsample_z = (False,)
+  # the form whose window outputs are the same bits in every batch slot on
+  # XLA:CPU: the region tests compare runs byte for byte ('auto' is
+  # depth_as_batch at these widths, which moves a rare value by an ulp)
+  cfg.model.conv_impl = "im2col"
   cfg.infer.window = (4, 16, 16)
   cfg.infer.batch_size = 4
   cfg.infer.block_shape = (4, 32, 32)

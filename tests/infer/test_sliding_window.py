@@ -328,3 +328,33 @@ def test_group_norm_window_note_names_the_training_patch():
   assert sliding_window.group_norm_window_note("none", (8, 256, 256), (4, 256, 256)) is None
   assert sliding_window.group_norm_window_note("group", [4, 128, 128], (4, 128, 128)) is None
   assert sliding_window.group_norm_window_note("group", None, (4, 128, 128)) is None
+
+
+def test_a_windows_device_and_turn_do_not_depend_on_the_tiling():
+  """With the batch split over devices each device sums its own windows and
+  the sums meet at the end: a voxel's probability is the same bits in two
+  runs only if every window joins the same device's sum, in the same order,
+  in both. A --region box tiles blocks on other borders than the whole run
+  (here: shifted by 3 and 7 voxels), so a window's device must follow from
+  its place on the volume's grid, not from its place in a block's list."""
+  mesh = make_mesh(devices=jax.devices()[:2])
+  assert mesh.shape["data"] == 2
+  fn = sliding_window.make_predict_fn(_CumsumModel(), mesh)
+  shape, window, block = (12, 70, 60), (4, 16, 16), (8, 40, 30)
+  seen = {}
+  for box in (None, ((3, 7, 5), (12, 70, 60)), ((1, 2, 0), (11, 66, 60))):
+    predictor = sliding_window.BlockPredictor(fn, jnp.float32(0.9), mesh, shape, window=window,
+                                              overlap=0.5, batch_size=6, block=block, box=box)
+    per = predictor.batch_size // 2
+    for b in predictor.blocks():
+      ranges = [predictor._window_range(a, b.start[a], b.stop[a]) for a in range(3)]  # pylint: disable=protected-access
+      order = {0: [], 1: []}
+      for group in predictor._batches(ranges):  # pylint: disable=protected-access
+        assert len(group) == predictor.batch_size
+        for slot, w in enumerate(group):
+          if w is not None:
+            order[slot // per].append(w)
+            assert seen.setdefault(w, slot // per) == slot // per, (box, b, w)
+      for device_windows in order.values():  # x-start first, then the grid's (z, y) order
+        assert device_windows == sorted(device_windows, key=lambda w: (w[2], w[0], w[1]))
+  assert set(seen.values()) == {0, 1}
