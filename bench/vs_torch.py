@@ -511,6 +511,13 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
             f"{v['gradient_relative']:.2e} of the largest")
     worst = max(max(v["relative"], v["gradient_relative"])
                 for v in result["equivalence"].values())
+    if check == "only":  # kept, passing or not: the record of what was checked
+      path = result_files.results_path(
+          f"vs_torch-check-{'_'.join(models)}{result_files.override_tag(overrides)}",
+          jax.devices()[0].device_kind, os.path.join(ROOT, "bench", "results"))
+      with open(path, "w") as f:
+        json.dump(dict(result, overrides=list(overrides)), f, indent=2)
+      print(f"wrote {path}")
     if worst > 1e-4:
       raise SystemExit(f"the PyTorch peer computes another function ({worst:.2e}); "
                        "fix bench/reference_torch before timing it")

@@ -184,3 +184,25 @@ def test_flops_are_counted_with_each_rows_overrides(monkeypatch):
   vs_torch.add_flops(result)
   assert seen[0]["overrides"] == ["model.widths=(16, 24, 32, 48, 64)"]
   assert row["flops_per_voxel"] == 2.0e9 / (2 * 8 * 64 * 64)
+
+
+def test_check_only_writes_its_figures(monkeypatch, tmp_path):
+  """--check=only leaves a results file named by models and overrides, as the
+  timed runs do, so a README figure of the check has a file behind it."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  def fake_spawn(argv, env=None, on_row=None):
+    del env, on_row
+    assert argv[0] == "--worker=check"
+    return {"baseline 8x64x64": {"relative": 5e-6, "gradient_relative": 1e-7}}
+
+  _torch_importable(monkeypatch)
+  monkeypatch.setattr(vs_torch, "_spawn", fake_spawn)
+  monkeypatch.setattr(vs_torch, "ROOT", str(tmp_path))
+  vs_torch.run(("train",), ["tiny"], ("float32",), 1, modes=("eager",), models=("baseline",),
+               check="only", overrides=("model.norm=group",))
+  (name,) = os.listdir(tmp_path / "bench" / "results")
+  assert name == "vs_torch-check-baseline-norm_group-cpu.json"
+  saved = json.loads((tmp_path / "bench" / "results" / name).read_text())
+  assert saved["equivalence"]["baseline 8x64x64"]["relative"] == 5e-6
+  assert saved["overrides"] == ["model.norm=group"]

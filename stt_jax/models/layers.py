@@ -178,7 +178,7 @@ NORMS = ("none", "group")
 class GroupNorm(nn.Module):
   """GroupNorm of [batch, depth, height, width, channels]: per sample and
   group of `groups` contiguous channels, statistics over every voxel, in
-  float32 and in two passes (the mean, then the mean square of the
+  float32 (float64 for a float64 input) and in two passes (the mean, then the mean square of the
   deviations from it); a learnt scale and bias per channel. Parameters as
   flax's `nn.GroupNorm` names and shapes them ('scale', 'bias'), so states
   saved with either load into the other.
@@ -209,7 +209,7 @@ class GroupNorm(nn.Module):
     as_channels = lambda v: jnp.repeat(v, per_group, axis=-1).reshape(
         b, *([1] * len(axes)), c)  # [b, groups] -> broadcastable [b, 1, 1, 1, c]
     group_sum = lambda v: v.sum(axes).reshape(b, self.groups, per_group).sum(-1)
-    xf = x.astype(jnp.float32)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
     # sums of x - (each channel's first voxel), not of x: where the mean is
     # large against the spread, a float32 sum of x loses the mean's low digits
     first = xf[(slice(None), *([slice(0, 1)] * len(axes)))]  # [b, 1, 1, 1, c]

@@ -190,6 +190,12 @@ def test_group_norm_takes_flax_group_norm_parameters_and_gradients_match_float64
         x.astype(np.float64), np.float64(leaf["scale"]), np.float64(leaf["bias"]))
   for g, w in ((got[0], want[0]), (got[1]["scale"], want[1]), (got[1]["bias"], want[2])):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+  with jax.enable_x64():  # a float64 model (the PyTorch check's gradients) keeps float64
+    x64 = x.astype(np.float64)
+    got64 = np.asarray(layers.GroupNorm(3, dtype=jnp.float64).apply(params, x64))
+    assert got64.dtype == np.float64
+    want64 = textbook(x64, np.float64(leaf["scale"]), np.float64(leaf["bias"]))
+    np.testing.assert_allclose(got64, np.asarray(want64), rtol=1e-12, atol=1e-12)
 
 
 def test_elu_on_a_cpu_is_elu_to_float32_rounding_and_has_its_gradient():
