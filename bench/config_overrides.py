@@ -8,7 +8,11 @@ import ast
 
 def apply_overrides(cfg, overrides) -> None:
   """Sets "key=value" entries (Python literals, else strings) on an existing
-  config key; a missing key or a missing "=" is a one-line SystemExit."""
+  config key, then checks the whole config as stt_jax.main does: a missing
+  key, a missing "=" or a bad value is a one-line SystemExit (here, not in a
+  worker after minutes of work)."""
+  from stt_jax.config import validate  # pylint: disable=g-import-not-at-top
+  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   for item in overrides:
     key, sep, text = item.partition("=")
     parent, _, leaf = key.rpartition(".")
@@ -22,3 +26,7 @@ def apply_overrides(cfg, overrides) -> None:
     except (ValueError, SyntaxError):
       value = text
     node[leaf] = value
+  try:
+    validate(cfg)
+  except UserError as e:
+    raise SystemExit(f"--override: {e}") from None

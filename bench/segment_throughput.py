@@ -142,23 +142,21 @@ def choose_peer_modes(requested: str, platform: str, has_torch: bool, model_cfg)
   line); asked for by name, such a network is a one-line SystemExit, before
   our run rather than after it."""
   from bench.reference_torch import build  # pylint: disable=g-import-not-at-top
-  if requested == "off":
+  if requested == "off" or (requested == "auto" and not has_torch):
     return []
   if requested == "auto":
-    if not has_torch:
-      return []
-    reason = build.unsupported(model_cfg)
-    if reason:
-      print(f"no PyTorch peer: {reason}", flush=True)
-      return []
-    return ["eager"] if platform == "cpu" else ["eager", "compile"]
-  modes = [m for m in requested.split(",") if m]
-  unknown = sorted(set(modes) - {"eager", "compile"})
-  if unknown:
-    raise SystemExit(f"--peer: unknown mode(s) {unknown}; eager, compile, off or auto")
+    modes = ["eager"] if platform == "cpu" else ["eager", "compile"]
+  else:
+    modes = [m for m in requested.split(",") if m]
+    unknown = sorted(set(modes) - {"eager", "compile"})
+    if unknown:
+      raise SystemExit(f"--peer: unknown mode(s) {unknown}; eager, compile, off or auto")
   reason = build.unsupported(model_cfg)
-  if reason:
+  if reason and requested != "auto":
     raise SystemExit(f"--peer={requested}: {reason}")
+  if reason:
+    print(f"no PyTorch peer: {reason}", flush=True)
+    return []
   return modes
 
 
@@ -195,12 +193,6 @@ def main() -> None:
   args = parser.parse_args()
   cfg = _config(args.config)
   apply_overrides(cfg, args.override)
-  from stt_jax.config import validate  # pylint: disable=g-import-not-at-top
-  from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  try:
-    validate(cfg)
-  except UserError as e:
-    raise SystemExit(f"--override: {e}") from None
   shape, window, block = _ints(args.shape), _ints(args.window), _ints(args.block)
   with cfg.unlocked():
     cfg.infer.window, cfg.infer.block_shape = window, block

@@ -251,11 +251,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"needs >= 2 positive widths, got {tuple(m.widths)}")
   _need(len(m.downsample_z) == len(m.widths) - 1, "model.downsample_z",
         f"needs {len(m.widths) - 1} entries (one per down-sampling), got {len(m.downsample_z)}")
-  _need(m.conv_impl in ("auto", "native", "depth_as_batch", "im2col"), "model.conv_impl",
-        f"must be auto, native, depth_as_batch or im2col, got {m.conv_impl!r}")
+  from stt_jax.models.layers import CONV_IMPLS, NORMS  # pylint: disable=g-import-not-at-top
+  _need(m.conv_impl in CONV_IMPLS, "model.conv_impl",
+        f"must be {', '.join(CONV_IMPLS[:-1])} or {CONV_IMPLS[-1]}, got {m.conv_impl!r}")
   _need(m.compute_dtype in ("auto", "float32", "bfloat16"), "model.compute_dtype",
         f"must be auto, float32 or bfloat16, got {m.compute_dtype!r}")
-  from stt_jax.models.layers import NORMS  # pylint: disable=g-import-not-at-top
   _need(m.norm in NORMS, "model.norm", f"must be one of {NORMS}, got {m.norm!r}")
   if m.norm == "group":
     _need(m.norm_groups > 0 and all(int(w) % m.norm_groups == 0 for w in m.widths),
