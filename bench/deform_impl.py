@@ -30,6 +30,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from stt_jax import backend  # noqa: E402
+backend.apply_default_xla_flags()  # the XLA flags a run gets (stt_jax/backend.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -32,11 +32,14 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from stt_jax import backend  # noqa: E402
+backend.apply_default_xla_flags()  # the XLA flags a run gets (stt_jax/backend.py)
 import jax  # noqa: E402
 
 import result_files  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -248,7 +251,13 @@ def _self_times(events: list[dict]) -> list[dict]:
   return events
 
 
-def summarize(events: list[dict], names: dict[str, dict], steps: int, top: int) -> dict:
+def summarize(events: list[dict], names: dict[str, dict], steps: int, top: int,
+              wall_ms_per_step: float | None = None) -> dict:
+  """Device time per instruction, primitive and module, per step. With the
+  step's wall time: also the time in no instruction's event (on a GPU, the
+  device idle between kernels; on a CPU mostly XLA's Eigen convolutions,
+  which run asynchronously on the Eigen pool: their events end when the
+  work is handed over, not when it is done)."""
   by_op = collections.defaultdict(lambda: [0.0, 0])
   for e in events:
     key = (e.get("args") or {}).get("hlo_op") or e["name"]
@@ -265,7 +274,11 @@ def summarize(events: list[dict], names: dict[str, dict], steps: int, top: int) 
   for r in rows:
     by_primitive[r["primitive"]] += r["ms_per_step"]
     by_module[module_of(r["op_name"])] += r["ms_per_step"]
-  return {"device_ms_per_step": total / steps, "top": rows[:top], "all": rows,
+  timing = {}
+  if wall_ms_per_step is not None:
+    timing = {"wall_ms_per_step": wall_ms_per_step,
+              "unattributed_ms_per_step": max(0.0, wall_ms_per_step - total / steps)}
+  return {"device_ms_per_step": total / steps, **timing, "top": rows[:top], "all": rows,
           "by_primitive": [{"primitive": p, "ms_per_step": ms, "share": ms * steps / total}
                            for p, ms in by_primitive.most_common()],
           "by_module": [{"module": m, "pass": p, "ms_per_step": ms, "share": ms * steps / total}
@@ -326,6 +339,11 @@ def main() -> None:
       return fn(setup.state.params, batch["image"])
   jax.block_until_ready(one())
   jax.block_until_ready(one())
+  walls = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(one())
+    walls.append((time.perf_counter() - start) * 1e3)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
@@ -335,14 +353,19 @@ def main() -> None:
       raise SystemExit("the profiler wrote no Perfetto trace")
     with gzip.open(paths[0]) as f:
       trace = json.load(f)
-  result = summarize(device_events(trace), instruction_names(hlo), args.steps, args.top)
+  result = summarize(device_events(trace), instruction_names(hlo), args.steps, args.top,
+                     wall_ms_per_step=min(walls))
   device = jax.devices()[0]
   result.update(device=device.device_kind, jax=jax.__version__, model=args.model, kind=args.kind,
                 patch=list(patch), batch=args.batch, dtype=args.dtype,
                 attention_chunks=args.attention_chunks, attention_impl=args.attention_impl,
                 overrides=list(args.override))
   print(f"{device.device_kind}: {args.model} {args.kind} {args.patch} x{args.batch} {args.dtype}, "
-        f"{result['device_ms_per_step']:.1f} ms of device events per step")
+        f"{result['device_ms_per_step']:.1f} ms of device events per step; the step "
+        f"{result['wall_ms_per_step']:.1f} ms wall (fastest of {args.steps} untraced), "
+        f"{result['unattributed_ms_per_step']:.1f} ms in no event"
+        + (" (XLA:CPU's Eigen convolutions run asynchronously: their time is mostly "
+           "there)" if device.platform == "cpu" else ""))
   print(f"{'ms/step':>9}{'share':>7}{'calls':>6}  {'instruction':<28}op (module path / primitive)")
   for r in result["top"]:
     print(f"{r['ms_per_step']:>9.2f}{r['share']:>7.1%}{r['calls_per_step']:>6.0f}  "

@@ -43,6 +43,8 @@ sys.path.insert(0, ROOT)
 import result_files  # noqa: E402  bench/, beside this file
 from config_overrides import apply_overrides  # noqa: E402  bench/, beside this file
 
+from stt_jax import backend  # noqa: E402
+backend.apply_default_xla_flags()  # the XLA flags a run gets (stt_jax/backend.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402

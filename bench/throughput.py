@@ -20,6 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from stt_jax import backend  # noqa: E402
+backend.apply_default_xla_flags()  # the XLA flags a run gets (stt_jax/backend.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -44,6 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # the driver and both workers share one GPU: allocate on demand, not 75% up front
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+from stt_jax import backend  # noqa: E402  pylint: disable=g-import-not-at-top
+backend.apply_default_xla_flags()  # the XLA flags a run gets; the workers inherit them
 
 BASELINE = (28, 36, 48, 64, 80)
 MODELS = ("baseline", "stt")  # stt_jax presets; the peer builds the same network

@@ -9,6 +9,7 @@ or ROCm GPUs and TPUs.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -19,14 +20,41 @@ from stt_jax.errors import UserError
 PLATFORMS = ("auto", "cpu", "cuda", "rocm", "gpu", "tpu")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
-# XLA flags added on each backend unless the config gives its own. GPU: the
-# latency-hiding scheduler overlaps the gradient all-reduce of data parallel
-# training with the backward pass; the others need nothing by default.
-DEFAULT_XLA_FLAGS = {
-    "gpu": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
-    "cpu": (),
-    "tpu": (),
-}
+# XLA:CPU hands 2D convolutions to YNNPACK by default (jaxlib 0.10: the
+# default library fusions are individual_convolution, individual_dot and
+# reduce). On the 2-core EPYC (AVX2) these run 4-9x slower than XLA's own
+# (Eigen) convolutions, forward and gradient, and the CPU form of every 3D
+# conv here is a sum of 2D convs: the baseline's train step at widths 28-80
+# took 2.1 s with them, 0.9 s without (docs/architecture.md "YNNPACK's
+# convolutions on a CPU"). Only the convolutions are taken from it; its
+# matrix products stay. The flag exists from jaxlib 0.10 (an older XLA would
+# abort on a flag it does not know).
+YNN_CONVOLUTIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+YNN_FLAG_SINCE = (0, 10)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return ()
+  return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
+def default_xla_flags(jaxlib_version: tuple[int, ...] | None = None) -> dict[str, tuple[str, ...]]:
+  """XLA flags added on each backend unless the user's XLA_FLAGS or the
+  config give the same flag. GPU: the latency-hiding scheduler overlaps the
+  gradient all-reduce of data parallel training with the backward pass.
+  CPU: XLA's own convolutions instead of YNNPACK's (above)."""
+  version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+  return {
+      "gpu": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
+      "cpu": (YNN_CONVOLUTIONS_OFF,) if version >= YNN_FLAG_SINCE else (),
+      "tpu": (),
+  }
+
+
+DEFAULT_XLA_FLAGS = default_xla_flags()
 
 
 def _check(backend_cfg) -> None:
@@ -70,6 +98,33 @@ def merged_xla_flags(present: str, platforms: str, extra: str) -> str:
       kept.append(f)
       names.add(name)
   return " ".join(kept)
+
+
+def apply_default_xla_flags(environ=os.environ) -> str:
+  """Adds the defaults of the backends in $JAX_PLATFORMS (every backend's
+  when unset) to $XLA_FLAGS, as `configure` does for a run: for programs
+  that start JAX without a config (benchmarks, the test suite). Call it
+  before the first backend starts; returns the new XLA_FLAGS."""
+  environ["XLA_FLAGS"] = merged_xla_flags(environ.get("XLA_FLAGS", ""),
+                                          environ.get("JAX_PLATFORMS", ""), "")
+  return environ["XLA_FLAGS"]
+
+
+def ynn_convolutions_on(environ=os.environ) -> bool:
+  """Whether XLA:CPU hands 2D convolutions to YNNPACK in this process: the
+  last --xla_cpu_experimental_ynn_fusion_type in $XLA_FLAGS, else jaxlib's
+  default (on from jaxlib 0.10)."""
+  setting = None
+  for flag in environ.get("XLA_FLAGS", "").split():
+    name, _, value = flag.partition("=")
+    if name == YNN_CONVOLUTIONS_OFF.split("=")[0]:
+      setting = value
+  if setting is None:
+    return _jaxlib_version() >= YNN_FLAG_SINCE
+  types = [t.strip().lower() for t in setting.split(",") if t.strip()]
+  if any(t.startswith(("+", "-")) for t in types):  # changes to jaxlib's default set
+    return "-individual_convolution" not in types
+  return "individual_convolution" in types
 
 
 def _cpu_key() -> str:

@@ -10,6 +10,9 @@ import tempfile
 # level, so the programs tested are the ones users run; the numbers may differ
 # in the last bits, which no test here pins. A level already in XLA_FLAGS wins.
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
+# and what every CPU run gets (stt_jax.backend: XLA's convolutions, not YNNPACK's)
+from stt_jax import backend  # noqa: E402  (imports no JAX)
+TEST_XLA_FLAGS += backend.DEFAULT_XLA_FLAGS["cpu"]
 
 
 def xla_flags(devices: int) -> str:

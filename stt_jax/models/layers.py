@@ -15,6 +15,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from stt_jax import backend
 from stt_jax.models import traced_platform
 
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
@@ -23,22 +24,24 @@ _DN2 = ("NHWC", "HWIO", "NHWC")
 
 CONV_IMPLS = ("auto", "native", "depth_as_batch", "im2col")
 # narrowest width of a network from which 'auto' runs its convs as im2col on
-# a CPU: measured faster at widths 24-80 and 28-80, slower at 12-48 and 16-64
+# a CPU whose 2D convs YNNPACK runs (jaxlib's default, which stt_jax turns
+# off): measured faster at widths 24-80 and 28-80, slower at 12-48 and 16-64
 IM2COL_MIN_WIDTH = 24
 
 
 def resolve_conv_impl(impl: str, narrowest_width: int | None = None) -> str:
   """'auto' -> 'native' on GPUs/TPUs (cuDNN has fast 3D convs); on a CPU
-  'im2col' for a network whose narrowest width is >= IM2COL_MIN_WIDTH and
-  'depth_as_batch' otherwise (or with no width given). One form for the
-  whole network: a window's output is then the same bits in every batch
-  slot wherever im2col runs (docs/architecture.md "Three implementations of
-  the same 3D conv")."""
+  'depth_as_batch' (2D convs, which XLA's own Eigen convolutions run fastest
+  at every width measured), or, where YNNPACK runs the 2D convs
+  (`backend.ynn_convolutions_on`: a user's XLA_FLAGS put them back),
+  'im2col' for a network whose narrowest width is >= IM2COL_MIN_WIDTH. One
+  form for the whole network (docs/architecture.md "Three implementations
+  of the same 3D conv")."""
   if impl == "auto":
     if traced_platform.name() != "cpu":
       return "native"
     wide = narrowest_width is not None and narrowest_width >= IM2COL_MIN_WIDTH
-    return "im2col" if wide else "depth_as_batch"
+    return "im2col" if wide and backend.ynn_convolutions_on() else "depth_as_batch"
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv implementation {impl!r}")
   return impl

@@ -1,5 +1,8 @@
 """Conv and up-sampler against scipy/numpy references."""
 
+import os
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,16 +82,22 @@ def test_edge_pad_equals_numpy_and_its_gradient_sums_the_copies(pads, one_pass):
 
 
 def test_edge_pad_and_conv_form_follow_the_platform_traced_for():
-  """On this CPU: the concatenation, and im2col for a network at least 24
-  wide, depth-as-batch for narrower ones; under an abstract GPU mesh
+  """On this CPU: the concatenation, and depth-as-batch (im2col for a network
+  at least 24 wide where YNNPACK runs the 2D convs); under an abstract GPU mesh
   (compiling for a GPU without one): one pass and native 3D convs."""
   x = jnp.zeros((1, 3, 4, 4, 2))
   pads = ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))
   trace = lambda: str(jax.make_jaxpr(lambda a: layers.edge_pad(a, pads))(x))
   assert "concatenate" in trace()
-  assert layers.resolve_conv_impl("auto", 28) == layers.resolve_conv_impl("auto", 24) == "im2col"
-  for narrow in (16, 12, None):  # the demo's widths start at 12
-    assert layers.resolve_conv_impl("auto", narrow) == "depth_as_batch", narrow
+  # XLA's own 2D convs (the CPU default, conftest): depth-as-batch at every width
+  for width in (80, 28, 24, 16, 12, None):  # the demo's widths start at 12
+    assert layers.resolve_conv_impl("auto", width) == "depth_as_batch", width
+  # where YNNPACK runs the 2D convs (a user put them back): im2col from 24 wide
+  ynn = os.environ["XLA_FLAGS"] + " --xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
+  with mock.patch.dict(os.environ, {"XLA_FLAGS": ynn}):
+    assert layers.resolve_conv_impl("auto", 28) == layers.resolve_conv_impl("auto", 24) == "im2col"
+    for narrow in (16, 12, None):
+      assert layers.resolve_conv_impl("auto", narrow) == "depth_as_batch", narrow
   assert layers.resolve_conv_impl("native", 28) == "native"
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
                                        platform="cuda")
