@@ -22,7 +22,7 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 
 # XLA:CPU hands 2D convolutions to YNNPACK by default (jaxlib 0.10: the
 # default library fusions are individual_convolution, individual_dot and
-# reduce). On the 2-core EPYC (AVX2) these run 4-9x slower than XLA's own
+# reduce). On the 2-core EPYC (AVX2) these run 4-8x slower than XLA's own
 # (Eigen) convolutions, forward and gradient, and the CPU form of every 3D
 # conv here is a sum of 2D convs: the baseline's train step at widths 28-80
 # took 2.1 s with them, 0.9 s without (docs/architecture.md "YNNPACK's
