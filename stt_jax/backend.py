@@ -29,7 +29,8 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 # convolutions on a CPU"). Only the convolutions are taken from it; its
 # matrix products stay. The flag exists from jaxlib 0.10 (an older XLA would
 # abort on a flag it does not know).
-YNN_CONVOLUTIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_CONVOLUTIONS_OFF = f"{YNN_FUSION_FLAG}=-individual_convolution"
 YNN_FLAG_SINCE = (0, 10)
 
 
@@ -117,7 +118,7 @@ def ynn_convolutions_on(environ=os.environ) -> bool:
   setting = None
   for flag in environ.get("XLA_FLAGS", "").split():
     name, _, value = flag.partition("=")
-    if name == YNN_CONVOLUTIONS_OFF.split("=")[0]:
+    if name == YNN_FUSION_FLAG:
       setting = value
   if setting is None:
     return _jaxlib_version() >= YNN_FLAG_SINCE

@@ -22,9 +22,9 @@ def xla_flags(devices: int) -> str:
 
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-for _flag in TEST_XLA_FLAGS:
-  if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " " + _flag
+# a flag already set (here: in the environment) keeps its value, as for a run
+os.environ["XLA_FLAGS"] = backend.merged_xla_flags(os.environ["XLA_FLAGS"], "cpu",
+                                                   " ".join(TEST_XLA_FLAGS))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the command-line runs they start) compile the same tiny
 # programs; a compilation cache fresh for each session shares them (whole
