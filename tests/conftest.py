@@ -30,8 +30,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # programs; a compilation cache fresh for each session shares them (whole
 # suite on the 2-core dev machine: 13 min 13 s without, 9 min 47 s with). It
 # changes no result: a cache hit is the same executable.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="stt_jax_test_compile_cache_"))
+# (not setdefault(..., mkdtemp()): that makes a folder in every xdist worker,
+# which inherits the controller's, and leaks it)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="stt_jax_test_compile_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
