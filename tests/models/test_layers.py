@@ -254,6 +254,45 @@ def test_im2col_gradients_equal_xla_convolutions(kernel_shape, strides):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("kernel_shape,cout,narrow", [
+    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH, True),      # depth taps as outputs
+    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH + 1, False),
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH, True),            # rows as outputs (the head)
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH + 1, False),
+    ((1, 1, 1), 2, False),                                          # no taps to move
+])
+def test_depth_as_batch_narrow_outputs_match_scipy_with_their_gradients(kernel_shape, cout,
+                                                                         narrow):
+  """depth_as_batch's form for few output channels (taps moved into the
+  outputs, gradient of the batched form) against scipy, and both gradients
+  against numpy's sums: dL/dx is the full correlation of the cotangent with
+  the flipped kernel, dL/dw the cotangent's products with shifted inputs."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, 6, 9, 10, 3))
+  kernel = rng.standard_normal((*kernel_shape, 3, cout))
+  conv = lambda a, k: layers.conv3d(a, k, (1, 1, 1), "depth_as_batch")
+  assert ("custom_vjp" in str(jax.make_jaxpr(conv)(x, kernel))) == narrow
+  with jax.enable_x64():
+    got = np.asarray(jax.jit(conv)(x, kernel))
+    np.testing.assert_allclose(got, _scipy_conv(x, kernel), rtol=1e-10, atol=1e-10)
+    cotangent = rng.standard_normal(got.shape)
+    grad_x, grad_k = jax.grad(lambda a, k: jnp.sum(cotangent * conv(a, k)),
+                              argnums=(0, 1))(x, kernel)
+  kd, kh, kw = kernel_shape
+  flipped = kernel[::-1, ::-1, ::-1].transpose(0, 1, 2, 4, 3)
+  padded = np.pad(cotangent, [(0, 0), (kd - 1,) * 2, (kh - 1,) * 2, (kw - 1,) * 2, (0, 0)])
+  np.testing.assert_allclose(np.asarray(grad_x), _scipy_conv(padded, flipped),
+                             rtol=1e-10, atol=1e-10)
+  d, h, w = got.shape[1:4]
+  want_k = np.zeros(kernel.shape)
+  for a in range(kd):
+    for b in range(kh):
+      for c in range(kw):
+        want_k[a, b, c] = np.einsum("nzyxi,nzyxo->io", x[:, a:a + d, b:b + h, c:c + w],
+                                    cotangent)
+  np.testing.assert_allclose(np.asarray(grad_k), want_k, rtol=1e-10, atol=1e-10)
+
+
 def test_im2col_values_do_not_depend_on_the_place_in_the_batch():
   """Sliding-window inference puts a window in whichever batch slot is free;
   a region predicted with context equals the whole volume's only if a
