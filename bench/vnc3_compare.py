@@ -1,7 +1,9 @@
 """VNC III runs side by side with their uncertainty: each run's foreground
 Jaccard on the held-out sections 12-15 with a tile-bootstrap 95 % interval
 and its AP-50/AP-75 with an instance-group bootstrap one, and every pair's
-paired differences (stt_jax/metrics/uncertainty.py).
+paired differences (stt_jax/metrics/uncertainty.py), and where each run's
+foreground errors lie (near the true boundary, or in invented and missed
+objects: stt_jax/metrics/foreground_errors.py).
 
 Reads each run folder's last validation segmentation (val_segmentation/,
 written by training or --mode=evaluate), cropped to the scored sections.
@@ -15,13 +17,15 @@ import json
 import os
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import vnc3  # noqa: E402  pylint: disable=wrong-import-position
 
 from stt_jax.data import datasets, sources  # noqa: E402  pylint: disable=wrong-import-position
-from stt_jax.metrics import report, uncertainty  # noqa: E402  pylint: disable=wrong-import-position
+from stt_jax.metrics import foreground_errors, report, uncertainty  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def main(argv):
@@ -44,8 +48,12 @@ def main(argv):
     results[name] = {k: s[k] for k in ("jaccard", "dice", "jaccard_ci95", "dice_ci95",
                                        "ci_tiles", "ap_50", "ap_75", "ap_50_ci95",
                                        "ap_75_ci95", "ci_groups")}
+    whole = lambda v: np.asarray(v.read((0, 0, 0), v.shape[:3])).reshape(v.shape[:3])
+    errors = foreground_errors.error_breakdown(whole(labels) > 0, whole(seg) > 0)
+    results[name]["errors"] = errors
     print(f"{name:<12} Jaccard {s['jaccard']:.4f}, AP-50 {s['ap_50']:.4f}, AP-75 "
-          f"{s['ap_75']:.4f}\n  " + uncertainty.format_interval(s).replace("\n", "\n  "))
+          f"{s['ap_75']:.4f}\n  " + uncertainty.format_interval(s).replace("\n", "\n  ")
+          + "\n  " + foreground_errors.format_breakdown(errors).replace("\n", "\n  "))
   names = list(segs)
   for i, a in enumerate(names):
     for b in names[i + 1:]:

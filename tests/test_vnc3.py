@@ -103,3 +103,33 @@ def test_train_then_score_sections_12_to_15(tmp_path):
   assert scores["decode_note"].startswith("0 instances: no voxel's mask probability exceeds "
                                           "decode.seed_mask 0.90")
   assert scores["decode_note"] in out.stdout
+
+
+def test_vnc3_compare_scores_a_run_and_finds_its_invented_object(stack1_labels, tmp_path,
+                                                                  capsys):
+  """bench/vnc3_compare.py on a run folder whose validation segmentation is
+  the truth plus one object where there is none: its Jaccard and the error
+  breakdown follow from the counts."""
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import vnc3_compare  # pylint: disable=g-import-not-at-top
+  cfg = vnc3.get_config("baseline")
+  [(_, labels, offset)] = datasets.open_validation_volumes(cfg)
+  truth = stack1_labels[12:16]
+  assert labels.shape[:3] == truth.shape
+  # a 12x12 square in section 13 with no truth within 30 px in any section
+  free = ~np.any(truth > 0, axis=0)
+  y, x = next((y, x) for y in range(40, 980, 12) for x in range(40, 980, 12)
+              if free[y - 30:y + 42, x - 30:x + 42].all())
+  segmentation = np.zeros((offset[0] + 4, 1024, 1024), np.uint32)
+  segmentation[offset[0]:] = truth
+  segmentation[offset[0] + 1, y:y + 12, x:x + 12] = truth.max() + 1
+  run = tmp_path / "run"
+  sources.write_array(str(run / "val_segmentation" / "instances.zarr"), segmentation)
+  vnc3_compare.main([f"fake={run}", f"--out={tmp_path / 'compare.json'}"])
+  assert "100% in invented objects" in capsys.readouterr().out
+  result = json.load(open(tmp_path / "compare.json"))["results"]["fake"]
+  tp = int(np.count_nonzero(truth))
+  assert result["jaccard"] == pytest.approx(tp / (tp + 144))
+  errors = result["errors"]
+  assert (errors["tp"], errors["fp"], errors["fn"]) == (tp, 144, 0)
+  assert errors["fp_in_false_objects"] == 1.0 and errors["fp_by_distance"]["[16, inf)"] == 1.0

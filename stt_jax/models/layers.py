@@ -52,8 +52,9 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   """VALID 3D convolution. x [b, d, h, w, cin], kernel [kd, kh, kw, cin, cout].
 
   'depth_as_batch' writes it as a sum over the kd depth taps of 2D convolutions
-  with depth folded into the batch; 'im2col' as one matmul (`_conv3d_im2col`):
-  the same function, other XLA programs.
+  with depth folded into the batch (for few output channels, forward as one
+  2D conv whose outputs hold the taps: `conv3d_taps_as_outputs`); 'im2col' as
+  one matmul (`_conv3d_im2col`): the same function, other XLA programs.
   """
   impl = resolve_conv_impl(impl)
   if impl == "native":
@@ -84,11 +85,13 @@ def conv3d_depth_as_batch(x: jax.Array, kernel: jax.Array,
 
 
 # XLA:CPU's (Eigen's) 2D convolutions use their cores poorly when a conv has
-# few output channels: a 3x3x3 conv 12 -> 12 wide on 2x18x130x130 ran at 28
-# GFLOP/s as depth_as_batch, against 117 at 24 wide (2-core EPYC, jax 0.10.2).
-# Up to these widths the taps go into the output channels instead
-# (`conv3d_taps_as_outputs`): 3D kernels' depth taps up to 16 outputs, and
-# the rows of a 2D (kd = 1) kernel below 8 outputs (the head's 2).
+# few output channels: a 3x3x3 conv 12 -> 12 on 2x18x130x130 ran at 29
+# GFLOP/s as batched 2D convs, a 28 -> 28 one at 101 (2-core EPYC, jax
+# 0.10.2, bench/conv_forms.py). Up to these widths the taps go into the output
+# channels instead (`conv3d_taps_as_outputs`): 3D kernels' depth taps up to 16
+# outputs, and the rows of a 2D (kd = 1) kernel below 8 outputs (the head's
+# 2). Wider, the forward still gains a little but the train step lost ~3 %
+# (docs/architecture.md "Narrow outputs").
 DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH = 16
 ROWS_AS_OUTPUTS_MAX_WIDTH = 7
 
@@ -129,9 +132,9 @@ def conv3d_taps_as_outputs(x: jax.Array, kernel: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _conv3d_taps_as_outputs_with_batched_gradient(x: jax.Array,
                                                   kernel: jax.Array) -> jax.Array:
-  """Forward `conv3d_taps_as_outputs`; gradient depth_as_batch's, whose
-  batched transposed convs ran faster than that form's (2x18x130x130, 12 -> 12:
-  forward + gradient 345 against 472 ms; 360 all depth_as_batch)."""
+  """Forward `conv3d_taps_as_outputs`; gradient the batched 2D convs', which
+  ran faster than that form's own (2x18x130x130, 12 -> 12: forward + gradient
+  252 ms against 323; 246 all batched)."""
   return conv3d_taps_as_outputs(x, kernel)
 
 
