@@ -206,7 +206,8 @@ def _infer_program(cfg, mesh):
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                         params)
   image = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P("data")))
-  return jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x))), (params, image)
+  forward = model.clone(forward_only=True)  # as segment's windows run it
+  return jax.jit(lambda p, x: jax.nn.sigmoid(forward.apply({"params": p}, x))), (params, image)
 
 
 def _deform_program(shape, groups: int, dtype: str, gradient: str, mesh):

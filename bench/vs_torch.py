@@ -117,7 +117,7 @@ def _bench_setup(patch, batch: int, dtype: str, conv_impl: str = "auto", devices
 def _forward_fn(setup):
   """Jitted inference: (params, image) -> sigmoid probabilities."""
   import jax  # pylint: disable=g-import-not-at-top
-  model = setup.model
+  model = setup.model.clone(forward_only=True)  # as segment's windows run it
   return jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
 
 

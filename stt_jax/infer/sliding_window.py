@@ -79,6 +79,8 @@ def make_predict_fn(model, mesh, tta: str = "none") -> Callable:
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   transforms = jnp.asarray(_tta_transforms(tta))
+  if hasattr(model, "forward_only"):  # a ResUNet: never differentiated here
+    model = model.clone(forward_only=True)
 
   def probabilities(params, x):
     return jax.nn.sigmoid(model.apply({"params": params}, x).astype(jnp.float32))

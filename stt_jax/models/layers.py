@@ -29,20 +29,31 @@ CONV_IMPLS = ("auto", "native", "depth_as_batch", "im2col")
 IM2COL_MIN_WIDTH = 24
 
 
-def resolve_conv_impl(impl: str, narrowest_width: int | None = None) -> str:
+# depth_as_batch with every stride-1 3D conv's depth taps as outputs, not only
+# narrow ones: 'auto' on a CPU for programs never differentiated (inference)
+DEPTH_TAPS_AS_OUTPUTS = "depth_taps_as_outputs"
+
+
+def resolve_conv_impl(impl: str, narrowest_width: int | None = None, *,
+                      forward_only: bool = False) -> str:
   """'auto' -> 'native' on GPUs/TPUs (cuDNN has fast 3D convs); on a CPU
   'depth_as_batch' (2D convs, which XLA's own Eigen convolutions run fastest
   at every width measured), or, where YNNPACK runs the 2D convs
   (`backend.ynn_convolutions_on`: a user's XLA_FLAGS put them back),
   'im2col' for a network whose narrowest width is >= IM2COL_MIN_WIDTH. One
   form for the whole network (docs/architecture.md "Three implementations
-  of the same 3D conv")."""
+  of the same 3D conv"). `forward_only` (a program that is never
+  differentiated): depth_as_batch becomes DEPTH_TAPS_AS_OUTPUTS, whose
+  forward is faster at every width but whose training step was not
+  ("Narrow outputs")."""
   if impl == "auto":
     if traced_platform.name() != "cpu":
       return "native"
     wide = narrowest_width is not None and narrowest_width >= IM2COL_MIN_WIDTH
-    return "im2col" if wide and backend.ynn_convolutions_on() else "depth_as_batch"
-  if impl not in CONV_IMPLS:
+    if wide and backend.ynn_convolutions_on():
+      return "im2col"
+    return DEPTH_TAPS_AS_OUTPUTS if forward_only else "depth_as_batch"
+  if impl not in (*CONV_IMPLS, DEPTH_TAPS_AS_OUTPUTS):
     raise ValueError(f"unknown conv implementation {impl!r}")
   return impl
 
@@ -62,7 +73,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                                     dimension_numbers=_DN3)
   if impl == "im2col":
     return _conv3d_im2col(x, kernel, strides)
-  if tuple(strides) == (1, 1, 1) and _narrow_outputs(kernel.shape):
+  every_width = impl == DEPTH_TAPS_AS_OUTPUTS
+  if tuple(strides) == (1, 1, 1) and _narrow_outputs(kernel.shape, every_width):
     return _conv3d_taps_as_outputs_with_batched_gradient(x, kernel)
   return conv3d_depth_as_batch(x, kernel, strides)
 
@@ -90,16 +102,17 @@ def conv3d_depth_as_batch(x: jax.Array, kernel: jax.Array,
 # 0.10.2, bench/conv_forms.py). Up to these widths the taps go into the output
 # channels instead (`conv3d_taps_as_outputs`): 3D kernels' depth taps up to 16
 # outputs, and the rows of a 2D (kd = 1) kernel below 8 outputs (the head's
-# 2). Wider, the forward still gains a little but the train step lost ~3 %
-# (docs/architecture.md "Narrow outputs").
+# 2). Wider, the forward still gains but the train step lost ~3 %, so only
+# DEPTH_TAPS_AS_OUTPUTS (inference) takes them all (docs/architecture.md
+# "Narrow outputs").
 DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH = 16
 ROWS_AS_OUTPUTS_MAX_WIDTH = 7
 
 
-def _narrow_outputs(kernel_shape: Sequence[int]) -> bool:
+def _narrow_outputs(kernel_shape: Sequence[int], every_width: bool = False) -> bool:
   kd, kh, _, _, cout = kernel_shape
   if kd > 1:
-    return cout <= DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH
+    return every_width or cout <= DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH
   return kh > 1 and cout <= ROWS_AS_OUTPUTS_MAX_WIDTH
 
 

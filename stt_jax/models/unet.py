@@ -51,6 +51,10 @@ class ResUNet(nn.Module):
   denoise_features: int = 16
   norm: str = "none"
   norm_groups: int = 4
+  # True where the model is only evaluated, never differentiated
+  # (`sliding_window.make_predict_fn` sets it): `conv_impl=auto` may then
+  # pick conv forms with a fast forward and a slow gradient. Not a weight.
+  forward_only: bool = False
 
   def _sst(self, name: str):
     return SSTBlock(design=self.attention_design, fusion=self.attention_fusion,
@@ -69,7 +73,8 @@ class ResUNet(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array) -> jax.Array:
-    kw = dict(impl=resolve_conv_impl(self.conv_impl, min(self.widths)),
+    kw = dict(impl=resolve_conv_impl(self.conv_impl, min(self.widths),
+                                     forward_only=self.forward_only),
               dtype=self.dtype)
     block_kw = dict(kw, norm=self.norm, norm_groups=self.norm_groups)
 

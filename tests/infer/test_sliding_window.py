@@ -50,6 +50,19 @@ class _CumsumModel:
     return jnp.log(p) - jnp.log1p(-p)
 
 
+def test_predict_function_runs_the_model_forward_only():
+  """Windows are never differentiated: the predict function lets `auto` pick
+  the conv forms with the fast forward at every width (models/layers.py)."""
+  from stt_jax.models.unet import ResUNet  # pylint: disable=g-import-not-at-top
+  model = ResUNet(widths=(20, 20, 24, 24, 24))
+  x = jnp.zeros((2, 4, 32, 32, 1))
+  params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  fn = sliding_window.make_predict_fn(model, make_mesh())
+  jaxpr = str(jax.make_jaxpr(fn)(params, x))
+  assert jaxpr.count("custom_vjp_call") == 1 + 2 * 9  # the head, every 3x3x3 conv
+  assert not model.forward_only  # the caller's model is left as it was
+
+
 @pytest.mark.parametrize("mode", ["flips", "flips_transpose"])
 def test_test_time_augmentation_averages_the_inverse_transformed_outputs(mode):
   x = np.random.default_rng(0).random((2, 4, 6, 6, 1)).astype(np.float32)

@@ -98,6 +98,13 @@ def test_edge_pad_and_conv_form_follow_the_platform_traced_for():
     assert layers.resolve_conv_impl("auto", 28) == layers.resolve_conv_impl("auto", 24) == "im2col"
     for narrow in (16, 12, None):
       assert layers.resolve_conv_impl("auto", narrow) == "depth_as_batch", narrow
+      assert layers.resolve_conv_impl("auto", narrow, forward_only=True) == \
+          layers.DEPTH_TAPS_AS_OUTPUTS, narrow
+  # a program never differentiated: taps as outputs at every width
+  for width in (80, 12, None):
+    assert layers.resolve_conv_impl("auto", width, forward_only=True) == \
+        layers.DEPTH_TAPS_AS_OUTPUTS
+  assert layers.resolve_conv_impl("depth_as_batch", 28, forward_only=True) == "depth_as_batch"
   assert layers.resolve_conv_impl("native", 28) == "native"
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
                                        platform="cuda")
@@ -105,6 +112,7 @@ def test_edge_pad_and_conv_form_follow_the_platform_traced_for():
       jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
     assert "concatenate" not in trace()
     assert layers.resolve_conv_impl("auto", 28) == "native"
+    assert layers.resolve_conv_impl("auto", 28, forward_only=True) == "native"
 
 
 def test_bilinear_upsample_matches_transposed_conv_loop():
@@ -254,15 +262,17 @@ def test_im2col_gradients_equal_xla_convolutions(kernel_shape, strides):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kernel_shape,cout,narrow", [
-    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH, True),      # depth taps as outputs
-    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH + 1, False),
-    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH, True),            # rows as outputs (the head)
-    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH + 1, False),
-    ((1, 1, 1), 2, False),                                          # no taps to move
+@pytest.mark.parametrize("kernel_shape,cout,narrow,impl", [
+    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH, True, "depth_as_batch"),  # depth taps
+    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH + 1, False, "depth_as_batch"),
+    ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH + 1, True, layers.DEPTH_TAPS_AS_OUTPUTS),
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH, True, "depth_as_batch"),        # rows (head)
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH + 1, False, "depth_as_batch"),
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH + 1, False, layers.DEPTH_TAPS_AS_OUTPUTS),
+    ((1, 1, 1), 2, False, "depth_as_batch"),                                      # no taps
 ])
 def test_depth_as_batch_narrow_outputs_match_scipy_with_their_gradients(kernel_shape, cout,
-                                                                         narrow):
+                                                                         narrow, impl):
   """depth_as_batch's form for few output channels (taps moved into the
   outputs, gradient of the batched form) against scipy, and both gradients
   against numpy's sums: dL/dx is the full correlation of the cotangent with
@@ -270,7 +280,7 @@ def test_depth_as_batch_narrow_outputs_match_scipy_with_their_gradients(kernel_s
   rng = np.random.default_rng(7)
   x = rng.standard_normal((2, 6, 9, 10, 3))
   kernel = rng.standard_normal((*kernel_shape, 3, cout))
-  conv = lambda a, k: layers.conv3d(a, k, (1, 1, 1), "depth_as_batch")
+  conv = lambda a, k: layers.conv3d(a, k, (1, 1, 1), impl)
   assert ("custom_vjp" in str(jax.make_jaxpr(conv)(x, kernel))) == narrow
   with jax.enable_x64():
     got = np.asarray(jax.jit(conv)(x, kernel))
