@@ -42,14 +42,15 @@ def main(argv):
   segs = {name: sources.RegionVolume(sources.open_volume(
               os.path.join(run, "val_segmentation", "instances.zarr")), offset, stop)
           for name, run in runs.items()}
+  foreground = lambda v: np.asarray(v.read((0, 0, 0), v.shape[:3])).reshape(v.shape[:3]) > 0
+  truth = foreground(labels)  # read once for every run's error breakdown
   results = {}
   for name, seg in segs.items():
     s = report.score_volumes(labels, seg, min_gt_size=cfg.eval.min_gt_size)
     results[name] = {k: s[k] for k in ("jaccard", "dice", "jaccard_ci95", "dice_ci95",
                                        "ci_tiles", "ap_50", "ap_75", "ap_50_ci95",
                                        "ap_75_ci95", "ci_groups")}
-    whole = lambda v: np.asarray(v.read((0, 0, 0), v.shape[:3])).reshape(v.shape[:3])
-    errors = foreground_errors.error_breakdown(whole(labels) > 0, whole(seg) > 0)
+    errors = foreground_errors.error_breakdown(truth, foreground(seg))
     results[name]["errors"] = errors
     print(f"{name:<12} Jaccard {s['jaccard']:.4f}, AP-50 {s['ap_50']:.4f}, AP-75 "
           f"{s['ap_75']:.4f}\n  " + uncertainty.format_interval(s).replace("\n", "\n  ")
