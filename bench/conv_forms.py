@@ -2,15 +2,18 @@
 forward and forward + gradient time, and the error against XLA's own conv.
 
   python3 bench/conv_forms.py [--convs=2x18x130x130:3x3x3:12-12,...]
-      [--forms=native,depth_as_batch,batched_planes,taps_as_outputs,im2col]
+      [--forms=native,depth_as_batch,inference,batched_planes,taps_as_outputs,im2col]
 
 A conv is batch x depth x height x width (its input, padding included) :
 kernel : in-out channels, stride 1. The forms: `native` (XLA's 3D conv),
-`depth_as_batch` (what `model.conv_impl=depth_as_batch` runs: the kd taps as
-2D convs with depth in the batch, or for few output channels
-`taps_as_outputs` with the batched gradient), `batched_planes` (the batched
-2D convs alone), `taps_as_outputs` (the taps as extra output channels of one
-2D conv, with its own autodiff gradient), `im2col` (one matmul); where
+`depth_as_batch` (what `model.conv_impl=depth_as_batch` runs in training:
+the kd taps as 2D convs with depth in the batch, or for 3D kernels up to 16
+outputs `taps_as_outputs` with `layers.conv3d_input_gradient` and the
+batched kernel gradient), `inference` (what a CPU runs in inference,
+`layers.DEPTH_TAPS_AS_OUTPUTS`: that form for every 3D kernel and the rows
+of a narrow 2D one), `batched_planes` (the batched 2D convs alone),
+`taps_as_outputs` (the taps as extra output channels of one 2D conv, with
+its own autodiff gradient), `im2col` (one matmul); where
 PyTorch imports, also `torch` and `torch_channels_last` (its F.conv3d, the
 peer's conv, NCDHW and channels_last_3d) as the reference, and each form's
 ratio to the faster of the two. The defaults
@@ -42,6 +45,7 @@ from stt_jax.models import layers  # noqa: E402
 FORMS = {
     "native": lambda x, k: layers.conv3d(x, k, (1, 1, 1), "native"),
     "depth_as_batch": lambda x, k: layers.conv3d(x, k, (1, 1, 1), "depth_as_batch"),
+    "inference": lambda x, k: layers.conv3d(x, k, (1, 1, 1), layers.DEPTH_TAPS_AS_OUTPUTS),
     "batched_planes": lambda x, k: layers.conv3d_depth_as_batch(x, k, (1, 1, 1)),
     "taps_as_outputs": layers.conv3d_taps_as_outputs,
     "im2col": lambda x, k: layers.conv3d(x, k, (1, 1, 1), "im2col"),

@@ -63,9 +63,10 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   """VALID 3D convolution. x [b, d, h, w, cin], kernel [kd, kh, kw, cin, cout].
 
   'depth_as_batch' writes it as a sum over the kd depth taps of 2D convolutions
-  with depth folded into the batch (for few output channels, forward as one
-  2D conv whose outputs hold the taps: `conv3d_taps_as_outputs`); 'im2col' as
-  one matmul (`_conv3d_im2col`): the same function, other XLA programs.
+  with depth folded into the batch (for few output channels as one 2D conv
+  whose outputs hold the taps, `conv3d_taps_as_outputs`, its input gradient
+  likewise); 'im2col' as one matmul (`_conv3d_im2col`): the same function,
+  other XLA programs.
   """
   impl = resolve_conv_impl(impl)
   if impl == "native":
@@ -73,9 +74,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                                     dimension_numbers=_DN3)
   if impl == "im2col":
     return _conv3d_im2col(x, kernel, strides)
-  every_width = impl == DEPTH_TAPS_AS_OUTPUTS
-  if tuple(strides) == (1, 1, 1) and _narrow_outputs(kernel.shape, every_width):
-    return _conv3d_taps_as_outputs_with_batched_gradient(x, kernel)
+  if tuple(strides) == (1, 1, 1) and _taps_as_outputs(kernel.shape, impl):
+    return _conv3d_taps_as_outputs_with_fast_gradient(x, kernel)
   return conv3d_depth_as_batch(x, kernel, strides)
 
 
@@ -99,21 +99,41 @@ def conv3d_depth_as_batch(x: jax.Array, kernel: jax.Array,
 # XLA:CPU's (Eigen's) 2D convolutions use their cores poorly when a conv has
 # few output channels: a 3x3x3 conv 12 -> 12 on 2x18x130x130 ran at 29
 # GFLOP/s as batched 2D convs, a 28 -> 28 one at 101 (2-core EPYC, jax
-# 0.10.2, bench/conv_forms.py). Up to these widths the taps go into the output
-# channels instead (`conv3d_taps_as_outputs`): 3D kernels' depth taps up to 16
-# outputs, and the rows of a 2D (kd = 1) kernel below 8 outputs (the head's
-# 2). Wider, the forward still gains but the train step lost ~3 %, so only
-# DEPTH_TAPS_AS_OUTPUTS (inference) takes them all (docs/architecture.md
-# "Narrow outputs").
+# 0.10.2, bench/conv_forms.py). So the taps go into the output channels
+# (`conv3d_taps_as_outputs`), forward and, for the input gradient, backward
+# (`conv3d_input_gradient`: the batched form's input gradient is kd 2D convs
+# with cin outputs each, plus a zero-padded copy of each to sum). In training
+# ('depth_as_batch') for 3D kernels up to this width; in inference
+# (DEPTH_TAPS_AS_OUTPUTS) for every 3D kernel, and for the rows of a 2D
+# kernel below 8 outputs (the head; in training its form cost ~30 ms a step
+# at the demo's 16x128x128: docs/architecture.md "Narrow outputs").
 DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH = 16
 ROWS_AS_OUTPUTS_MAX_WIDTH = 7
 
 
-def _narrow_outputs(kernel_shape: Sequence[int], every_width: bool = False) -> bool:
+def _taps_as_outputs(kernel_shape: Sequence[int], impl: str) -> bool:
   kd, kh, _, _, cout = kernel_shape
-  if kd > 1:
-    return every_width or cout <= DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH
-  return kh > 1 and cout <= ROWS_AS_OUTPUTS_MAX_WIDTH
+  if impl == DEPTH_TAPS_AS_OUTPUTS:
+    return kd > 1 or (kh > 1 and cout <= ROWS_AS_OUTPUTS_MAX_WIDTH)
+  return kd > 1 and cout <= DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH
+
+
+def _shifted_tap_sum(y: jax.Array, axis: int, size: int, full: bool) -> jax.Array:
+  """y [..., taps, c] -> sum over taps t of y[..., t, :] moved t along `axis`:
+  the slices [t, t + size) (a VALID conv's taps) or, `full`, y zero-padded
+  by (t, taps - 1 - t) (a full correlation's)."""
+  taps = y.shape[-2]
+  out = None
+  for tap in range(taps):
+    term = lax.index_in_dim(y, tap, axis=y.ndim - 2, keepdims=False)
+    if full:
+      config = [(0, 0, 0)] * term.ndim
+      config[axis] = (tap, taps - 1 - tap, 0)
+      term = lax.pad(term, jnp.zeros((), term.dtype), config)
+    else:
+      term = lax.slice_in_dim(term, tap, tap + size, axis=axis)
+    out = term if out is None else out + term
+  return out
 
 
 def conv3d_taps_as_outputs(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -123,31 +143,44 @@ def conv3d_taps_as_outputs(x: jax.Array, kernel: jax.Array) -> jax.Array:
   FLOPs as depth_as_batch in one conv taps times as wide."""
   b, d, h, w, c = x.shape
   kd, kh, kw, _, cout = kernel.shape
-  d_out, h_out = d - kd + 1, h - kh + 1
   if kd > 1:
-    taps, axis = kd, 1
+    taps, axis, size = kd, 1, d - kd + 1
     weights = kernel.transpose(1, 2, 3, 0, 4).reshape(kh, kw, c, kd * cout)
   else:
-    taps, axis = kh, 2
+    taps, axis, size = kh, 2, h - kh + 1
     weights = kernel[0].transpose(1, 2, 0, 3).reshape(1, kw, c, kh * cout)
   y = lax.conv_general_dilated(x.reshape(b * d, h, w, c), weights, (1, 1), "VALID",
                                dimension_numbers=_DN2)
-  y = y.reshape(b, d, *y.shape[1:3], taps, cout)
-  size = d_out if axis == 1 else h_out
-  out = None
-  for tap in range(taps):
-    term = lax.index_in_dim(lax.slice_in_dim(y, tap, tap + size, axis=axis), tap,
-                            axis=4, keepdims=False)
-    out = term if out is None else out + term
-  return out
+  return _shifted_tap_sum(y.reshape(b, d, *y.shape[1:3], taps, cout), axis, size, False)
+
+
+def conv3d_input_gradient(cotangent: jax.Array, kernel: jax.Array) -> jax.Array:
+  """d(sum(cotangent * conv3d(x, kernel)))/dx of a VALID stride-1 `conv3d`:
+  the full correlation of the cotangent [b, d', h', w', cout] with the
+  flipped kernel, [b, d' + kd - 1, h' + kh - 1, w' + kw - 1, cin], in the
+  taps-as-outputs form: one 2D conv (in-plane full padding, done by the
+  conv) whose cin * taps outputs are summed depth- (or row-) shifted."""
+  b, d, h, w, cout = cotangent.shape
+  kd, kh, kw, cin, _ = kernel.shape
+  if kd > 1:
+    taps, axis = kd, 1
+    weights = kernel[:, ::-1, ::-1].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cout, kd * cin)
+    padding = ((kh - 1, kh - 1), (kw - 1, kw - 1))
+  else:
+    taps, axis = kh, 2
+    weights = kernel[0, :, ::-1].transpose(1, 3, 0, 2).reshape(1, kw, cout, kh * cin)
+    padding = ((0, 0), (kw - 1, kw - 1))
+  y = lax.conv_general_dilated(cotangent.reshape(b * d, h, w, cout), weights, (1, 1), padding,
+                               dimension_numbers=_DN2)
+  return _shifted_tap_sum(y.reshape(b, d, *y.shape[1:3], taps, cin), axis, 0, True)
 
 
 @jax.custom_vjp
-def _conv3d_taps_as_outputs_with_batched_gradient(x: jax.Array,
-                                                  kernel: jax.Array) -> jax.Array:
-  """Forward `conv3d_taps_as_outputs`; gradient the batched 2D convs', which
-  ran faster than that form's own (2x18x130x130, 12 -> 12: forward + gradient
-  252 ms against 323; 246 all batched)."""
+def _conv3d_taps_as_outputs_with_fast_gradient(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Forward `conv3d_taps_as_outputs`; input gradient `conv3d_input_gradient`,
+  kernel gradient the batched 2D convs' (2x18x130x130, 12 -> 12: forward +
+  gradient ~205 ms against ~260 with the batched input gradient, ~323 with
+  the taps form's own autodiff)."""
   return conv3d_taps_as_outputs(x, kernel)
 
 
@@ -155,13 +188,13 @@ def _taps_forward(x, kernel):
   return conv3d_taps_as_outputs(x, kernel), (x, kernel)
 
 
-def _batched_gradient(residuals, cotangent):
+def _taps_gradient(residuals, cotangent):
   x, kernel = residuals
-  _, pullback = jax.vjp(lambda x, k: conv3d_depth_as_batch(x, k, (1, 1, 1)), x, kernel)
-  return pullback(cotangent)
+  _, kernel_pullback = jax.vjp(lambda k: conv3d_depth_as_batch(x, k, (1, 1, 1)), kernel)
+  return conv3d_input_gradient(cotangent, kernel), kernel_pullback(cotangent)[0]
 
 
-_conv3d_taps_as_outputs_with_batched_gradient.defvjp(_taps_forward, _batched_gradient)
+_conv3d_taps_as_outputs_with_fast_gradient.defvjp(_taps_forward, _taps_gradient)
 
 
 def _conv3d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:

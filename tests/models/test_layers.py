@@ -266,17 +266,20 @@ def test_im2col_gradients_equal_xla_convolutions(kernel_shape, strides):
     ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH, True, "depth_as_batch"),  # depth taps
     ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH + 1, False, "depth_as_batch"),
     ((3, 3, 3), layers.DEPTH_TAPS_AS_OUTPUTS_MAX_WIDTH + 1, True, layers.DEPTH_TAPS_AS_OUTPUTS),
-    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH, True, "depth_as_batch"),        # rows (head)
-    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH + 1, False, "depth_as_batch"),
+    ((2, 1, 3), 4, True, "depth_as_batch"),                         # even depth, one row
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH, True, layers.DEPTH_TAPS_AS_OUTPUTS),  # rows
+    ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH, False, "depth_as_batch"),  # not in training
     ((1, 5, 5), layers.ROWS_AS_OUTPUTS_MAX_WIDTH + 1, False, layers.DEPTH_TAPS_AS_OUTPUTS),
+    ((1, 4, 2), 2, True, layers.DEPTH_TAPS_AS_OUTPUTS),                       # even rows
     ((1, 1, 1), 2, False, "depth_as_batch"),                                      # no taps
 ])
 def test_depth_as_batch_narrow_outputs_match_scipy_with_their_gradients(kernel_shape, cout,
                                                                          narrow, impl):
-  """depth_as_batch's form for few output channels (taps moved into the
-  outputs, gradient of the batched form) against scipy, and both gradients
-  against numpy's sums: dL/dx is the full correlation of the cotangent with
-  the flipped kernel, dL/dw the cotangent's products with shifted inputs."""
+  """depth_as_batch's taps-as-outputs form (taps moved into the outputs;
+  input gradient `conv3d_input_gradient`, kernel gradient the batched
+  form's) against scipy, and both gradients against numpy's sums: dL/dx is
+  the full correlation of the cotangent with the flipped kernel, dL/dw the
+  cotangent's products with shifted inputs."""
   rng = np.random.default_rng(7)
   x = rng.standard_normal((2, 6, 9, 10, 3))
   kernel = rng.standard_normal((*kernel_shape, 3, cout))
