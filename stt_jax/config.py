@@ -209,6 +209,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.decode.foreground = 0.85
   c.decode.min_seed_size = 32
   c.decode.min_size = 128
+  # objects whose mean mask probability is below this are removed (0 = off,
+  # as the original): a confidence cut for invented objects; eval.json's
+  # object_mean_mask_sweep shows what each value would do to the scores
+  c.decode.min_mean_mask = 0.0
   # blockwise decoding: exact (equal to whole-volume) where no foreground
   # component reaching a block is longer than the halo; segment.json counts
   # the components cut by a halo
@@ -374,7 +378,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be one of {TTA_MODES}, got {c.infer.tta!r}")
   _need(c.infer.tta != "flips_transpose" or c.infer.window[1] == c.infer.window[2],
         "infer.tta", "flips_transpose needs a square window (height == width)")
-  for key in ("seed_mask", "seed_contour", "foreground"):
+  for key in ("seed_mask", "seed_contour", "foreground", "min_mean_mask"):
     value = c.decode[key]
     _need(0.0 <= value <= 1.0, f"decode.{key}", f"must be in [0, 1], got {value}")
   _need(c.data.contour_width >= 1, "data.contour_width", "must be >= 1")

@@ -50,6 +50,18 @@ def test_attention_levels_are_checked_only_where_blocks_are_built():
     config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize("value,ok", [(0.0, True), (0.95, True), (1.0, True), (1.5, False),
+                                      (-0.1, False)])
+def test_decode_min_mean_mask_is_a_probability(value, ok):
+  cfg = mitoem_r.get_config("baseline")
+  cfg.decode.min_mean_mask = value
+  if ok:
+    config_lib.validate(cfg)
+  else:
+    with pytest.raises(UserError, match=r"decode.min_mean_mask.*must be in \[0, 1\]"):
+      config_lib.validate(cfg)
+
+
 def test_unknown_preset_on_the_command_line_is_one_line(tmp_path):
   env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")

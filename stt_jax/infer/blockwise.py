@@ -13,8 +13,9 @@ Four restartable passes over a grid of blocks (memory: one block plus halo):
    it; the core is written (uint32, seed ids) with its id counts. Foreground
    components reaching the core and cut by the halo's outer face are counted:
    when there are none, the block equals whole-volume decoding exactly.
-4. relabel: objects under `min_size` voxels (global counts) are removed and
-   the rest renumbered 1..N into `instances.zarr`.
+4. relabel: objects under `min_size` voxels, or with a mean mask probability
+   under `min_mean_mask` (global counts and sums), are removed and the rest
+   renumbered 1..N into `instances.zarr`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class DecodeSettings:
   foreground: float = 0.85
   min_seed_size: int = 32
   min_size: int = 128
+  min_mean_mask: float = 0.0
   block: tuple[int, int, int] = (64, 512, 512)
   halo: tuple[int, int, int] = (8, 64, 64)
 
@@ -50,7 +52,8 @@ class DecodeSettings:
   def from_config(cls, d) -> "DecodeSettings":
     return cls(seed_mask=float(d.seed_mask), seed_contour=float(d.seed_contour),
                foreground=float(d.foreground), min_seed_size=int(d.min_seed_size),
-               min_size=int(d.min_size), block=tuple(int(b) for b in d.block_shape),
+               min_size=int(d.min_size), min_mean_mask=float(d.min_mean_mask),
+               block=tuple(int(b) for b in d.block_shape),
                halo=tuple(int(h) for h in d.halo))
 
 
@@ -176,8 +179,11 @@ def _watershed_pass(probabilities, seeds_vol, ws_vol, grid, shape, s, seed_map,
     cut = _cut_components(components, core, (start, stop), shape)
     labels = np.ascontiguousarray(labels[core])
     ws_vol.write(b.start, labels)
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    done.mark(b.index, ids=ids, counts=counts, cut=np.int64(cut))
+    inside = labels > 0
+    ids, inverse, counts = np.unique(labels[inside], return_inverse=True, return_counts=True)
+    mask_sums = np.bincount(inverse, weights=mask[core][inside],
+                            minlength=len(ids)).astype(np.int64)
+    done.mark(b.index, ids=ids, counts=counts, mask_sums=mask_sums, cut=np.int64(cut))
     tick()
 
 
@@ -188,7 +194,12 @@ def _relabel_pass(ws_vol, out_vol, grid, s, progress, tick) -> dict:
   counts = np.concatenate([r["counts"] for r in records])
   uniq, inverse = np.unique(ids, return_inverse=True)
   sizes = np.bincount(inverse, weights=counts).astype(np.int64)
-  kept = uniq[sizes >= max(s.min_size, 1)]
+  large = sizes >= max(s.min_size, 1)
+  keep = large
+  if s.min_mean_mask > 0:
+    sums = np.bincount(inverse, weights=np.concatenate([r["mask_sums"] for r in records]))
+    keep = large & ~postprocess.below_mean_mask(sums, sizes, s.min_mean_mask)
+  kept = uniq[keep]
   targets = np.arange(1, len(kept) + 1, dtype=np.uint32)
   done = blocks_lib.Progress(progress, "relabel")
   for b in grid:
@@ -198,7 +209,7 @@ def _relabel_pass(ws_vol, out_vol, grid, s, progress, tick) -> dict:
     out_vol.write(b.start, _remap(labels, kept, targets))
     done.mark(b.index)
     tick()
-  return {"instances": int(len(kept)),
+  return {"instances": int(len(kept)), "removed_by_mean_mask": int((large & ~keep).sum()),
           "components_cut_by_halo": int(sum(int(r["cut"]) for r in records))}
 
 
@@ -269,6 +280,10 @@ def why_no_instances(stats: dict, s: DecodeSettings) -> str:
   if not stats["seeds"]:
     return (f"0 instances: {stats['seed_voxels']} seed voxels, but no seed of "
             f"decode.min_seed_size {s.min_seed_size} voxels; lower decode.min_seed_size")
+  if stats.get("removed_by_mean_mask"):
+    return (f"0 instances: {stats['seeds']} seeds, but every object of decode.min_size "
+            f"{s.min_size} voxels has a mean mask probability below decode.min_mean_mask "
+            f"{s.min_mean_mask:.2f}; lower decode.min_mean_mask")
   return (f"0 instances: {stats['seeds']} seeds, but every object is smaller than "
           f"decode.min_size {s.min_size} voxels; lower decode.min_size")
 

@@ -67,15 +67,25 @@ def foreground_components(mask_u8: np.ndarray, markers: np.ndarray,
                                    connectivity=6)
 
 
+def below_mean_mask(mask_sums: np.ndarray, sizes: np.ndarray,
+                    min_mean_mask: float) -> np.ndarray:
+  """Which objects `decode.min_mean_mask` removes: mean mask probability
+  (sum of uint8 levels / 255 / voxels) below it. One rule for the whole-
+  volume and the blockwise decoder, from exact integer sums."""
+  return np.asarray(mask_sums, np.float64) < min_mean_mask * 255.0 * np.asarray(sizes, np.float64)
+
+
 def decode_instances(mask: np.ndarray, contour: np.ndarray, *,
                      seed_mask: float = 0.9, seed_contour: float = 0.8,
                      foreground: float = 0.85, min_seed_size: int = 8,
-                     min_size: int = 128) -> np.ndarray:
+                     min_size: int = 128, min_mean_mask: float = 0.0) -> np.ndarray:
   """Whole-volume decoding (for volumes that fit in memory; the pipeline uses
   `blockwise.decode`, which equals this up to the ids).
 
   mask, contour: probabilities [depth, height, width], float in [0, 1] or
-  uint8 (x 255). Returns uint32 ids numbered 1..N, 0 = background.
+  uint8 (x 255). Objects under `min_size` voxels, or whose mean mask
+  probability is below `min_mean_mask`, are removed. Returns uint32 ids
+  numbered 1..N, 0 = background.
   """
   mask_u8, contour_u8 = as_uint8(mask), as_uint8(contour)
   markers = cc3d.connected_components(
@@ -84,11 +94,14 @@ def decode_instances(mask: np.ndarray, contour: np.ndarray, *,
   if min_seed_size > 1:
     markers = cc3d.dust(markers, threshold=min_seed_size, connectivity=6)
   labels = flood(mask_u8, markers, foreground)
-  if min_size > 1:
+  if min_size > 1 or min_mean_mask > 0:
     ids, counts = fastremap.unique(labels, return_counts=True)
-    small = ids[(counts < min_size) & (ids > 0)]
-    if len(small):
-      labels = fastremap.mask(labels, small)
+    drop = (counts < min_size) & (ids > 0)
+    if min_mean_mask > 0:
+      sums = np.bincount(labels.ravel(), weights=mask_u8.ravel())[ids]
+      drop |= below_mean_mask(sums, counts, min_mean_mask) & (ids > 0)
+    if drop.any():
+      labels = fastremap.mask(labels, ids[drop])
   labels, _ = fastremap.renumber(labels, in_place=True)
   return labels.astype(np.uint32)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from stt_jax.errors import UserError
-from stt_jax.metrics import instance_ap, semantic, uncertainty
+from stt_jax.metrics import instance_ap, object_confidence, semantic, uncertainty
 
 ROWS = (("AP-50", "ap_50"), ("AP-75", "ap_75"), ("AP-50:95", "ap_50_95"),
         ("foreground Jaccard", "jaccard"), ("foreground Dice / F1", "dice"),
@@ -36,25 +36,29 @@ def _check_same_shape(gt_labels, instances) -> None:
 def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
            unlabelled_id: int = -1):
   """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None,
-  TileConfusion), one block at a time. Voxels labelled `unlabelled_id` are
-  left out of the voxel counts; the overlap counts keep them (AP sets them
-  aside)."""
+  TileConfusion, ObjectMaskTable rows or None), one block at a time. Voxels
+  labelled `unlabelled_id` are left out of the voxel counts; the overlap
+  counts keep them (AP sets them aside)."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   _check_same_shape(gt_labels, instances)
   overlaps = instance_ap.OverlapCounter()
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if probabilities is not None else None
+  objects = object_confidence.ObjectMaskTable() if probabilities is not None else None
   tiles = uncertainty.TileConfusion()
   for b in blocks.iterate(_shape(gt_labels)[:3], block):
     g, p = _read(gt_labels, b.start, b.stop), _read(instances, b.start, b.stop)
     overlaps.add(g, p)
-    known = slice(None) if unlabelled_id < 0 else g != unlabelled_id
-    tiles.add(g > 0, p > 0, b.start, valid=None if unlabelled_id < 0 else known)
-    g, p = g[known], p[known]
-    confusion.add(g > 0, p > 0)
+    known = None if unlabelled_id < 0 else g != unlabelled_id
+    tiles.add(g > 0, p > 0, b.start, valid=known)
+    cut = slice(None) if known is None else known
     if sweep is not None:
-      sweep.add(g > 0, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0][known])
-  return overlaps.counts(), confusion, sweep, tiles
+      mask = _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0]
+      sweep.add(g[cut] > 0, mask[cut])
+      objects.add(p, mask, g > 0, known)
+    confusion.add(g[cut] > 0, p[cut] > 0)
+  return (overlaps.counts(), confusion, sweep, tiles,
+          objects.rows() if objects is not None else None)
 
 
 def _scores(counts, confusion: semantic.ConfusionCounter,
@@ -70,6 +74,16 @@ def _scores(counts, confusion: semantic.ConfusionCounter,
   return out
 
 
+def _object_sweep(tallies, counts, confusion, min_gt_size: int) -> dict:
+  """eval.json's "object_mean_mask_sweep" (`object_confidence.sweep`) and the
+  best cut by Jaccard ("best_object_mean_mask", lowest on ties)."""
+  table = object_confidence.sweep([t[4] for t in tallies], counts, confusion,
+                                  semantic.SWEEP_THRESHOLDS, min_gt_size=min_gt_size)
+  best = max(table, key=lambda t: (table[t]["jaccard"], -float(t)))
+  return {"object_mean_mask_sweep": table, "best_object_mean_mask": float(best),
+          "best_object_mean_mask_jaccard": table[best]["jaccard"]}
+
+
 def score_volumes(gt_labels, instances, *, min_gt_size: int,
                   block: Sequence[int] = (64, 512, 512),
                   probabilities=None, unlabelled_id: int = -1) -> dict:
@@ -82,7 +96,9 @@ def score_volumes(gt_labels, instances, *, min_gt_size: int,
   0.95, 0.96 ... 0.99 (`semantic.ThresholdSweep`): "mask_threshold_sweep" and
   the best t by Jaccard. Voxelwise, before instance decoding and size
   filtering, so at t = decode.foreground it is close to, not equal to, the
-  Jaccard above.
+  Jaccard above. And "object_mean_mask_sweep": the instances' scores with
+  the objects whose mean mask probability is below each t removed (what
+  decode.min_mean_mask = t would add to this decoding; `object_confidence`).
 
   With `unlabelled_id` >= 0 (partly annotated ground truth), voxels of that
   id count in no voxel score, and a predicted instance lying mostly (over
@@ -105,7 +121,7 @@ def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if all(t[2] is not None for t in tallies) else None
   tiles = uncertainty.TileConfusion()
-  for i, (_, volume_confusion, volume_sweep, volume_tiles) in enumerate(tallies):
+  for i, (_, volume_confusion, volume_sweep, volume_tiles, _) in enumerate(tallies):
     confusion.merge(volume_confusion)
     tiles.merge(volume_tiles, key=(i,))
     if sweep is not None:
@@ -114,6 +130,8 @@ def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
             else t[0] for t in tallies]
   pooled = instance_ap.pool_counts(counts) if len(counts) > 1 else counts[0]
   out = _scores(pooled, confusion, sweep, min_gt_size)
+  if sweep is not None:
+    out.update(_object_sweep(tallies, counts, confusion, min_gt_size))
   out.update(uncertainty.jaccard_interval(tiles.matrix()))
   out.update(uncertainty.ap_intervals(pooled, min_gt_size=min_gt_size))
   if len(tallies) > 1:

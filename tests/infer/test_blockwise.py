@@ -32,23 +32,42 @@ def volume():
   return labels, probabilities_from_labels(labels)
 
 
-@pytest.mark.parametrize("block,halo", [((8, 32, 32), (8, 32, 32)), ((12, 48, 40), (8, 32, 32))])
-def test_blockwise_equals_whole_volume_decoding(tmp_path, volume, block, halo):
+@pytest.mark.parametrize("block,halo,min_mean_mask", [((8, 32, 32), (8, 32, 32), 0.0),
+                                                      ((12, 48, 40), (8, 32, 32), 0.0),
+                                                      ((12, 48, 40), (8, 32, 32), None)])
+def test_blockwise_equals_whole_volume_decoding(tmp_path, volume, block, halo, min_mean_mask):
+  """Also with decode.min_mean_mask (None: a cut between the objects' mean
+  masks that removes some of them), summed over blocks against the whole."""
   labels, probs = volume
-  settings = blockwise.DecodeSettings(min_seed_size=8, min_size=30, block=block, halo=halo)
+  if min_mean_mask is None:
+    probs = probs.copy()
+    dim = np.isin(labels, np.arange(1, labels.max() + 1, 3))  # every third object dimmer
+    probs[..., 0][dim] = (probs[..., 0][dim] * 0.96).astype(np.uint8)
+    plain = postprocess.decode_instances(probs[..., 0], probs[..., 1], min_seed_size=8,
+                                         min_size=30)
+    means = [probs[..., 0][plain == i].mean() / 255 for i in range(1, plain.max() + 1)]
+    min_mean_mask = float(np.median(means))
+  settings = blockwise.DecodeSettings(min_seed_size=8, min_size=30, block=block, halo=halo,
+                                      min_mean_mask=min_mean_mask)
   assert len(list(blocks.iterate(labels.shape, block))) >= 8
   whole = postprocess.decode_instances(
       probs[..., 0], probs[..., 1], seed_mask=settings.seed_mask,
       seed_contour=settings.seed_contour, foreground=settings.foreground,
-      min_seed_size=settings.min_seed_size, min_size=settings.min_size)
+      min_seed_size=settings.min_seed_size, min_size=settings.min_size,
+      min_mean_mask=settings.min_mean_mask)
   vol = sources.write_array(str(tmp_path / "p.zarr"), probs)
   out, stats = blockwise.decode(vol, str(tmp_path / "out"), settings)
   blockwise_labels = out.read([0, 0, 0], out.shape)
   assert stats["components_cut_by_halo"] == 0
-  assert whole.max() > 15 and stats["instances"] == whole.max()
+  assert whole.max() > 8 and stats["instances"] == whole.max()
   assert same_up_to_relabelling(whole, blockwise_labels)
   assert sorted(np.unique(blockwise_labels)) == list(range(whole.max() + 1))
-  assert average_precision(labels, blockwise_labels, min_gt_size=30)["ap_75"] > 0.9
+  if min_mean_mask:
+    assert stats["removed_by_mean_mask"] == len(means) - whole.max() > 3
+  else:
+    assert stats["removed_by_mean_mask"] == 0
+    assert whole.max() > 15
+    assert average_precision(labels, blockwise_labels, min_gt_size=30)["ap_75"] > 0.9
 
 
 def test_a_small_halo_is_reported(tmp_path, volume):
@@ -127,3 +146,8 @@ def test_an_empty_decoding_says_which_step_lost_the_objects(tmp_path, volume):
   assert stats["instances"] == 0 and stats["seeds"] > 15
   assert note.endswith(f"smaller than decode.min_size {int(np.prod(labels.shape))} voxels; "
                        "lower decode.min_size")
+
+  stats, note = run("unsure", probs, min_mean_mask=1.0)
+  assert stats["instances"] == 0 and stats["removed_by_mean_mask"] > 15
+  assert note.endswith("has a mean mask probability below decode.min_mean_mask 1.00; "
+                       "lower decode.min_mean_mask")

@@ -29,3 +29,27 @@ def test_small_objects_are_removed():
   mask[1:2, 14:16, 14:16] = 1.0  # 4 voxels
   out = decode_instances(mask, np.zeros_like(mask), min_size=10, min_seed_size=1)
   assert out.max() == 1 and out[1, 15, 15] == 0 and out[1, 4, 4] == 1
+
+
+def test_objects_of_low_mean_mask_are_removed():
+  """decode.min_mean_mask: an object whose mean mask probability (uint8
+  levels / 255, over its voxels) is below the cut goes, whatever its size;
+  the mean is checked against numpy's over the decoded object."""
+  mask = np.zeros((4, 20, 30))
+  mask[1:3, 2:8, 2:8] = 0.99     # confident
+  mask[1:3, 2:8, 12:18] = 0.95   # its seed core, in a dimmer rim
+  mask[1:3, 3:7, 13:17] = 0.97
+  mask[1:3, 12:18, 22:28] = 0.93
+  contour = np.zeros_like(mask)
+  kept_all = decode_instances(mask, contour, min_size=10, min_seed_size=1, seed_mask=0.92)
+  assert kept_all.max() == 3
+  u8 = np.round(mask * 255)
+  means = {i: u8[kept_all == i].mean() / 255 for i in (1, 2, 3)}
+  cut = (sorted(means.values())[0] + sorted(means.values())[1]) / 2  # between the lowest two
+  out = decode_instances(mask, contour, min_size=10, min_seed_size=1, seed_mask=0.92,
+                         min_mean_mask=cut)
+  kept = {i for i, m in means.items() if m >= cut}
+  assert out.max() == len(kept) == 2
+  assert np.array_equal(out > 0, np.isin(kept_all, list(kept)))
+  assert decode_instances(mask, contour, min_size=10, min_seed_size=1, seed_mask=0.92,
+                          min_mean_mask=1.0).max() == 0

@@ -78,6 +78,25 @@ def test_a_volume_set_scores_as_its_volumes_side_by_side(seed):
     hit = at(float(t))
     sweep_j = np.sum(hit & (gt > 0)) / np.sum(hit | (gt > 0))
     assert result["mask_threshold_sweep"][t]["jaccard"] == pytest.approx(sweep_j, abs=1e-12)
+  # the object sweep: objects of mean mask level < t * 255 removed, in numpy
+  ids = np.unique(pred[pred > 0])
+  means = np.array([prob[pred == i].mean() for i in ids]) / 255
+  cuts = [f"{t:.2f}" for t in (0.3, 0.35, 0.5, 0.55, 0.6, 0.65)]
+  assert len({int((means < float(t)).sum()) for t in cuts}) >= 3  # the cuts differ
+  for t in cuts:
+    kept = np.where(np.isin(pred, ids[means < float(t)]), 0, pred)
+    row = result["object_mean_mask_sweep"][t]
+    inter, union = np.sum((gt > 0) & (kept > 0)), np.sum((gt > 0) | (kept > 0))
+    assert row["jaccard"] == pytest.approx(inter / union, abs=1e-12), t
+    assert row["num_pred"] == len(np.unique(kept)) - 1
+    for iou in (0.5, 0.75):
+      assert row[f"ap_{int(iou * 100)}"] == pytest.approx(
+          _brute_force_ap(gt, kept, iou, min_gt), abs=1e-12)
+  best = result["best_object_mean_mask"]
+  assert result["best_object_mean_mask_jaccard"] == max(
+      r["jaccard"] for r in result["object_mean_mask_sweep"].values())
+  assert result["object_mean_mask_sweep"][f"{best:.2f}"]["jaccard"] == result[
+      "best_object_mean_mask_jaccard"]
   assert len(result["per_volume"]) == 3
   for alone, (g, p, _) in zip(result["per_volume"], volumes):
     for t in (0.5, 0.75):
@@ -126,3 +145,15 @@ def test_unlabelled_voxels_are_scored_around(seed):
   hit = probabilities[..., 0] > np.floor(0.5 * 255)
   sweep_j = np.sum(hit & (gt > 0) & known) / np.sum((hit | (gt > 0)) & known)
   assert result["mask_threshold_sweep"]["0.50"]["jaccard"] == pytest.approx(sweep_j)
+  # the object sweep: the mean over all of an object's voxels, the scores around
+  mask = probabilities[..., 0].astype(float)
+  for t in ("0.40", "0.55"):
+    low = [i for i in np.unique(pred[pred > 0]) if mask[pred == i].mean() < float(t) * 255]
+    assert low
+    confident = np.where(np.isin(pred, low), 0, pred)
+    inter = np.sum((gt > 0) & (confident > 0) & known)
+    union = np.sum(((gt > 0) | (confident > 0)) & known)
+    row = result["object_mean_mask_sweep"][t]
+    assert row["jaccard"] == pytest.approx(inter / union, abs=1e-12)
+    both = np.where(np.isin(kept, low), 0, kept)
+    assert row["ap_75"] == pytest.approx(_brute_force_ap(truth, both, 0.75), abs=1e-12)

@@ -101,7 +101,7 @@ def test_report_tiles_pool_to_the_voxel_counts_and_compare_pairs_them():
   low, high = scores["jaccard_ci95"]
   assert low <= scores["jaccard"] <= high
   known = gt != 9
-  _, confusion, _, tiles = report._tally(gt, a, (7, 128, 96), unlabelled_id=9)  # pylint: disable=protected-access
+  _, confusion, _, tiles, _ = report._tally(gt, a, (7, 128, 96), unlabelled_id=9)  # pylint: disable=protected-access
   assert list(tiles.matrix().sum(0)) == [confusion.tp, confusion.fp, confusion.fn]
   result = report.compare(gt, a, np.zeros_like(a), block=(7, 128, 96), unlabelled_id=9)
   tp = np.sum((gt > 0) & (gt != 9) & (a > 0) & known)
