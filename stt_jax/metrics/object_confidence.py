@@ -19,6 +19,12 @@ from stt_jax.infer import postprocess
 from stt_jax.metrics import instance_ap, semantic
 
 
+# Decoded objects hold voxels above decode.foreground (0.85 by default), so
+# their means crowd near the top: 0.01 apart from 0.81.
+SWEEP_THRESHOLDS = (tuple(round(0.05 * i, 2) for i in range(1, 17))
+                    + tuple(round(0.01 * i, 2) for i in range(81, 100)))
+
+
 class ObjectMaskTable:
   """Per predicted id: voxels, sum of uint8 mask levels (all its voxels, as
   the decoder sums them), and among voxels with known ground truth: count

@@ -78,7 +78,7 @@ def _object_sweep(tallies, counts, confusion, min_gt_size: int) -> dict:
   """eval.json's "object_mean_mask_sweep" (`object_confidence.sweep`) and the
   best cut by Jaccard ("best_object_mean_mask", lowest on ties)."""
   table = object_confidence.sweep([t[4] for t in tallies], counts, confusion,
-                                  semantic.SWEEP_THRESHOLDS, min_gt_size=min_gt_size)
+                                  object_confidence.SWEEP_THRESHOLDS, min_gt_size=min_gt_size)
   best = max(table, key=lambda t: (table[t]["jaccard"], -float(t)))
   return {"object_mean_mask_sweep": table, "best_object_mean_mask": float(best),
           "best_object_mean_mask_jaccard": table[best]["jaccard"]}
