@@ -33,12 +33,26 @@ def _check_same_shape(gt_labels, instances) -> None:
                     f"{_shape(instances)} differ in shape")
 
 
+def _whole_objects(instances, probabilities, block: Sequence[int]) -> dict:
+  """`ObjectMaskTable.rows()` sizes and mask sums over a whole volume."""
+  from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
+  table = object_confidence.ObjectMaskTable()
+  for b in blocks.iterate(_shape(instances)[:3], block):
+    p = _read(instances, b.start, b.stop)
+    table.add(p, _read(probabilities, (*b.start, 0), (*b.stop, 1))[..., 0],
+              np.zeros(p.shape, bool))
+  return table.rows()
+
+
 def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
-           unlabelled_id: int = -1):
+           unlabelled_id: int = -1, whole=None):
   """One volume's (overlap counts, ConfusionCounter, ThresholdSweep or None,
   TileConfusion, ObjectMaskTable rows or None), one block at a time. Voxels
   labelled `unlabelled_id` are left out of the voxel counts; the overlap
-  counts keep them (AP sets them aside)."""
+  counts keep them (AP sets them aside). `whole`: (instances,
+  probabilities) of the volume that `instances` is a region of (validation
+  with data.val.context), whose objects' means the decoder saw: the rows'
+  sizes and mask sums are taken from it."""
   from stt_jax.infer import blocks  # pylint: disable=g-import-not-at-top
   _check_same_shape(gt_labels, instances)
   overlaps = instance_ap.OverlapCounter()
@@ -57,8 +71,12 @@ def _tally(gt_labels, instances, block: Sequence[int], probabilities=None,
       sweep.add(g[cut] > 0, mask[cut])
       objects.add(p, mask, g > 0, known)
     confusion.add(g[cut] > 0, p[cut] > 0)
-  return (overlaps.counts(), confusion, sweep, tiles,
-          objects.rows() if objects is not None else None)
+  rows = objects.rows() if objects is not None else None
+  if rows is not None and whole is not None:
+    everywhere = _whole_objects(*whole, block)
+    at = np.searchsorted(everywhere["ids"], rows["ids"])
+    rows["sizes"], rows["mask_sums"] = everywhere["sizes"][at], everywhere["mask_sums"][at]
+  return overlaps.counts(), confusion, sweep, tiles, rows
 
 
 def _scores(counts, confusion: semantic.ConfusionCounter,
@@ -112,12 +130,14 @@ def score_volumes(gt_labels, instances, *, min_gt_size: int,
 def score_volume_set(volumes: Sequence[tuple], *, min_gt_size: int,
                      block: Sequence[int] = (64, 512, 512),
                      unlabelled_id: int = -1) -> dict:
-  """`score_volumes` of several (gt_labels, instances, probabilities or None)
+  """`score_volumes` of several (gt_labels, instances, probabilities or None
+  [, (whole instances, whole probabilities) of which these are a region])
   scored as one set: AP ranks the instances of all volumes together (as if
   the volumes lay side by side), Jaccard and the sweep pool their voxels.
   With more than one volume, "per_volume" holds each one's own scores (no
   sweep); the sweep needs probabilities for every volume."""
-  tallies = [_tally(g, i, block, p, unlabelled_id) for g, i, p in volumes]
+  tallies = [_tally(v[0], v[1], block, v[2], unlabelled_id, v[3] if len(v) > 3 else None)
+             for v in volumes]
   confusion = semantic.ConfusionCounter()
   sweep = semantic.ThresholdSweep() if all(t[2] is not None for t in tallies) else None
   tiles = uncertainty.TileConfusion()

@@ -164,11 +164,12 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
     # with data.val.context the output also covers the context: score the region
     with_context = image.shape[:3] != labels.shape[:3]
     stop = [o + n for o, n in zip(offset, labels.shape[:3])]
-    instances, probabilities = (
-        sources.RegionVolume(sources.open_volume(path), offset, stop) if with_context
-        else sources.open_volume(path)
-        for path in (summary["instances_path"], summary["probabilities_path"]))
-    scored.append((labels, instances, probabilities))
+    whole = tuple(sources.open_volume(path)
+                  for path in (summary["instances_path"], summary["probabilities_path"]))
+    if with_context:  # objects' mean masks over the whole output, as decoded
+      scored.append((labels, *(sources.RegionVolume(v, offset, stop) for v in whole), whole))
+    else:
+      scored.append((labels, *whole))
     path = image.path + (f", scored on [{list(offset)}:{stop}] of it (data.val.context)"
                          if with_context else "")
     described.append(dict(volume=path, volume_shape=list(labels.shape[:3]), output=out_dir,

@@ -157,3 +157,31 @@ def test_unlabelled_voxels_are_scored_around(seed):
     assert row["jaccard"] == pytest.approx(inter / union, abs=1e-12)
     both = np.where(np.isin(kept, low), 0, kept)
     assert row["ap_75"] == pytest.approx(_brute_force_ap(truth, both, 0.75), abs=1e-12)
+
+
+def test_object_sweep_of_a_region_takes_each_object_whole():
+  """Validation with context scores a region of the decoded output; the
+  decoder's cut saw each object whole, so the sweep's means come from the
+  whole volume while its voxel scores stay in the region (numpy)."""
+  rng = np.random.default_rng(3)
+  gt, pred, probabilities = _random_pair(rng, (8, 24, 24), 10)
+  pred[:4] = pred[4]                 # objects reach into the context half,
+  mask = probabilities[..., 0].astype(float)
+  mask[:4] = np.where(pred[:4] > 0, 250, mask[:4])  # sure of themselves there
+  probabilities = mask.astype(np.uint8)[..., None]
+  region = (slice(4, 8),)
+  scored = [(gt[region], pred[region], probabilities[region], (pred, probabilities))]
+  result = report.score_volume_set(scored, min_gt_size=0, block=(3, 16, 16))
+  crop_only = report.score_volume_set([scored[0][:3]], min_gt_size=0, block=(3, 16, 16))
+  ids = np.unique(pred[4:][pred[4:] > 0])
+  whole_means = np.array([mask[pred == i].mean() for i in ids]) / 255
+  crop_means = np.array([mask[4:][pred[4:] == i].mean() for i in ids]) / 255
+  t = "0.60"
+  assert (whole_means < 0.6).sum() != (crop_means < 0.6).sum()  # the two differ here
+  g, p = gt[4:], pred[4:]
+  for means, scores in ((whole_means, result), (crop_means, crop_only)):
+    kept = np.where(np.isin(p, ids[means < 0.6]), 0, p)
+    inter, union = np.sum((g > 0) & (kept > 0)), np.sum((g > 0) | (kept > 0))
+    assert scores["object_mean_mask_sweep"][t]["jaccard"] == pytest.approx(inter / union)
+    assert scores["object_mean_mask_sweep"][t]["num_pred"] == len(np.unique(kept)) - 1
+  assert result["jaccard"] == crop_only["jaccard"]
