@@ -472,12 +472,7 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
         + (f", {at['jaccard']:.4f} at decode.foreground = {cfg.decode.foreground:.2f}"
            if at else "") + " (eval.json: mask_threshold_sweep)")
   if "object_mean_mask_sweep" in scores:
-    best = scores["best_object_mean_mask"]
-    row = scores["object_mean_mask_sweep"][f"{best:.2f}"]
-    print(f"objects of mean mask probability < s removed: best Jaccard "
-          f"{row['jaccard']:.4f} at s = {best:.2f} ({row['num_pred']} instances, AP-75 "
-          f"{row['ap_75']:.4f}); decode.min_mean_mask is {cfg.decode.min_mean_mask:.2f} "
-          "(eval.json: object_mean_mask_sweep)")
+    print(report.format_object_sweep(scores, cfg.decode.min_mean_mask))
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(dict(scores, weights=weights), f, indent=2)
 

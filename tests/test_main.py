@@ -271,6 +271,8 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   sweep = scores["mask_threshold_sweep"]
   assert len(sweep) == 23 and list(sweep)[-5:] == ["0.95", "0.96", "0.97", "0.98", "0.99"]
   assert "voxel Jaccard of mask > t" in proc.stdout
+  assert "objects of mean mask probability < s removed: " in proc.stdout
+  assert "object_mean_mask_sweep" in scores and "best_object_mean_mask" in scores
   assert scores["best_mask_threshold_jaccard"] == max(v["jaccard"] for v in sweep.values())
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
 

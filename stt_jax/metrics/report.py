@@ -102,6 +102,21 @@ def _object_sweep(tallies, counts, confusion, min_gt_size: int) -> dict:
           "best_object_mean_mask_jaccard": table[best]["jaccard"]}
 
 
+def format_object_sweep(scores: dict, min_mean_mask: float) -> str:
+  """One line: the best cut of the object sweep, or that none raises the
+  Jaccard above the decoding's own (made with `min_mean_mask`)."""
+  best = scores["best_object_mean_mask"]
+  row = scores["object_mean_mask_sweep"][f"{best:.2f}"]
+  if row["jaccard"] > scores["jaccard"]:
+    found = (f"best Jaccard {row['jaccard']:.4f} at s = {best:.2f} ({row['num_pred']} "
+             f"instances, AP-75 {row['ap_75']:.4f}); decode.min_mean_mask is "
+             f"{min_mean_mask:.2f}")
+  else:
+    found = f"no cut above decode.min_mean_mask {min_mean_mask:.2f} raises the Jaccard"
+  return (f"objects of mean mask probability < s removed: {found} "
+          "(eval.json: object_mean_mask_sweep)")
+
+
 def score_volumes(gt_labels, instances, *, min_gt_size: int,
                   block: Sequence[int] = (64, 512, 512),
                   probabilities=None, unlabelled_id: int = -1) -> dict:

@@ -97,6 +97,16 @@ def test_a_volume_set_scores_as_its_volumes_side_by_side(seed):
       r["jaccard"] for r in result["object_mean_mask_sweep"].values())
   assert result["object_mean_mask_sweep"][f"{best:.2f}"]["jaccard"] == result[
       "best_object_mean_mask_jaccard"]
+  row = result["object_mean_mask_sweep"][f"{best:.2f}"]
+  assert row["jaccard"] > result["jaccard"]  # this draw's spurious boxes are unsure
+  assert report.format_object_sweep(result, 0.0) == (
+      f"objects of mean mask probability < s removed: best Jaccard {row['jaccard']:.4f} at "
+      f"s = {best:.2f} ({row['num_pred']} instances, AP-75 {row['ap_75']:.4f}); "
+      "decode.min_mean_mask is 0.00 (eval.json: object_mean_mask_sweep)")
+  cut = dict(result, jaccard=row["jaccard"])  # as decoded with that cut
+  assert report.format_object_sweep(cut, best).endswith(
+      f"no cut above decode.min_mean_mask {best:.2f} raises the Jaccard "
+      "(eval.json: object_mean_mask_sweep)")
   assert len(result["per_volume"]) == 3
   for alone, (g, p, _) in zip(result["per_volume"], volumes):
     for t in (0.5, 0.75):
