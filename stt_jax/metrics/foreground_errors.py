@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from stt_jax.metrics import semantic
+
 DISTANCE_EDGES = (2, 4, 8, 16)   # pixels: bins [0, 2), [2, 4), [4, 8), [8, 16), [16, inf)
 
 
@@ -78,16 +80,15 @@ def error_breakdown(gt_foreground: np.ndarray, pred_foreground: np.ndarray, *,
   fp, fn = int(np.count_nonzero(fp_mask)), int(np.count_nonzero(fn_mask))
   fp_distance = _in_plane_distance(gt)[fp_mask]
   fn_distance = _in_plane_distance(pred)[fn_mask]
-  union = tp + fp + fn
+  jaccard = lambda false_positives: semantic.overlap_scores(tp, false_positives, fn)["jaccard"]
   return {
-      "tp": tp, "fp": fp, "fn": fn, "jaccard": tp / union if union else 1.0,
+      "tp": tp, "fp": fp, "fn": fn, "jaccard": jaccard(fp),
       "fp_by_distance": _histogram(fp_distance, edges),
       "fn_by_distance": _histogram(fn_distance, edges),
       "fp_in_false_objects": _share_in_unmatched_objects(fp_mask, pred, gt, object_overlap),
       "fn_in_missed_objects": _share_in_unmatched_objects(fn_mask, gt, pred, object_overlap),
       "jaccard_without_fp_within": {
-          str(e): tp / (tp + fp - int(np.count_nonzero(fp_distance < e)) + fn) if union else 1.0
-          for e in edges},
+          str(e): jaccard(fp - int(np.count_nonzero(fp_distance < e))) for e in edges},
   }
 
 

@@ -91,7 +91,7 @@ def sweep(tables: Sequence[dict[str, np.ndarray]], counts: Sequence, confusion,
       kept_counts.append(_drop_predictions(volume_counts, table["ids"][drop]))
     pooled = instance_ap.pool_counts(kept_counts) if len(kept_counts) > 1 else kept_counts[0]
     ap = instance_ap.ap_from_counts(pooled, min_gt_size=min_gt_size, thresholds=(0.5, 0.75))
-    out[f"{float(t):.2f}"] = {**semantic._overlap_scores(tp, fp, fn),  # pylint: disable=protected-access
+    out[f"{float(t):.2f}"] = {**semantic.overlap_scores(tp, fp, fn),
                               "ap_50": ap["ap_50"], "ap_75": ap["ap_75"],
                               "num_pred": ap["num_pred"]}
   return out

@@ -18,7 +18,7 @@ import numpy as np
 from stt_jax.infer.quantize import level
 
 
-def _overlap_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+def overlap_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
   """Jaccard, Dice, precision and recall of voxel counts (1 when empty)."""
   union = tp + fp + fn
   jaccard = tp / union if union else 1.0
@@ -54,7 +54,7 @@ class ConfusionCounter:
     tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
     margins = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
     mcc = (tp * tn - fp * fn) / math.sqrt(margins) if margins else 0.0
-    overlap = _overlap_scores(tp, fp, fn)
+    overlap = overlap_scores(tp, fp, fn)
     return {**overlap, "f1": overlap["dice"], "mcc": mcc}
 
 
@@ -105,7 +105,7 @@ class ThresholdSweep:
     for t in thresholds:
       k = level(t)
       tp = int(above_fg[k])
-      out[f"{float(t):.2f}"] = _overlap_scores(tp, int(above_bg[k]), n_gt - tp)
+      out[f"{float(t):.2f}"] = overlap_scores(tp, int(above_bg[k]), n_gt - tp)
     return out
 
 
