@@ -128,14 +128,14 @@ class TensorStoreVolume(Volume):
   def voxel_size_nm(self):
     if self._voxel_size:
       return self._voxel_size
-    size = _zarr_attributes(self.path).get("voxel_size_nm")
+    size = zarr_attributes(self.path).get("voxel_size_nm")
     return tuple(float(v) for v in size) if size else None
 
   @property
   def translation_nm(self):
     if self._translation is not None:
       return self._translation
-    offset = _zarr_attributes(self.path).get("translation_nm")
+    offset = zarr_attributes(self.path).get("translation_nm")
     return tuple(float(v) for v in offset) if offset else None
 
   def read_async(self, start: Sequence[int], size: Sequence[int]) -> ts.Future:
@@ -414,7 +414,7 @@ def file_and_box(volume: Volume) -> tuple[str, list | None]:
   return os.path.abspath(volume.path), None
 
 
-def _zarr_attributes(path: str) -> dict:
+def zarr_attributes(path: str) -> dict:
   meta = os.path.join(path, "zarr.json")
   if os.path.exists(meta):
     with open(meta) as f:
@@ -605,16 +605,17 @@ def create_volume(path: str, shape: Sequence[int], dtype, *,
                   chunks: Sequence[int] | None = None,
                   voxel_size_nm: Sequence[float] | None = None,
                   translation_nm: Sequence[float] | None = None,
+                  attributes: dict | None = None,
                   overwrite: bool = False) -> TensorStoreVolume:
   """Creates a zarr v3 array. Refuses to replace an existing path unless
   asked. `translation_nm` (z, y, x: where voxel 0 lies) is kept as an
-  attribute where it is not the origin."""
+  attribute where it is not the origin; `attributes` are kept beside."""
   path = paths.clear_for_output(path, overwrite)
   shape = [int(s) for s in shape]
   if chunks is None:
     chunks = [min(s, c) for s, c in zip(shape, (16, 128, 128, 4, 4))]
   names = ["z", "y", "x", "c"][:len(shape)]
-  attributes = {}
+  attributes = dict(attributes or {})
   if voxel_size_nm is not None:
     attributes["voxel_size_nm"] = [float(v) for v in voxel_size_nm]
   if translation_nm is not None and any(float(v) != 0 for v in translation_nm):
