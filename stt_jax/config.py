@@ -58,6 +58,13 @@ def default_config() -> ml_collections.ConfigDict:
   # faster on VNC III); docs/architecture.md "Normalisation"
   c.model.norm = "none"
   c.model.norm_groups = 4              # groups of "group"; must divide every width
+  # (z, y, x) binning of the image the model reads: (1, 2, 2) trains on 2x2
+  # means (labels: each box's most frequent id) and predicts on them, its
+  # probabilities brought back to the input's voxels (linear) before
+  # decoding: outputs, scores and decode.* stay at the input's resolution,
+  # data.patch_shape and infer.* count binned voxels. For 4-5 nm data (VNC
+  # III, Lucchi) with a network sized for 8 nm; README "Binned input"
+  c.model.input_scale = (1, 1, 1)
   # STT-UNET parts (paper Tables 3-5); design "none" is the baseline.
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.design = "none"    # none | split | spatial_then_temporal | temporal_then_spatial
@@ -265,6 +272,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _need(m.norm_groups > 0 and all(int(w) % m.norm_groups == 0 for w in m.widths),
           "model.norm_groups", f"{m.norm_groups} must divide every width of "
           f"model.widths {tuple(m.widths)}")
+  _need(len(m.input_scale) == 3 and all(int(f) == f and int(f) >= 1 for f in m.input_scale),
+        "model.input_scale", f"needs 3 whole factors >= 1 (z, y, x), got {tuple(m.input_scale)}")
   from stt_jax.models import attention  # pylint: disable=g-import-not-at-top
   a = m.attention
   _need(a.design in attention.DESIGNS, "model.attention.design",

@@ -543,8 +543,11 @@ def _print_decode_notes(stats: dict) -> None:
 
 
 def _decode(cfg) -> None:
+  from stt_jax.data import rescaled  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import blocks, pipeline  # pylint: disable=g-import-not-at-top
-  probabilities = _open_volume("input", _require(_INPUT.value, "input", "decode"))
+  # a binned model's probabilities decode at the voxels of the image it read
+  probabilities = rescaled.full_resolution(
+      _open_volume("input", _require(_INPUT.value, "input", "decode")))
   if len(probabilities.shape) != 4 or probabilities.shape[3] < 2 or \
       probabilities.dtype != np.uint8:
     raise _UsageError(f"--input {probabilities.path} must be uint8 probabilities "

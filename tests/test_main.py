@@ -420,3 +420,35 @@ def test_a_decoding_without_instances_says_why(tmp_path):
   manifest = json.load(open(tmp_path / "out" / "segment.json"))
   assert manifest["max_mask_probability"] == pytest.approx(probs[..., 0].max() / 255,
                                                            abs=1e-4)
+
+
+def test_decode_of_a_binned_models_probabilities_is_at_the_images_voxels(tmp_path):
+  """A model.input_scale run writes coarse probabilities that say which voxels
+  they were predicted for; --mode=decode decodes them there, as segment did."""
+  from stt_jax.data import rescaled  # pylint: disable=g-import-not-at-top
+  from stt_jax.infer import blockwise  # pylint: disable=g-import-not-at-top
+  z, y, x = np.mgrid[:8, :16, :16]
+  blob = np.exp(-((y - 7.5) ** 2 + (x - 5.5) ** 2) / 12.0 - (z - 3.5) ** 2 / 20.0)
+  probs = np.stack([255 * blob, 40 * np.ones_like(blob)], -1).astype(np.uint8)
+  source = sources.create_volume(
+      str(tmp_path / "p.zarr"), probs.shape, np.uint8, voxel_size_nm=(30, 16, 16),
+      attributes=rescaled.full_resolution_attributes((8, 32, 31), (1, 2, 2), (0, 0, 0),
+                                                     (30, 8, 8)))
+  source.write([0, 0, 0, 0], probs)
+  overrides = ["--config.decode.block_shape=(4,16,16)", "--config.decode.halo=(2,4,4)",
+               "--config.decode.seed_mask=0.8", "--config.decode.foreground=0.5",
+               "--config.decode.min_size=4"]
+  _main("--mode=decode", f"--input={source.path}", f"--output={tmp_path / 'out'}", *overrides)
+  out = sources.open_volume(str(tmp_path / "out" / "instances.zarr"))
+  assert out.shape == (8, 32, 31) and out.voxel_size_nm == (30.0, 8.0, 8.0)
+  fine = rescaled.full_resolution(sources.open_volume(source.path))
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import demo  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  decode = demo.get_config().decode
+  decode.update(block_shape=(4, 16, 16), halo=(2, 4, 4), seed_mask=0.8, foreground=0.5,
+                min_size=4)
+  settings = blockwise.DecodeSettings.from_config(decode)
+  expected, _ = blockwise.decode(fine, str(tmp_path / "expected"), settings)
+  got = out.read([0, 0, 0], out.shape)
+  np.testing.assert_array_equal(got, expected.read([0, 0, 0], expected.shape))
+  assert got.max() == 1

@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 
 from stt_jax import memory_use
-from stt_jax.data import sources
+from stt_jax.data import rescaled, sources
 from stt_jax.infer import blocks as blocks_lib
 from stt_jax.infer import blockwise, preview, sliding_window
 from stt_jax.metrics import morphology
@@ -41,7 +41,9 @@ def _settings(cfg, image: sources.Volume, params, region_context: bool) -> dict:
   return {"input": path, "input_region": region, "input_shape": list(image.shape),
           **({"region_context": region_context} if region else {}),
           "weights": weights_fingerprint(params), "infer": cfg.infer.to_dict(),
-          "decode": cfg.decode.to_dict()}
+          "decode": cfg.decode.to_dict(),
+          **({} if rescaled.is_identity(cfg.model.input_scale) else
+             {"input_scale": [int(f) for f in cfg.model.input_scale]})}
 
 
 def _whole_volume(image: sources.Volume, region_context: bool
@@ -53,9 +55,29 @@ def _whole_volume(image: sources.Volume, region_context: bool
   return image, [0, 0, 0]
 
 
+def model_input(image: sources.Volume, factors, region_context: bool
+                ) -> tuple[sources.Volume, tuple[int, int, int]]:
+  """(what the model reads of `image` at `model.input_scale` = `factors`, and
+  where `image`'s voxel 0 lies inside that one's voxel 0, in `image` voxels).
+  With `region_context` a `RegionVolume` box becomes the binned box of its
+  binned whole volume (the windows still read the image around it), grown
+  outward to whole bins and one more where the volume goes on, so that its
+  interpolation at the box's faces is the whole volume's."""
+  if rescaled.is_identity(factors):
+    return image, (0, 0, 0)
+  if region_context and isinstance(image, sources.RegionVolume):
+    whole = rescaled.BinnedVolume(image.base, factors, "mean")
+    start = [max(s // f - (f > 1), 0) for s, f in zip(image.start, factors)]
+    stop = [min(-(-s // f) + (f > 1), n) for s, f, n in zip(image.stop, factors, whole.shape)]
+    origin = tuple(s - c * f for s, c, f in zip(image.start, start, factors))
+    return sources.RegionVolume(whole, start, stop), origin
+  return rescaled.BinnedVolume(image, factors, "mean"), (0, 0, 0)
+
+
 def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, *,
             voxel_size_nm, quiet: bool = True, region_context: bool = False,
-            part: tuple[int, int] = (0, 1)) -> tuple[sources.Volume, dict]:
+            part: tuple[int, int] = (0, 1), translation_nm=None,
+            attributes: dict | None = None) -> tuple[sources.Volume, dict]:
   """Blended probabilities of `image` into <out_dir>/probabilities.zarr
   (uint8), skipping blocks a previous run finished. Returns the volume and
   the plan: blocks, windows computed / the grid's, accumulator bytes.
@@ -67,7 +89,10 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   (validation's data.val.context sets its own margin that way).
 
   `part` (i, n): only rows of blocks (along x) i, i + n, ... are predicted,
-  so n processes sharing `out_dir` split the work (`segment`)."""
+  so n processes sharing `out_dir` split the work (`segment`).
+
+  `translation_nm` (default: `image`'s place in its file's world) and
+  `attributes` go into the zarr's attributes."""
   i = cfg.infer
   block = tuple(int(b) for b in i.block_shape)
   source, origin = _whole_volume(image, region_context)
@@ -83,8 +108,9 @@ def predict(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
     else:
       out = sources.create_volume(
           path, shape, np.uint8, chunks=(*blocks_lib.chunk_shape(block), predictor.channels),
-          voxel_size_nm=voxel_size_nm,
-          translation_nm=sources.world_translation_nm(image, voxel_size_nm))
+          voxel_size_nm=voxel_size_nm, attributes=attributes,
+          translation_nm=(sources.world_translation_nm(image, voxel_size_nm)
+                          if translation_nm is None else translation_nm))
   done = blocks_lib.Progress(out_dir, "predict")
   every = predictor.blocks()
   # whole rows per part: a block along x carries its neighbour's sums
@@ -160,10 +186,22 @@ def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   else:
     resumed = blocks_lib.open_output(out_dir, settings, overwrite)
   voxel_size = image.voxel_size_nm or tuple(cfg.data.voxel_size_nm)
+  factors = tuple(int(f) for f in cfg.model.input_scale)
+  seen, origin = model_input(image, factors, region_context)
+  same_voxels = rescaled.is_identity(factors)
   t0 = time.perf_counter()
-  probabilities, plan = predict(cfg, predict_fn, params, image, mesh, out_dir,
-                                voxel_size_nm=voxel_size, quiet=quiet,
-                                region_context=region_context, part=part)
+  probabilities, plan = predict(
+      cfg, predict_fn, params, seen, mesh, out_dir, quiet=quiet,
+      voxel_size_nm=tuple(v * f for v, f in zip(voxel_size, factors)),
+      region_context=region_context, part=part,
+      **({} if same_voxels else dict(
+          # the coarse voxel 0 starts `origin` voxels before the image's
+          translation_nm=tuple(t - o * v for t, o, v in zip(
+              sources.world_translation_nm(image, voxel_size), origin, voxel_size)),
+          attributes=rescaled.full_resolution_attributes(image.shape, factors, origin,
+                                                         voxel_size))))
+  # decoded at the image's voxels whatever the model read
+  probabilities = rescaled.full_resolution(probabilities)
   t1 = time.perf_counter()
   times = {"resumed": resumed, "predict_plan": plan, "predict_seconds": t1 - t0}
   if part[1] == 1:

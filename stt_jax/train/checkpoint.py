@@ -32,7 +32,8 @@ EXECUTION_KEYS = ("model.compute_dtype", "model.conv_impl", "model.attention.imp
 _ADDED_LATER = {"model.outputs": ["mask", "contour"], "model.norm": "none",
                 "model.norm_groups": 4, "model.attention.chunks": 1,
                 "model.attention.temporal_implementation": "auto",  # session 35
-                "model.attention.deform_gradient": "scatter"}        # session 36
+                "model.attention.deform_gradient": "scatter",        # session 36
+                "model.input_scale": [1, 1, 1]}                      # session 42
 
 
 def _with_keys_added_later(model: dict) -> dict:

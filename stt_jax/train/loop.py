@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from stt_jax import errors, memory_use
-from stt_jax.data import datasets, sources
+from stt_jax.data import datasets, rescaled, sources
 from stt_jax.data.sampler import PatchSampler
 from stt_jax.errors import UserError
 from stt_jax.models import unet
@@ -164,8 +164,8 @@ def validate(cfg, workdir: str, predict_fn, params, mesh) -> tuple[dict, str, st
     # with data.val.context the output also covers the context: score the region
     with_context = image.shape[:3] != labels.shape[:3]
     stop = [o + n for o, n in zip(offset, labels.shape[:3])]
-    whole = tuple(sources.open_volume(path)
-                  for path in (summary["instances_path"], summary["probabilities_path"]))
+    whole = (sources.open_volume(summary["instances_path"]),  # probabilities at its voxels
+             rescaled.full_resolution(sources.open_volume(summary["probabilities_path"])))
     if with_context:  # objects' mean masks over the whole output, as decoded
       scored.append((labels, *(sources.RegionVolume(v, offset, stop) for v in whole), whole))
     else:
@@ -210,14 +210,18 @@ def train(cfg, workdir: str, *, resume: bool = False, overwrite: bool = False,
 
 def _sampler(cfg) -> PatchSampler:
   """The training split's patch sampler (checks the data as it opens it)."""
-  image, labels = datasets.open_split(cfg, "train")
-  return PatchSampler(image, labels, more_volumes=datasets.open_more_volumes(cfg, "train"),
+  factors = tuple(cfg.model.input_scale)
+  pairs = [rescaled.binned_pair(image, labels, factors) for image, labels in
+           [datasets.open_split(cfg, "train"), *datasets.open_more_volumes(cfg, "train")]]
+  (image, labels), more = pairs[0], pairs[1:]
+  return PatchSampler(image, labels, more_volumes=more,
                       patch_shape=cfg.data.patch_shape,
                       batch_size=cfg.train.batch_size, seed=cfg.seed,
                       augment_config=cfg.data.augment,
                       contour_width=cfg.data.contour_width,
-                      distance_voxel_size=(cfg.data.voxel_size_nm
-                                           if "distance" in cfg.model.outputs else None),
+                      distance_voxel_size=(
+                          tuple(s * f for s, f in zip(cfg.data.voxel_size_nm, factors))
+                          if "distance" in cfg.model.outputs else None),
                       foreground_bias=cfg.data.foreground_bias,
                       unlabelled_id=cfg.data.unlabelled_id,
                       process_index=jax.process_index(),

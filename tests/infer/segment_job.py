@@ -44,8 +44,10 @@ def tiny_config(bench: bool = False):
 
 
 def run(image_path: str, out: str, overwrite: bool = False, quiet: bool = True,
-        bench: bool = False, region=None, region_context: bool = False, part=(0, 1)):
+        bench: bool = False, region=None, region_context: bool = False, part=(0, 1),
+        input_scale=(1, 1, 1)):
   cfg = tiny_config(bench)
+  cfg.model.input_scale = tuple(input_scale)
   model = unet.from_config(cfg.model)
   params = state.init_params(model, cfg.infer.window, seed=0)
   mesh = step.make_mesh()

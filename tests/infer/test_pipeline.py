@@ -209,3 +209,66 @@ def test_a_killed_run_rerun_equals_an_uninterrupted_one(tmp_path, image_path, re
   for name in ("probabilities.zarr", "instances.zarr"):
     np.testing.assert_array_equal(_read(os.path.join(out, name))[0],
                                   _read(os.path.join(ref_out, name))[0])
+
+
+def _upsampled_reference(coarse: np.ndarray, shape, origin=(0, 0, 0), factors=(1, 2, 2)):
+  """scipy's linear interpolation at fine voxel centres, rounded: the
+  independent answer for a binned model's probabilities at the input's voxels."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  grid = np.meshgrid(*((np.arange(n) + o + 0.5) / f - 0.5
+                       for n, o, f in zip(shape, origin, factors)), indexing="ij")
+  return np.stack([np.rint(ndimage.map_coordinates(coarse[..., c].astype(np.float64), grid,
+                                                   order=1, mode="nearest"))
+                   for c in range(coarse.shape[-1])], axis=-1).astype(np.uint8)
+
+
+def test_a_binned_model_reads_means_and_decodes_at_the_input_voxels(tmp_path, image_path):
+  """model.input_scale (1, 2, 2): the model sees the 2 x 2 means (the same
+  probabilities as a run on a binned copy), and the instances are those
+  decoded from scipy's upsampling of them, at the input's voxels."""
+  whole, _ = _read(image_path)
+  binned = np.rint(whole.reshape(8, 32, 2, 48, 2).mean(axis=(2, 4))).astype(np.uint8)
+  copy = sources.write_array(str(tmp_path / "binned.zarr"), binned,
+                             voxel_size_nm=(40.0, 10.0, 10.0)).path
+  segment_job.run(copy, str(tmp_path / "on_copy"))
+  coarse, _ = _read(str(tmp_path / "on_copy" / "probabilities.zarr"))
+  out = str(tmp_path / "scaled")
+  summary = segment_job.run(image_path, out, input_scale=(1, 2, 2))
+  probs, pvol = _read(os.path.join(out, "probabilities.zarr"))
+  np.testing.assert_array_equal(probs, coarse)
+  assert pvol.voxel_size_nm == (40.0, 10.0, 10.0)
+  fine = sources.write_array(str(tmp_path / "fine.zarr"), _upsampled_reference(coarse, (8, 64, 96)))
+  settings = blockwise.DecodeSettings.from_config(segment_job.tiny_config().decode)
+  expected, _ = blockwise.decode(fine, str(tmp_path / "decoded"), settings)
+  labels, lvol = _read(os.path.join(out, "instances.zarr"))
+  assert labels.shape == (8, 64, 96) and lvol.voxel_size_nm == (40.0, 5.0, 5.0)
+  np.testing.assert_array_equal(labels, expected.read((0, 0, 0), expected.shape))
+  assert summary["instances"] == labels.max() > 0
+  with open(os.path.join(out, "segment.json")) as f:
+    assert json.load(f)["settings"]["input_scale"] == [1, 2, 2]
+
+
+def test_a_binned_models_region_with_context_is_the_whole_volumes(tmp_path, image_path):
+  """A box off the bin grid (odd starts and stops): its probabilities are the
+  whole run's coarse ones around it, its instances those decoded from the
+  whole run's upsampling cropped to the box; both outputs lie where the box
+  does."""
+  box = ((1, 5, 27), (7, 50, 90))
+  whole_out = str(tmp_path / "whole")
+  segment_job.run(image_path, whole_out, input_scale=(1, 2, 2))
+  coarse, _ = _read(os.path.join(whole_out, "probabilities.zarr"))
+  out = str(tmp_path / "box")
+  summary = segment_job.run(image_path, out, region=box, region_context=True,
+                            input_scale=(1, 2, 2))
+  probs, pvol = _read(os.path.join(out, "probabilities.zarr"))
+  # binned box grown to whole bins and one more: y 5..50 -> 1..26, x 27..90 -> 12..46
+  np.testing.assert_array_equal(probs, coarse[1:7, 1:26, 12:46])
+  up = _upsampled_reference(coarse, (8, 64, 96))[1:7, 5:50, 27:90]
+  fine = sources.write_array(str(tmp_path / "fine.zarr"), up)
+  settings = blockwise.DecodeSettings.from_config(segment_job.tiny_config().decode)
+  expected, _ = blockwise.decode(fine, str(tmp_path / "decoded"), settings)
+  labels, lvol = _read(os.path.join(out, "instances.zarr"))
+  np.testing.assert_array_equal(labels, expected.read((0, 0, 0), expected.shape))
+  assert summary["instances"] > 0
+  assert lvol.translation_nm == (40.0, 25.0, 135.0)
+  assert pvol.translation_nm == (40.0, 10.0, 120.0)  # coarse voxel (1, 1, 12) of 40 x 10 x 10

@@ -61,7 +61,8 @@ def test_export_round_trip_and_refusal(tmp_path):
   assert checkpoint.is_export(out)
   # read back with the keys added since (none here) at their old values
   assert checkpoint.read_export_model_config(out) == {
-      "name": "res_unet", "outputs": ["mask", "contour"], "norm": "none", "norm_groups": 4}
+      "name": "res_unet", "outputs": ["mask", "contour"], "norm": "none", "norm_groups": 4,
+      "input_scale": [1, 1, 1]}
   loaded = checkpoint.load_export(out, model, (4, 16, 16), step_lib.make_mesh())
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
