@@ -143,6 +143,16 @@ def test_bad_normalisation_is_named():
     config_lib.validate(cfg)
 
 
+def test_bad_input_scale_is_named():
+  cfg = config_lib.default_config()
+  for bad in ((1, 2), (1, 0, 2), (1, 1.5, 1.5)):
+    cfg.model.input_scale = bad
+    with pytest.raises(UserError, match=r"config.model.input_scale: needs 3 whole factors"):
+      config_lib.validate(cfg)
+  cfg.model.input_scale = (1, 2, 2)
+  config_lib.validate(cfg)
+
+
 def _main(*flags, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS="", **(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "stt_jax.main", "--config=configs/demo.py",
