@@ -45,6 +45,12 @@ def binned_shape(shape: Sequence[int], factors: Sequence[int]) -> tuple[int, ...
           *(int(n) for n in shape[3:]))
 
 
+def binned_voxel_size(voxel_size_nm: Sequence[float], factors: Sequence[int]
+                      ) -> tuple[float, ...]:
+  """(z, y, x) nm of a binned voxel."""
+  return tuple(float(v) * int(f) for v, f in zip(voxel_size_nm, factors))
+
+
 def block_mode(boxes: np.ndarray) -> np.ndarray:
   """[..., k] ids -> [...] the most frequent of each row; ties go to a non-zero
   id, then to the smaller id. k is small (f_z * f_y * f_x), so counting every
@@ -76,7 +82,7 @@ class BinnedVolume(sources.Volume):
   @property
   def voxel_size_nm(self):
     size = self.base.voxel_size_nm
-    return tuple(s * f for s, f in zip(size, self.factors)) if size else None
+    return binned_voxel_size(size, self.factors) if size else None
 
   @property
   def translation_nm(self):
@@ -95,7 +101,10 @@ class BinnedVolume(sources.Volume):
       out = block_mode(self._boxes(np.pad(fine, pad, mode="edge"), n))
     else:  # the sum of the voxels there are over their count
       sums = self._boxes(np.pad(fine.astype(np.float64), pad), n).sum(axis=-1)
-      there = self._boxes(np.pad(np.ones(fine.shape[:3]), pad[:3]), n).sum(axis=-1)
+      # voxels per bin: f on each axis but in a bin the volume's end cuts
+      counts = [np.minimum(f, held - f * np.arange(k)) for f, held, k in
+                zip(self.factors, fine.shape[:3], n)]
+      there = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
       out = np.rint(sums / there.reshape(there.shape + (1,) * (sums.ndim - 3)))
       out = out.astype(self.dtype)
     return np.ascontiguousarray(out[(slice(None),) * 3 + tuple(box[3:])])

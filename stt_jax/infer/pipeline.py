@@ -192,7 +192,7 @@ def segment(cfg, predict_fn, params, image: sources.Volume, mesh, out_dir: str, 
   t0 = time.perf_counter()
   probabilities, plan = predict(
       cfg, predict_fn, params, seen, mesh, out_dir, quiet=quiet,
-      voxel_size_nm=tuple(v * f for v, f in zip(voxel_size, factors)),
+      voxel_size_nm=rescaled.binned_voxel_size(voxel_size, factors),
       region_context=region_context, part=part,
       **({} if same_voxels else dict(
           # the coarse voxel 0 starts `origin` voxels before the image's

@@ -220,7 +220,7 @@ def _sampler(cfg) -> PatchSampler:
                       augment_config=cfg.data.augment,
                       contour_width=cfg.data.contour_width,
                       distance_voxel_size=(
-                          tuple(s * f for s, f in zip(cfg.data.voxel_size_nm, factors))
+                          rescaled.binned_voxel_size(cfg.data.voxel_size_nm, factors)
                           if "distance" in cfg.model.outputs else None),
                       foreground_bias=cfg.data.foreground_bias,
                       unlabelled_id=cfg.data.unlabelled_id,
