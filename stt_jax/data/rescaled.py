@@ -7,7 +7,7 @@ come back to the input's voxels by linear interpolation before decoding, so
 instances, scores and every decode setting stay at the input's resolution.
 
 * `BinnedVolume`: a lazy binned view of any volume: images by the box mean
-  (rounded half to even, as the viewing pyramids), labels by the most
+  (integer images rounded half to even, as the viewing pyramids), labels by the most
   frequent id of the box (ties: an object before background, then the smaller
   id). A box cut by the volume's end averages the voxels it holds; its mode
   counts the last voxels again for the missing ones.
@@ -53,12 +53,18 @@ def binned_voxel_size(voxel_size_nm: Sequence[float], factors: Sequence[int]
 
 def block_mode(boxes: np.ndarray) -> np.ndarray:
   """[..., k] ids -> [...] the most frequent of each row; ties go to a non-zero
-  id, then to the smaller id. k is small (f_z * f_y * f_x), so counting every
-  pair costs k^2 comparisons per row and no Python loop."""
-  ordered = np.sort(boxes, axis=-1)  # argmax then picks the smallest of equals
-  counts = (ordered[..., :, None] == ordered[..., None, :]).sum(axis=-1)
+  id, then to the smaller id. Rows of one id (most, away from boundaries) are
+  answered by their minimum; the others count every pair (k is small,
+  f_z * f_y * f_x: k^2 comparisons per row, no Python loop)."""
+  low, high = boxes.min(axis=-1), boxes.max(axis=-1)
+  mixed = low != high
+  if not mixed.any():
+    return low
+  ordered = np.sort(boxes[mixed], axis=-1)  # argmax then picks the smallest of equals
+  counts = (ordered[:, :, None] == ordered[:, None, :]).sum(axis=-1)
   score = 2 * counts + (ordered != 0)
-  return np.take_along_axis(ordered, np.argmax(score, axis=-1)[..., None], axis=-1)[..., 0]
+  low[mixed] = np.take_along_axis(ordered, np.argmax(score, axis=-1)[:, None], axis=-1)[:, 0]
+  return low
 
 
 class BinnedVolume(sources.Volume):
@@ -98,14 +104,28 @@ class BinnedVolume(sources.Volume):
     pad = [(0, w - n) for w, n in zip(want, fine.shape[:3])] + [(0, 0)] * (fine.ndim - 3)
     n = [s.stop - s.start for s in spatial]
     if self.reduce == "mode":
-      out = block_mode(self._boxes(np.pad(fine, pad, mode="edge"), n))
+      if any(p for _, p in pad):
+        fine = np.pad(fine, pad, mode="edge")
+      out = block_mode(self._boxes(fine, n))
     else:  # the sum of the voxels there are over their count
-      sums = self._boxes(np.pad(fine.astype(np.float64), pad), n).sum(axis=-1)
+      read_shape = fine.shape[:3]
+      if any(p for _, p in pad):
+        fine = np.pad(fine, pad)
+      # exact sums (int64 for integer images), one axis at a time: each pass
+      # reduces a reshaped view, ~2x faster than summing three strided axes
+      exact = np.int64 if np.issubdtype(fine.dtype, np.integer) else np.float64
+      sums = fine
+      for axis in (2, 1, 0):
+        if self.factors[axis] > 1:
+          split = (*sums.shape[:axis], n[axis], self.factors[axis], *sums.shape[axis + 1:])
+          sums = sums.reshape(split).sum(axis=axis + 1, dtype=exact)
       # voxels per bin: f on each axis but in a bin the volume's end cuts
       counts = [np.minimum(f, held - f * np.arange(k)) for f, held, k in
-                zip(self.factors, fine.shape[:3], n)]
+                zip(self.factors, read_shape, n)]
       there = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
-      out = np.rint(sums / there.reshape(there.shape + (1,) * (sums.ndim - 3)))
+      out = sums / there.reshape(there.shape + (1,) * (sums.ndim - 3))
+      if exact is np.int64:
+        out = np.rint(out)  # an integer image's means round as its pyramids do
       out = out.astype(self.dtype)
     return np.ascontiguousarray(out[(slice(None),) * 3 + tuple(box[3:])])
 

@@ -16,7 +16,8 @@ def _reference_bins(data: np.ndarray, factors, reduce: str) -> np.ndarray:
     box = tuple(slice(i * f, (i + 1) * f) for i, f in zip(index, factors))
     values = data[box]
     if reduce == "mean":
-      out[index] = np.rint(values.reshape(-1, *data.shape[3:]).astype(np.float64).mean(axis=0))
+      mean = values.reshape(-1, *data.shape[3:]).astype(np.float64).mean(axis=0)
+      out[index] = np.rint(mean) if np.issubdtype(data.dtype, np.integer) else mean
       continue
     # the mode counts the volume's last voxels again for missing ones (edge padding)
     padded = np.pad(values, [(0, f - n) for f, n in zip(factors, values.shape)], mode="edge")
@@ -48,8 +49,26 @@ def test_binned_mode_keeps_ids_and_breaks_ties_for_objects(tmp_path):
     binned = rescaled.BinnedVolume(sources.open_volume(path), factors, "mode")
     np.testing.assert_array_equal(binned.read([0, 0, 0], binned.shape),
                                   _reference_bins(data, factors, "mode"))
+  # mostly whole boxes of one id (the fast path) beside boundary ones
+  blocks = np.kron(rng.choice(np.array([0, 0, 4, 6], np.uint32), size=(2, 4, 4)),
+                   np.ones((2, 3, 3), np.uint32))
+  blocks[rng.random(blocks.shape) < 0.1] = 5
+  path = str(tmp_path / "blocks.zarr")
+  sources.write_array(path, blocks)
+  binned = rescaled.BinnedVolume(sources.open_volume(path), (1, 2, 2), "mode")
+  np.testing.assert_array_equal(binned.read([0, 0, 0], binned.shape),
+                                _reference_bins(blocks, (1, 2, 2), "mode"))
   # 2 object voxels against 2 background ones: the object; 1/1/1/1: the smaller id
   assert rescaled.block_mode(np.array([[0, 5, 0, 5], [0, 8, 4, 6]])).tolist() == [5, 4]
+
+
+def test_binned_mean_of_a_float_image_is_not_rounded(tmp_path):
+  data = np.random.default_rng(4).random((3, 7, 9)).astype(np.float32)
+  path = str(tmp_path / "float.zarr")
+  sources.write_array(path, data)
+  binned = rescaled.BinnedVolume(sources.open_volume(path), (1, 2, 2), "mean")
+  np.testing.assert_allclose(binned.read([0, 0, 0], binned.shape),
+                             _reference_bins(data, (1, 2, 2), "mean"), rtol=1e-6)
 
 
 def test_binned_channels_and_regions(tmp_path):
