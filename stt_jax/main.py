@@ -46,7 +46,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
 _INPUT = flags.DEFINE_string("input", None, "segment/convert: image volume (any format "
                              "of stt_jax.data.sources).")
 _OUTPUT = flags.DEFINE_string("output", None,
-                              "segment: output folder; export: export folder.")
+                              "segment: output folder; export: export folder; evaluate: "
+                              "a new folder for eval.json and the validation "
+                              "segmentation (default: the run folder's).")
 _WEIGHTS = flags.DEFINE_string("weights", None,
                                "segment/evaluate/export: an export folder to load "
                                "instead of a checkpoint in --workdir.")
@@ -316,6 +318,8 @@ def run(argv) -> None:
       _require(_OUTPUT.value, "output", "export --weights")
   elif mode == "segment" and not _WORKDIR.value:
     raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
+  elif mode == "evaluate" and _WEIGHTS.value and _OUTPUT.value and not _WORKDIR.value:
+    workdir = None  # an export scored into --output
   else:
     workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":
@@ -440,10 +444,10 @@ def _uses_ema(cfg) -> bool:
 
 
 def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
-               weights: str) -> None:
+               weights: str, output: str | None = None) -> None:
   """Scores `params` (described by `weights`) on data.val (or reports
   `validation`, the loop's result for these same weights), prints the table
-  and writes eval.json."""
+  and writes eval.json, with the segmentation, in `output` (default: workdir)."""
   from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
@@ -451,7 +455,7 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
   if cfg.data.synthetic.enabled:
     datasets.ensure_synthetic(cfg, workdir)
   if validation is None:
-    validation = loop.validate(cfg, workdir,
+    validation = loop.validate(cfg, output or workdir,
                                sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                                params, mesh)
   scores, path, out_dir = validation
@@ -473,7 +477,7 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
            if at else "") + " (eval.json: mask_threshold_sweep)")
   if "object_mean_mask_sweep" in scores:
     print(report.format_object_sweep(scores, cfg.decode.min_mean_mask))
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
+  with open(os.path.join(output or workdir, "eval.json"), "w") as f:
     json.dump(dict(scores, weights=weights), f, indent=2)
 
 
@@ -488,11 +492,27 @@ def _print_window_note(cfg, source: str | None) -> None:
     print(note)
 
 
-def _evaluate(cfg, workdir: str) -> None:
+def _evaluate(cfg, workdir: str | None) -> None:
+  output = _evaluation_folder()  # before the model loads
   cfg, model, params, mesh, what = _load(cfg, workdir)
   print(f"weights: {what}")
   _print_window_note(cfg, _WEIGHTS.value or workdir)
-  _score_val(cfg, workdir, model, params, mesh, weights=what)
+  _score_val(cfg, workdir or output, model, params, mesh, weights=what, output=output)
+  if output:
+    print(f"scores written to {os.path.join(output, 'eval.json')}")
+
+
+def _evaluation_folder() -> str | None:
+  """--output of --mode=evaluate, created: a variant (another threshold, test-time
+  augmentation, window) scored beside the run's own eval.json, not over it."""
+  if not _OUTPUT.value:
+    return None
+  out = os.path.abspath(_OUTPUT.value)
+  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value):
+    raise _UsageError(f"--output {out} exists; pass --overwrite to replace its eval.json "
+                      "and val_segmentation, or give a new folder")
+  os.makedirs(out, exist_ok=True)
+  return out
 
 
 def _segment(cfg, workdir: str | None) -> None:

@@ -294,10 +294,18 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
              if l.startswith("foreground Jaccard")][0]), abs=1e-4)
   assert scores["weights"] == f"checkpoints/2 of {work} (EMA weights)"
   assert f"weights: checkpoints/2 of {work} (EMA weights)" in proc.stdout
-  # the same state's live weights, scored and exported: other weights
-  _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=2", "--noema")
-  live = json.load(open(os.path.join(work, "eval.json")))
+  # the same state's live weights, scored into a folder of their own (the run's
+  # eval.json and segmentation stay) and exported: other weights
+  live_dir = str(tmp_path / "eval_live")
+  proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=2",
+               "--noema", f"--output={live_dir}")
+  live = json.load(open(os.path.join(live_dir, "eval.json")))
   assert live["weights"] == f"checkpoints/2 of {work} (live weights)"
+  assert json.load(open(os.path.join(work, "eval.json")))["weights"] == scores["weights"]
+  assert os.path.isdir(os.path.join(live_dir, "val_segmentation", "instances.zarr"))
+  assert f"scores written to {live_dir}/eval.json" in proc.stdout
+  _one_line_error(_main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv,
+                        f"--output={live_dir}", check_ok=False), "exists", "--overwrite")
   exported_leaves = {}
   for kind, flag in (("ema", "--ema"), ("live", "--noema")):
     out = str(tmp_path / f"export2_{kind}")
