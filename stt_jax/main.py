@@ -508,7 +508,10 @@ def _evaluation_folder() -> str | None:
   if not _OUTPUT.value:
     return None
   out = os.path.abspath(_OUTPUT.value)
-  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value):
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise _UsageError(f"--output {out} is a file; give a folder for eval.json and "
+                      "val_segmentation")
+  if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
     raise _UsageError(f"--output {out} exists; pass --overwrite to replace its eval.json "
                       "and val_segmentation, or give a new folder")
   os.makedirs(out, exist_ok=True)
