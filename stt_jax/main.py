@@ -320,6 +320,9 @@ def run(argv) -> None:
     raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
   elif mode == "evaluate" and _WEIGHTS.value and _OUTPUT.value and not _WORKDIR.value:
     workdir = None  # an export scored into --output
+  elif mode == "evaluate" and not _WORKDIR.value:
+    raise _UsageError("--mode=evaluate needs --workdir (a run folder), or --weights (an "
+                      "export) with --output (a folder for its scores)")
   else:
     workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":

@@ -130,10 +130,11 @@ def test_preview_sections_and_label_dtypes_are_checked_before_the_work(tmp_path)
                         check_ok=False), "--labels", "float32", "integer instance ids")
 
 
-def test_segment_needs_a_run_folder_or_an_export(tmp_path):
+def test_segment_and_evaluate_need_a_run_folder_or_an_export(tmp_path):
   _one_line_error(_main("--mode=segment", f"--input={tmp_path}/in.zarr",
                         f"--output={tmp_path}/out", check_ok=False), "--workdir", "--weights")
   assert not os.path.exists(tmp_path / "out")
+  _one_line_error(_main("--mode=evaluate", check_ok=False), "--workdir", "--weights", "--output")
 
 
 def test_config_file_that_raises(tmp_path):
