@@ -318,11 +318,11 @@ def run(argv) -> None:
       _require(_OUTPUT.value, "output", "export --weights")
   elif mode == "segment" and not _WORKDIR.value:
     raise _UsageError("--mode=segment needs --workdir (a run folder) or --weights (an export)")
-  elif mode == "evaluate" and _WEIGHTS.value and _OUTPUT.value and not _WORKDIR.value:
-    workdir = None  # an export scored into --output
   elif mode == "evaluate" and not _WORKDIR.value:
-    raise _UsageError("--mode=evaluate needs --workdir (a run folder), or --weights (an "
-                      "export) with --output (a folder for its scores)")
+    if not (_WEIGHTS.value and _OUTPUT.value):
+      raise _UsageError("--mode=evaluate needs --workdir (a run folder), or --weights (an "
+                        "export) with --output (a folder for its scores)")
+    workdir = None  # an export scored into --output
   else:
     workdir = _require(_WORKDIR.value, "workdir", mode)
   if mode == "train":
@@ -451,6 +451,7 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
   """Scores `params` (described by `weights`) on data.val (or reports
   `validation`, the loop's result for these same weights), prints the table
   and writes eval.json, with the segmentation, in `output` (default: workdir)."""
+  output = output or workdir
   from stt_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from stt_jax.infer import sliding_window  # pylint: disable=g-import-not-at-top
   from stt_jax.metrics import report  # pylint: disable=g-import-not-at-top
@@ -458,7 +459,7 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
   if cfg.data.synthetic.enabled:
     datasets.ensure_synthetic(cfg, workdir)
   if validation is None:
-    validation = loop.validate(cfg, output or workdir,
+    validation = loop.validate(cfg, output,
                                sliding_window.make_predict_fn(model, mesh, cfg.infer.tta),
                                params, mesh)
   scores, path, out_dir = validation
@@ -480,7 +481,7 @@ def _score_val(cfg, workdir: str, model, params, mesh, validation=None, *,
            if at else "") + " (eval.json: mask_threshold_sweep)")
   if "object_mean_mask_sweep" in scores:
     print(report.format_object_sweep(scores, cfg.decode.min_mean_mask))
-  with open(os.path.join(output or workdir, "eval.json"), "w") as f:
+  with open(os.path.join(output, "eval.json"), "w") as f:
     json.dump(dict(scores, weights=weights), f, indent=2)
 
 
@@ -496,29 +497,21 @@ def _print_window_note(cfg, source: str | None) -> None:
 
 
 def _evaluate(cfg, workdir: str | None) -> None:
-  output = _evaluation_folder()  # before the model loads
+  """Scores data.val into the run folder, or with --output into a new folder: a
+  variant (another threshold, test-time augmentation) beside the run's own."""
+  from stt_jax import paths  # pylint: disable=g-import-not-at-top
+  if _OUTPUT.value and not _OVERWRITE.value:  # refuse it before the model loads
+    paths.clear_for_output(_OUTPUT.value, overwrite=False)
   cfg, model, params, mesh, what = _load(cfg, workdir)
   print(f"weights: {what}")
   _print_window_note(cfg, _WEIGHTS.value or workdir)
+  output = None
+  if _OUTPUT.value:
+    output = paths.clear_for_output(_OUTPUT.value, overwrite=_OVERWRITE.value)
+    os.makedirs(output)
   _score_val(cfg, workdir or output, model, params, mesh, weights=what, output=output)
   if output:
     print(f"scores written to {os.path.join(output, 'eval.json')}")
-
-
-def _evaluation_folder() -> str | None:
-  """--output of --mode=evaluate, created: a variant (another threshold, test-time
-  augmentation, window) scored beside the run's own eval.json, not over it."""
-  if not _OUTPUT.value:
-    return None
-  out = os.path.abspath(_OUTPUT.value)
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise _UsageError(f"--output {out} is a file; give a folder for eval.json and "
-                      "val_segmentation")
-  if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
-    raise _UsageError(f"--output {out} exists; pass --overwrite to replace its eval.json "
-                      "and val_segmentation, or give a new folder")
-  os.makedirs(out, exist_ok=True)
-  return out
 
 
 def _segment(cfg, workdir: str | None) -> None:

@@ -103,13 +103,14 @@ class BinnedVolume(sources.Volume):
     want = [(s.stop - s.start) * f for s, f in zip(spatial, self.factors)]
     pad = [(0, w - n) for w, n in zip(want, fine.shape[:3])] + [(0, 0)] * (fine.ndim - 3)
     n = [s.stop - s.start for s in spatial]
+    cut = any(p for _, p in pad)  # the volume's end cuts the last boxes
     if self.reduce == "mode":
-      if any(p for _, p in pad):
+      if cut:
         fine = np.pad(fine, pad, mode="edge")
       out = block_mode(self._boxes(fine, n))
     else:  # the sum of the voxels there are over their count
       read_shape = fine.shape[:3]
-      if any(p for _, p in pad):
+      if cut:
         fine = np.pad(fine, pad)
       # exact sums (int64 for integer images), one axis at a time: each pass
       # reduces a reshaped view, ~2x faster than summing three strided axes
