@@ -41,6 +41,9 @@ _MODE = flags.DEFINE_enum("mode", "train",
                           "--output ends in .ome.zarr, for viewers.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, outputs.")
 _RESUME = flags.DEFINE_bool("resume", False, "train: continue the run in --workdir.")
+_STOP_AT = flags.DEFINE_integer(
+    "stop_at", None, "train: stop after this step, the schedule (train.steps) unchanged; "
+    "its checkpoint is saved and --resume goes on from it.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace an existing run folder or output.")
 _INPUT = flags.DEFINE_string("input", None, "segment/convert: image volume (any format "
@@ -276,6 +279,11 @@ def run(argv) -> None:
   if _REGION.value is not None and mode not in ("segment", "convert", "pyramid"):
     raise _UsageError(f"--region picks a box of --input to segment, convert or pyramid; it "
                       f"does nothing with --mode={mode}")
+  if _STOP_AT.value is not None and mode != "train":
+    raise _UsageError(f"--stop_at ends a training run early; it does nothing with --mode={mode}")
+  if _STOP_AT.value is not None and not 1 <= _STOP_AT.value <= cfg.train.steps:
+    raise _UsageError(f"--stop_at={_STOP_AT.value}: give a step from 1 to train.steps "
+                      f"({cfg.train.steps})")
   if _PART.value is not None and mode != "segment":
     raise _UsageError(f"--part splits --mode=segment over processes; it does nothing "
                       f"with --mode={mode}")
@@ -345,10 +353,17 @@ def _train(cfg, workdir: str) -> None:
       _print_schedule_note(cfg, workdir)
   t0 = time.perf_counter()
   result = loop.train(cfg, workdir, resume=_RESUME.value,
-                      overwrite=_OVERWRITE.value, quiet=_QUIET.value)
+                      overwrite=_OVERWRITE.value, quiet=_QUIET.value, stop_at=_STOP_AT.value)
   from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   step = int(step_lib.to_host(result.state.step))
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if result.stopped_by == "stop_at":  # as asked: not an error, and not scored here
+    if main_process:
+      print(f"stopped at step {step} of {cfg.train.steps} (--stop_at) in "
+            f"{time.perf_counter() - t0:.0f} s; checkpoint saved in {ckpt_dir}; continue "
+            "with --resume")
+      _print_best(cfg, workdir, result.best)
+    return
   if result.stopped_by:
     if main_process:
       print(f"stopped by {result.stopped_by} at step {step}; checkpoint saved in "
@@ -359,9 +374,7 @@ def _train(cfg, workdir: str) -> None:
     print(f"trained {step} steps in {time.perf_counter() - t0:.0f} s on "
           f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
           f"mesh {dict(mesh.shape)}")
-    if result.best:
-      print(f"best validation {cfg.train.best_metric} {result.best[cfg.train.best_metric]:.4f}"
-            f" at step {result.best['step']} (saved in {os.path.abspath(workdir)}/best)")
+    _print_best(cfg, workdir, result.best)
   if jax.process_count() > 1:
     if main_process:
       print("multi-process run: score it with --mode=evaluate from one process")
@@ -369,6 +382,12 @@ def _train(cfg, workdir: str) -> None:
   _score_val(cfg, workdir, result.model, result.state.inference_params(), result.mesh,
              validation=result.final_validation,
              weights=f"the trained state, step {step}, of {os.path.abspath(workdir)}")
+
+
+def _print_best(cfg, workdir: str, best: dict | None) -> None:
+  if best:
+    print(f"best validation {cfg.train.best_metric} {best[cfg.train.best_metric]:.4f}"
+          f" at step {best['step']} (saved in {os.path.abspath(workdir)}/best)")
 
 
 def _chosen_state(workdir: str) -> tuple[str, int]:

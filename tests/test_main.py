@@ -86,6 +86,14 @@ def test_a_repeated_override_means_its_last_value(tmp_path):
   _one_line_error(proc, "infer.window: (4, 30, 32) must be a multiple")
 
 
+def test_stop_at_is_a_step_of_a_training_schedule(tmp_path):
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.train.steps=4", "--stop_at=5",
+                        check_ok=False), "--stop_at=5: give a step from 1 to train.steps (4)")
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--mode=export", "--stop_at=2",
+                        check_ok=False), "it does nothing with --mode=export")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_checkpoint_flag_needs_a_run_folder_state(tmp_path):
   _one_line_error(_main(f"--workdir={tmp_path}/w", "--mode=evaluate", "--checkpoint=last",
                         check_ok=False), "--checkpoint=last: give latest, best or a step")
@@ -257,7 +265,8 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   adv = ["--config.loss.adversarial_weight=0.5", "--config.train.ema_decay=0.5",
          "--config.model.discriminator.features=(4,8)", "--config.train.eval_every=4",
          "--config.model.outputs=('mask','contour','distance')",
-         "--config.train.schedule=cosine"]
+         "--config.train.schedule=cosine",
+         "--config.train.keep_checkpoints=4"]  # step 2 is evaluated after 4, 5 and 6
   # started from a 2-output baseline's export: all but the head copied
   source = str(tmp_path / "baseline_export")
   leaves = _baseline_export(source, norm="group")  # the demo's GroupNorm
@@ -282,10 +291,21 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   _one_line_error(again, "--resume", "--overwrite")
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
 
-  # resume to 6 steps
-  proc = _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6")
+  # resume to 6 steps, stopping at 5 on the way (--stop_at): the schedule is
+  # the 6-step one, the stop saved, not scored, and not an error
+  eval_before = os.path.getmtime(os.path.join(work, "eval.json"))
+  proc = _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6",
+               "--stop_at=5")
   assert ("note: this run started with train.steps=4; its cosine learning rate now "
           "decays over 6 steps, so it jumps at this resume") in proc.stdout
+  assert "stopped at step 5 of 6 (--stop_at)" in proc.stdout
+  assert "best validation ap_75" in proc.stdout and "AP-75" not in proc.stdout
+  assert "5" in os.listdir(os.path.join(work, "checkpoints"))
+  assert os.path.getmtime(os.path.join(work, "eval.json")) == eval_before
+  _one_line_error(_main(f"--workdir={work}", "--resume", *TINY, *adv,
+                        "--config.train.steps=6", "--stop_at=5", check_ok=False),
+                  "--stop_at=5: the run in", "is at step 5 already")
+  proc = _main(f"--workdir={work}", "--resume", *TINY, *adv, "--config.train.steps=6")
   assert "6" in os.listdir(os.path.join(work, "checkpoints"))
 
   proc = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=2")
@@ -320,7 +340,7 @@ def test_train_evaluate_export_segment_end_to_end(tmp_path):
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   missing = _main(f"--workdir={work}", "--mode=evaluate", *TINY, *adv, "--checkpoint=3",
                   check_ok=False)
-  _one_line_error(missing, "--checkpoint=3", "holds steps 2, 4, 6; pick one, best or latest")
+  _one_line_error(missing, "--checkpoint=3", "holds steps 2, 4, 5, 6; pick one, best or latest")
   [best_step] = checkpoint.saved_steps(os.path.join(work, "best"))
 
   export = str(tmp_path / "export")

@@ -81,7 +81,8 @@ class Result:
   model: object
   state: state_lib.TrainState
   mesh: jax.sharding.Mesh
-  stopped_by: str | None = None    # signal name when a signal ended the run early
+  # signal name when a signal ended the run early, "stop_at" when stop_at did
+  stopped_by: str | None = None
   best: dict | None = None         # best validation scores seen
   final_validation: tuple | None = None  # validate()'s result at the last step
 
@@ -263,6 +264,11 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   # read (and checked) before the workdir is touched too; a resumed run has
   # its own weights
   source = warm_start.read_source(init_from) if init_from and not resume else None
+  if resume and stop_at is not None:
+    held = checkpoint.newest_state(workdir)
+    if held and stop_at <= held[1]:
+      raise UserError(f"--stop_at={stop_at}: the run in {workdir} is at step {held[1]} "
+                      f"already; give a later step (train.steps is {cfg.train.steps})")
   if _is_main():
     checkpoint.prepare_workdir(workdir, config_json, resume=resume, overwrite=overwrite)
     if cfg.data.synthetic.enabled:
@@ -447,6 +453,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     ckpts.close()
     if best_ckpts:
       best_ckpts.close()
+  if stopped_by is None and done < total:
+    stopped_by = "stop_at"
   return Result(setup.model, state, mesh,
                 stopped_by=stopped_by if done < total else None, best=best,
                 final_validation=final_validation)
