@@ -264,11 +264,10 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   # read (and checked) before the workdir is touched too; a resumed run has
   # its own weights
   source = warm_start.read_source(init_from) if init_from and not resume else None
-  if resume and stop_at is not None:
-    held = checkpoint.newest_state(workdir)
-    if held and stop_at <= held[1]:
-      raise UserError(f"--stop_at={stop_at}: the run in {workdir} is at step {held[1]} "
-                      f"already; give a later step (train.steps is {cfg.train.steps})")
+  resumed_from = checkpoint.newest_state(workdir) if resume else None
+  if resumed_from and stop_at is not None and stop_at <= resumed_from[1]:
+    raise UserError(f"--stop_at={stop_at}: the run in {workdir} is at step {resumed_from[1]} "
+                    f"already; give a later step (train.steps is {cfg.train.steps})")
   if _is_main():
     checkpoint.prepare_workdir(workdir, config_json, resume=resume, overwrite=overwrite)
     if cfg.data.synthetic.enabled:
@@ -290,7 +289,6 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
                 if validating else None)
   first = 0
   best = final_validation = None
-  resumed_from = checkpoint.newest_state(workdir) if resume else None
   if resumed_from is not None:
     directory, step = resumed_from
     if directory == str(ckpts.manager.directory):
@@ -453,8 +451,6 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
     ckpts.close()
     if best_ckpts:
       best_ckpts.close()
-  if stopped_by is None and done < total:
-    stopped_by = "stop_at"
-  return Result(setup.model, state, mesh,
-                stopped_by=stopped_by if done < total else None, best=best,
+  return Result(setup.model, state, mesh,  # short of total unsignalled: stop_at's stop
+                stopped_by=(stopped_by or "stop_at") if done < total else None, best=best,
                 final_validation=final_validation)
