@@ -2,6 +2,9 @@
 
   python3 bench/attention_impl.py [--patch=16,128,128] [--batch=2] [--impls=xla,pallas]
   python3 bench/attention_impl.py --patch=32,320,320 --chunks=4 --impls=xla,pallas,cudnn
+  # on a CPU: the binned VNC III STT-UNET's widths and patch (README "Binned input")
+  PYTHONPATH=. .venv/bin/python bench/attention_impl.py --patch=4,128,128 --dtype=float32 \
+      --impls=xla,heads_major --override="model.widths=(12,16,24,32,48)" --override=model.norm=group
 
 Builds configs/mitoem_r.py's STT-UNET (bf16 by default), runs forward and
 gradient once per model.attention.implementation in --impls (the first is the
@@ -11,7 +14,8 @@ step times, and writes
 bench/results/attention_impl-<device>.json. "pallas" is the fused spatial
 attention (stt_jax/models/fused_attention.py), "cudnn" cuDNN's fused kernel
 where it applies. Off a GPU "pallas" runs in Pallas' interpreter: numbers,
-not speed.
+not speed. "heads_major" is XLA's attention with the heads ahead of the
+tokens (what "auto" picks on CPUs). --override sets any other config field.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import aot_timing  # noqa: E402
+from config_overrides import apply_overrides  # noqa: E402  bench/, beside this file
 import mitoem_r  # noqa: E402
 import result_files  # noqa: E402
 from stt_jax.models import unet  # noqa: E402
@@ -70,19 +75,24 @@ def main() -> None:
   parser.add_argument("--chunks", type=int, default=1, help="model.attention.chunks")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config field, e.g. model.widths=(12,16,24,32,48) (repeatable)")
   args = parser.parse_args()
   patch = tuple(int(v) for v in args.patch.split(","))
   impls = [i for i in args.impls.split(",") if i]
   image = jnp.asarray(np.random.default_rng(0).random((args.batch, *patch, 1), np.float32))
   out = {"device": jax.devices()[0].device_kind, "patch": list(patch), "batch": args.batch,
-         "dtype": args.dtype, "chunks": args.chunks, "reference": impls[0]}
-  path = result_files.results_path("attention_impl", out["device"])
+         "dtype": args.dtype, "chunks": args.chunks, "reference": impls[0],
+         "overrides": list(args.override)}
+  path = result_files.results_path(
+      "attention_impl" + result_files.override_tag(args.override), out["device"])
   params = reference = None
   for impl in impls:
     cfg = mitoem_r.get_config("stt")
     cfg.model.compute_dtype = args.dtype
     cfg.model.attention.implementation = impl
     cfg.model.attention.chunks = args.chunks
+    apply_overrides(cfg, args.override)
     model = unet.from_config(cfg.model)
     if params is None:
       params = state_lib.init_params(model, patch, seed=0)

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
   parser.add_argument("--attention-chunks", type=int, default=1)
   parser.add_argument("--attention-impl", default="auto",
-                      help="model.attention.implementation: auto, xla, cudnn or pallas")
+                      help="model.attention.implementation: auto, xla, heads_major, "
+                      "cudnn or pallas")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="a config field for train/infer, e.g. "
                       "model.attention.deform_gradient=tap_major (repeatable)")

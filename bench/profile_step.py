@@ -302,7 +302,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention-chunks", type=int, default=1)
   parser.add_argument("--attention-impl", default="auto",
-                      help="model.attention.implementation: auto, xla, cudnn or pallas")
+                      help="model.attention.implementation: auto, xla, heads_major, "
+                      "cudnn or pallas")
   parser.add_argument("--steps", type=int, default=3, help="steps traced")
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--keep-command-buffers", action="store_true",

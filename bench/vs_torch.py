@@ -628,7 +628,7 @@ def main(kinds=("train", "infer")) -> None:
                       help="comma list of stt_jax presets, e.g. baseline,stt")
   parser.add_argument("--attention-impl", default="auto",
                       help="model.attention.implementation of our programs: auto, xla, "
-                      "cudnn or pallas (the fused spatial attention)")
+                      "heads_major, cudnn or pallas (the fused spatial attention)")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override (repeatable), e.g. "
                       "model.attention.deform_gradient=tap_major (ours only: the peer has "

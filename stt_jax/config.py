@@ -80,11 +80,13 @@ def default_config() -> ml_collections.ConfigDict:
   # atomics, for a sort) | tap_major (tap by tap: fewer adds to one row at a
   # time). Same values; a speed choice for GPUs (bench/deform_impl.py)
   c.model.attention.deform_gradient = "scatter"
-  # auto = xla (measured on an H100: cudnn no faster here, gradients disagree)
-  c.model.attention.implementation = "auto"     # auto | xla | cudnn | pallas (fused spatial stream)
+  # auto = xla off CPUs (measured on an H100: cudnn no faster here, gradients
+  # disagree), heads_major on CPUs (XLA's einsums heads first: 1.9x faster
+  # there; models/attention.py); pallas: the fused spatial stream
+  c.model.attention.implementation = "auto"     # auto | xla | heads_major | cudnn | pallas
   # the temporal stream's (32 keys per pixel column): auto = implementation's,
   # but XLA's when that is pallas (a speed choice: bench/gpu_compile.py)
-  c.model.attention.temporal_implementation = "auto"   # auto | xla | cudnn | pallas
+  c.model.attention.temporal_implementation = "auto"   # auto | xla | heads_major | cudnn | pallas
   # > 1: each SST block runs its streams in this many sequential pieces, each
   # recomputed in the backward pass (less memory, same function and parameters)
   c.model.attention.chunks = 1
@@ -288,15 +290,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(not attended or all(l in levels[:-1] for l in a.decoder_levels),
         "model.attention.decoder_levels",
         f"levels must lie in 0..{len(m.widths) - 2}, got {tuple(a.decoder_levels)}")
-  _need(a.implementation in ("auto", "xla", "cudnn", "pallas"),
+  _need(a.implementation in attention.IMPLEMENTATIONS,
         "model.attention.implementation",
-        f"must be auto, xla, cudnn or pallas, got {a.implementation!r}")
+        f"must be one of {attention.IMPLEMENTATIONS}, got {a.implementation!r}")
   from stt_jax.models import deformable_conv  # pylint: disable=g-import-not-at-top
   _need(a.deform_gradient in deformable_conv.GRADIENTS, "model.attention.deform_gradient",
         f"must be one of {deformable_conv.GRADIENTS}, got {a.deform_gradient!r}")
-  _need(a.temporal_implementation in ("auto", "xla", "cudnn", "pallas"),
+  _need(a.temporal_implementation in attention.IMPLEMENTATIONS,
         "model.attention.temporal_implementation",
-        f"must be auto, xla, cudnn or pallas, got {a.temporal_implementation!r}")
+        f"must be one of {attention.IMPLEMENTATIONS}, got {a.temporal_implementation!r}")
   _need(a.heads > 0 and a.kv_grid > 0 and a.deform_groups > 0, "model.attention",
         "heads, kv_grid and deform_groups must be positive")
   _need(a.chunks >= 1, "model.attention.chunks", f"must be 1 or more, got {a.chunks}")

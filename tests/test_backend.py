@@ -107,7 +107,7 @@ def test_bad_attention_implementation_is_named():
   cfg.model.attention.implementation = "flash"
   with pytest.raises(UserError, match="model.attention.implementation"):
     config_lib.validate(cfg)
-  for ok in ("auto", "xla", "cudnn", "pallas"):
+  for ok in ("auto", "xla", "heads_major", "cudnn", "pallas"):
     cfg.model.attention.implementation = ok
     cfg.model.attention.temporal_implementation = ok
     config_lib.validate(cfg)

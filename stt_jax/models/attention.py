@@ -26,9 +26,15 @@ only one piece's scores, probabilities and gathered columns are alive at a
 time. Same parameters, same function; a schedule, not a model change.
 
 Attention itself is `jax.nn.dot_product_attention`; `implementation` "auto"
-is XLA's lowering everywhere: on an H100 cuDNN's fused kernel ("cudnn", opt-in)
-was no faster for these short sequences and its bf16 gradients disagreed with
-XLA's (bench/attention_impl.py; docs/architecture.md). "pallas" (opt-in) runs
+is XLA's lowering, on CPUs in the form "heads_major" (the same einsums and
+softmax with the heads moved ahead of the tokens, [batch, heads, tokens, dim]:
+XLA:CPU's reductions over keys then run along contiguous rows; the train step
+of the tiny binned VNC III STT-UNET spent 1.6 of its 3.9 s in the spatial
+stream, whose forward and backward this form runs 1.9x faster,
+docs/architecture.md "Heads-major attention on CPUs"). On an H100 cuDNN's
+fused kernel ("cudnn", opt-in) was no faster for these short sequences and
+its bf16 gradients disagreed with XLA's (bench/attention_impl.py;
+docs/architecture.md). "pallas" (opt-in) runs
 the spatial stream, many queries against <= 256 pooled keys, through
 models/fused_attention.py's kernels, which keep the score matrix on chip; the
 temporal stream (32 against 32) stays XLA's unless `temporal_implementation`
@@ -45,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from stt_jax.models import traced_platform
 from stt_jax.models.deformable_conv import DeformableConv
 
 DESIGNS = ("none", "split", "spatial_then_temporal", "temporal_then_spatial")
@@ -76,16 +83,37 @@ def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
   return max(1, math.ceil(max(h, w) / kv_grid))
 
 
+IMPLEMENTATIONS = ("auto", "xla", "heads_major", "cudnn", "pallas")
+
+
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """XLA's softmax attention computed as [batch, heads, tokens, dim].
+
+  q [batch, queries, heads, dim], k/v [batch, keys, heads, dim] -> like q.
+  Scores and softmax in float32 whatever the inputs' dtype, as
+  `jax.nn.dot_product_attention`'s XLA path.
+  """
+  to_heads = lambda a: jnp.swapaxes(a, 1, 2)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  scores = jnp.einsum("bnqd,bnkd->bnqk", to_heads(q), to_heads(k),
+                      preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return to_heads(jnp.einsum("bnqk,bnkd->bnqd", weights, to_heads(v)))
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
   """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
+  if implementation == "auto":
+    implementation = "heads_major" if traced_platform.name() == "cpu" else "xla"
+  if implementation == "heads_major":
+    return heads_major_attention(q, k, v)
   if implementation == "pallas":
     # imported here: the default path needs no Pallas/Triton at all
     from stt_jax.models import fused_attention  # pylint: disable=g-import-not-at-top
     if fused_attention.supported(q.shape, k.shape):
       return fused_attention.fused_attention(q, k, v)
     implementation = "xla"
-  return jax.nn.dot_product_attention(
-      q, k, v, implementation="xla" if implementation == "auto" else implementation)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

@@ -56,11 +56,13 @@ def _temporal_ref(params, x, heads):
   return np.moveaxis(out, 3, 1)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "xla", "heads_major"])
 @pytest.mark.parametrize("shape,kv_grid", [((2, 3, 5, 7, 8), 16), ((1, 5, 9, 11, 8), 4),
                                            ((1, 2, 8, 8, 8), 4)])
-def test_spatial_stream_matches_naive_reference(shape, kv_grid):
+def test_spatial_stream_matches_naive_reference(shape, kv_grid, implementation):
   x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-  module = attention.SpatialAttention(num_heads=2, kv_grid=kv_grid)
+  module = attention.SpatialAttention(num_heads=2, kv_grid=kv_grid,
+                                      implementation=implementation)
   params = module.init(jax.random.key(0), x)
   got = np.asarray(module.apply(params, x))
   r = attention.kv_pool_factor(shape[2], shape[3], kv_grid)
@@ -68,14 +70,40 @@ def test_spatial_stream_matches_naive_reference(shape, kv_grid):
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "xla", "heads_major"])
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4, 8), (1, 7, 5, 3, 4)])
-def test_temporal_stream_matches_naive_reference(shape):
+def test_temporal_stream_matches_naive_reference(shape, implementation):
   x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-  module = attention.TemporalAttention(num_heads=2)
+  module = attention.TemporalAttention(num_heads=2, implementation=implementation)
   params = module.init(jax.random.key(0), x)
   got = np.asarray(module.apply(params, x))
   ref = _temporal_ref(params["params"], x.astype(np.float64), 2)
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
+
+
+def test_heads_major_attention_gradients_match_closed_forms():
+  """d/dq, d/dk, d/dv of sum(g * attention(q, k, v)) against the textbook
+  softmax-attention backward pass in float64 numpy; bf16 inputs keep float32
+  scores (as XLA's path does)."""
+  rng = np.random.default_rng(2)
+  n, lq, lk, heads, d = 3, 7, 5, 2, 4
+  q, g = (rng.standard_normal((n, lq, heads, d)) for _ in range(2))
+  k, v = (rng.standard_normal((n, lk, heads, d)) for _ in range(2))
+  f = lambda *a: jnp.sum(jnp.asarray(g, jnp.float32) * attention.heads_major_attention(*a))
+  got = jax.grad(f, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  scores = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(d)
+  p = _softmax(scores)
+  dv = np.einsum("nhqk,nqhd->nkhd", p, g)
+  dp = np.einsum("nqhd,nkhd->nhqk", g, v)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
+  dq = np.einsum("nhqk,nkhd->nqhd", ds, k)
+  dk = np.einsum("nhqk,nqhd->nkhd", ds, q)
+  for a, b in zip(got, (dq, dk, dv)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+  half = attention.heads_major_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32),
+                             np.einsum("nhqk,nkhd->nqhd", p, v), atol=0.05)
 
 
 def _perturbed(params, seed=0):
