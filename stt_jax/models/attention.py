@@ -28,10 +28,10 @@ time. Same parameters, same function; a schedule, not a model change.
 Attention itself is `jax.nn.dot_product_attention`; `implementation` "auto"
 is XLA's lowering, on CPUs in the form "heads_major" (the same einsums and
 softmax with the heads moved ahead of the tokens, [batch, heads, tokens, dim]:
-XLA:CPU's reductions over keys then run along contiguous rows; the train step
-of the tiny binned VNC III STT-UNET spent 1.6 of its 3.9 s in the spatial
-stream, whose forward and backward this form runs 1.9x faster,
-docs/architecture.md "Heads-major attention on CPUs"). On an H100 cuDNN's
+XLA:CPU's reductions over keys then run along contiguous rows: the level-1
+spatial streams of the tiny binned VNC III STT-UNET's train step 1.91x
+faster, the step 1.18x, docs/architecture.md "Heads-major attention on
+CPUs"). On an H100 cuDNN's
 fused kernel ("cudnn", opt-in) was no faster for these short sequences and
 its bf16 gradients disagreed with XLA's (bench/attention_impl.py;
 docs/architecture.md). "pallas" (opt-in) runs

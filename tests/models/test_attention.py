@@ -100,10 +100,15 @@ def test_heads_major_attention_gradients_match_closed_forms():
   dk = np.einsum("nhqk,nqhd->nkhd", ds, q)
   for a, b in zip(got, (dq, dk, dv)):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
-  half = attention.heads_major_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
-  assert half.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(half, np.float32),
+  half = tuple(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+  out = attention.heads_major_attention(*half)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.einsum("nhqk,nkhd->nqhd", p, v), atol=0.05)
+  half_f = lambda *a: jnp.sum(jnp.asarray(g, jnp.bfloat16) * attention.heads_major_attention(*a))
+  for a, b in zip(jax.grad(half_f, argnums=(0, 1, 2))(*half), (dq, dk, dv)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.1 * np.abs(b).max())
 
 
 def _perturbed(params, seed=0):
