@@ -31,11 +31,10 @@ softmax with the heads moved ahead of the tokens, [batch, heads, tokens, dim]:
 XLA:CPU's reductions over keys then run along contiguous rows: the level-1
 spatial streams of the tiny binned VNC III STT-UNET's train step 1.91x
 faster, the step 1.18x, docs/architecture.md "Heads-major attention on
-CPUs"). On an H100 cuDNN's
-fused kernel ("cudnn", opt-in) was no faster for these short sequences and
-its bf16 gradients disagreed with XLA's (bench/attention_impl.py;
-docs/architecture.md). "pallas" (opt-in) runs
-the spatial stream, many queries against <= 256 pooled keys, through
+CPUs"). On an H100 cuDNN's fused kernel ("cudnn", opt-in) was no faster for
+these short sequences and its bf16 gradients disagreed with XLA's
+(bench/attention_impl.py; docs/architecture.md). "pallas" (opt-in) runs the
+spatial stream, many queries against <= 256 pooled keys, through
 models/fused_attention.py's kernels, which keep the score matrix on chip; the
 temporal stream (32 against 32) stays XLA's unless `temporal_implementation`
 says otherwise: compiled for an H200, the kernel would write 8.7 GiB less per
