@@ -30,4 +30,18 @@ def compile_and_time(fn, args, repeats: int) -> Timed:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return Timed(compiled, compile_s, float(np.median(times)), outputs)
+  return Timed(compiled, compile_s, float(np.median(times)) if times else float("nan"), outputs)
+
+
+def time_interleaved(runs, repeats: int) -> list[float]:
+  """Median seconds of each (compiled, args) in `runs`, timed round-robin
+  (A B C A B C ...): on a shared or throttling machine a slow spell then
+  lands on every program alike, not on whichever ran during it (this 2-core
+  VM's step times drift by 15-30 % from minute to minute)."""
+  times = [[] for _ in runs]
+  for _ in range(repeats):
+    for (compiled, args), out in zip(runs, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      out.append(time.perf_counter() - t0)
+  return [float(np.median(t)) for t in times]

@@ -4,18 +4,20 @@
   python3 bench/attention_impl.py --patch=32,320,320 --chunks=4 --impls=xla,pallas,cudnn
   # on a CPU: the binned VNC III STT-UNET's widths and patch (README "Binned input")
   PYTHONPATH=. .venv/bin/python bench/attention_impl.py --patch=4,128,128 --dtype=float32 \
-      --impls=xla,heads_major --override="model.widths=(12,16,24,32,48)" --override=model.norm=group
+      --impls=heads_major,auto --override="model.widths=(12,16,24,32,48)" --override=model.norm=group
 
 Builds configs/mitoem_r.py's STT-UNET (bf16 by default), runs forward and
 gradient once per model.attention.implementation in --impls (the first is the
 reference), prints the largest gradient difference to the reference (relative
 to the largest gradient entry, and the worst leaf on its own scale) and the
-step times, and writes
+step times (all compiled first, then timed round-robin), and writes
 bench/results/attention_impl-<device>.json. "pallas" is the fused spatial
 attention (stt_jax/models/fused_attention.py), "cudnn" cuDNN's fused kernel
 where it applies. Off a GPU "pallas" runs in Pallas' interpreter: numbers,
 not speed. "heads_major" is XLA's attention with the heads ahead of the
-tokens (what "auto" picks on CPUs). --override sets any other config field.
+tokens, "unrolled" takes the keys one at a time (on CPUs "auto" picks
+unrolled for up to 8 keys, heads_major beyond). --override sets any other
+config field.
 """
 
 from __future__ import annotations
@@ -83,10 +85,11 @@ def main() -> None:
   image = jnp.asarray(np.random.default_rng(0).random((args.batch, *patch, 1), np.float32))
   out = {"device": jax.devices()[0].device_kind, "patch": list(patch), "batch": args.batch,
          "dtype": args.dtype, "chunks": args.chunks, "reference": impls[0],
-         "overrides": list(args.override)}
+         "overrides": list(args.override), "xla_flags": os.environ.get("XLA_FLAGS", "")}
   path = result_files.results_path(
       "attention_impl" + result_files.override_tag(args.override), out["device"])
   params = reference = None
+  compiled = []
   for impl in impls:
     cfg = mitoem_r.get_config("stt")
     cfg.model.compute_dtype = args.dtype
@@ -101,10 +104,10 @@ def main() -> None:
       params = jax.tree_util.tree_map_with_path(
           lambda path, p: p + 0.02 if "proj" in jax.tree_util.keystr(path) else p, params)
     loss = lambda p, m=model: jnp.mean(jax.nn.sigmoid(m.apply({"params": p}, image)) ** 2)
-    timed = aot_timing.compile_and_time(jax.value_and_grad(loss), (params,), args.repeats)
+    timed = aot_timing.compile_and_time(jax.value_and_grad(loss), (params,), 0)
     compile_s, hlo = timed.compile_s, timed.compiled.as_text()
     value, grads = timed.outputs
-    row = {"step_s": timed.step_s, "compile_s": compile_s, "loss": float(value),
+    row = {"compile_s": compile_s, "loss": float(value),
            "cudnn_attention_calls": hlo.count("__cudnn$fmha"),
            "triton_calls": hlo.count("__gpu$xla.gpu.triton")}
     if reference is None:
@@ -112,13 +115,18 @@ def main() -> None:
     else:
       row.update(gradient_difference(reference, grads))
     out[impl] = row
+    compiled.append((timed.compiled, (params,)))
     diff = (f", gradients within {row['grad_difference_of_largest']:.2g} of the largest and "
             f"{row['leaf_grad_difference']:.2g} of {row['leaf']}'s largest"
             if "leaf" in row else "")
-    print(f"{impl}: {row['step_s'] * 1e3:.1f} ms fwd+grad, compile {compile_s:.1f} s, "
-          f"loss {row['loss']:.6f}{diff}", flush=True)
-    with open(path, "w") as f:  # after every implementation: a cut run keeps its rows
-      json.dump(out, f, indent=2)
+    print(f"{impl}: compile {compile_s:.1f} s, loss {row['loss']:.6f}{diff}", flush=True)
+    del grads, timed
+  # timed round-robin, after all are compiled: drift hits every implementation alike
+  for impl, step_s in zip(impls, aot_timing.time_interleaved(compiled, args.repeats)):
+    out[impl]["step_s"] = step_s
+    print(f"{impl}: {step_s * 1e3:.1f} ms fwd+grad (median of {args.repeats}, interleaved)")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
   for impl in impls[1:]:
     print(f"{impl} / {impls[0]}: {out[impls[0]]['step_s'] / out[impl]['step_s']:.2f}x")
   print(f"wrote {path}")

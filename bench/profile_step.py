@@ -360,7 +360,7 @@ def main() -> None:
   result.update(device=device.device_kind, jax=jax.__version__, model=args.model, kind=args.kind,
                 patch=list(patch), batch=args.batch, dtype=args.dtype,
                 attention_chunks=args.attention_chunks, attention_impl=args.attention_impl,
-                overrides=list(args.override))
+                overrides=list(args.override), xla_flags=os.environ.get("XLA_FLAGS", ""))
   print(f"{device.device_kind}: {args.model} {args.kind} {args.patch} x{args.batch} {args.dtype}, "
         f"{result['device_ms_per_step']:.1f} ms of device events per step; the step "
         f"{result['wall_ms_per_step']:.1f} ms wall (fastest of {args.steps} untraced), "
