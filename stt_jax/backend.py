@@ -26,11 +26,15 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 # (Eigen) convolutions, forward and gradient, and the CPU form of every 3D
 # conv here is a sum of 2D convs: the baseline's train step at widths 28-80
 # took 2.1 s with them, 0.9 s without (docs/architecture.md "YNNPACK's
-# convolutions on a CPU"). Only the convolutions are taken from it; its
-# matrix products stay. The flag exists from jaxlib 0.10 (an older XLA would
-# abort on a flag it does not know).
+# convolutions on a CPU"). Its reductions go too (session 46): the softmax
+# and deformable-conv sums it took ran slower than XLA's own loops (the
+# binned STT-UNET's forward 1.31x faster without, forward + gradient 1.14x;
+# the baseline's forward 1.29x, but forward + gradient 0.90x: bench/
+# ynn_reductions.py, docs/architecture.md "Unrolled keys, and YNNPACK's
+# reductions off, on CPUs"). Its matrix products stay. The flag exists from jaxlib 0.10 (an older XLA
+# would abort on a flag it does not know).
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-YNN_CONVOLUTIONS_OFF = f"{YNN_FUSION_FLAG}=-individual_convolution"
+YNN_CPU_FLAG = f"{YNN_FUSION_FLAG}=-individual_convolution,-reduce"
 YNN_FLAG_SINCE = (0, 10)
 
 
@@ -46,11 +50,11 @@ def default_xla_flags(jaxlib_version: tuple[int, ...] | None = None) -> dict[str
   """XLA flags added on each backend unless the user's XLA_FLAGS or the
   config give the same flag. GPU: the latency-hiding scheduler overlaps the
   gradient all-reduce of data parallel training with the backward pass.
-  CPU: XLA's own convolutions instead of YNNPACK's (above)."""
+  CPU: XLA's own convolutions and reductions instead of YNNPACK's (above)."""
   version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
   return {
       "gpu": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
-      "cpu": (YNN_CONVOLUTIONS_OFF,) if version >= YNN_FLAG_SINCE else (),
+      "cpu": (YNN_CPU_FLAG,) if version >= YNN_FLAG_SINCE else (),
       "tpu": (),
   }
 
@@ -85,11 +89,15 @@ def _family(platform: str) -> str:
 def merged_xla_flags(present: str, platforms: str, extra: str) -> str:
   """XLA_FLAGS for a run on `platforms` (JAX_PLATFORMS syntax; "" or "auto":
   not known yet, so every backend's defaults, which the others ignore): the
-  defaults, then `extra`; a flag already in `present` (the user's
+  defaults, then `extra` (config.backend.xla_flags, whose flags replace a
+  default of the same name); a flag already in `present` (the user's
   environment) keeps its value there."""
   families = {_family(p) for p in platforms.split(",") if p and p != "auto"}
   families = families or set(DEFAULT_XLA_FLAGS)
-  flags = [f for fam in sorted(families) for f in DEFAULT_XLA_FLAGS.get(fam, ())]
+  # the config's flags replace a default of the same name (its value, not ours)
+  mine = {f.split("=")[0] for f in extra.split()}
+  flags = [f for fam in sorted(families) for f in DEFAULT_XLA_FLAGS.get(fam, ())
+           if f.split("=")[0] not in mine]
   flags += extra.split()
   kept = present.split()
   names = {f.split("=")[0] for f in kept}

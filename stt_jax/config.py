@@ -81,12 +81,15 @@ def default_config() -> ml_collections.ConfigDict:
   # time). Same values; a speed choice for GPUs (bench/deform_impl.py)
   c.model.attention.deform_gradient = "scatter"
   # auto = xla off CPUs (measured on an H100: cudnn no faster here, gradients
-  # disagree), heads_major on CPUs (XLA's einsums heads first: 1.9x faster
-  # there; models/attention.py); pallas: the fused spatial stream
-  c.model.attention.implementation = "auto"     # auto | xla | heads_major | cudnn | pallas
+  # disagree); on CPUs unrolled up to 8 keys (one key at a time, no matrix
+  # product: the binned VNC III STT-UNET's 4-section temporal streams; its
+  # train step 1.04-1.17x faster), heads_major beyond (XLA's einsums heads
+  # first: 1.9x faster there; models/attention.py); pallas: the fused
+  # spatial stream
+  c.model.attention.implementation = "auto"     # auto | xla | heads_major | unrolled | cudnn | pallas
   # the temporal stream's (32 keys per pixel column): auto = implementation's,
   # but XLA's when that is pallas (a speed choice: bench/gpu_compile.py)
-  c.model.attention.temporal_implementation = "auto"   # auto | xla | heads_major | cudnn | pallas
+  c.model.attention.temporal_implementation = "auto"   # auto | xla | heads_major | unrolled | cudnn | pallas
   # > 1: each SST block runs its streams in this many sequential pieces, each
   # recomputed in the backward pass (less memory, same function and parameters)
   c.model.attention.chunks = 1

@@ -19,7 +19,7 @@ GPU_FLAG = backend.DEFAULT_XLA_FLAGS["gpu"][0]
 
 
 def test_xla_flags_per_backend_and_the_environment_wins():
-  assert backend.merged_xla_flags("", "cpu", "") == backend.YNN_CONVOLUTIONS_OFF
+  assert backend.merged_xla_flags("", "cpu", "") == backend.YNN_CPU_FLAG
   assert backend.merged_xla_flags("", "tpu", "") == ""
   assert backend.merged_xla_flags("", "cuda", "") == GPU_FLAG
   assert backend.merged_xla_flags("", "rocm", "--xla_dump_to=/tmp/d") == \
@@ -31,27 +31,30 @@ def test_xla_flags_per_backend_and_the_environment_wins():
   present = f"--xla_force_host_platform_device_count=2 {name}=false"
   merged = backend.merged_xla_flags(present, "gpu", f"{name}=true --xla_dump_to=/x")
   assert merged == f"{present} --xla_dump_to=/x"
+  # the config's own value of a default flag replaces the default
+  ynn_reductions_on = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+  assert backend.merged_xla_flags("", "cpu", ynn_reductions_on) == ynn_reductions_on
 
 
 def test_ynnpack_convolutions_off_on_a_cpu_where_jaxlib_has_the_flag():
   # an older XLA aborts on a flag it does not know: none added there
   assert backend.default_xla_flags((0, 9))["cpu"] == ()
-  assert backend.default_xla_flags((0, 10))["cpu"] == (backend.YNN_CONVOLUTIONS_OFF,)
-  assert backend.default_xla_flags((0, 12))["cpu"] == (backend.YNN_CONVOLUTIONS_OFF,)
+  assert backend.default_xla_flags((0, 10))["cpu"] == (backend.YNN_CPU_FLAG,)
+  assert backend.default_xla_flags((0, 12))["cpu"] == (backend.YNN_CPU_FLAG,)
   # the user's own setting of the flag wins
   mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
   assert backend.merged_xla_flags(mine, "cpu", "") == mine
   on = lambda flags: backend.ynn_convolutions_on({"XLA_FLAGS": flags})
-  assert not on(backend.YNN_CONVOLUTIONS_OFF)
+  assert not on(backend.YNN_CPU_FLAG)
   assert not on("--xla_cpu_experimental_ynn_fusion_type=")  # every library fusion off
   assert not on("--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce")
   assert on(mine) and on("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution")
-  assert on(f"{backend.YNN_CONVOLUTIONS_OFF} {mine}")  # the last one counts
+  assert on(f"{backend.YNN_CPU_FLAG} {mine}")  # the last one counts
   assert on("--xla_force_host_platform_device_count=2")  # jaxlib's default (0.10.2 pinned)
   environ = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   assert backend.apply_default_xla_flags(environ) == (
-      f"--xla_force_host_platform_device_count=2 {backend.YNN_CONVOLUTIONS_OFF}")
-  assert environ["XLA_FLAGS"].endswith(backend.YNN_CONVOLUTIONS_OFF)
+      f"--xla_force_host_platform_device_count=2 {backend.YNN_CPU_FLAG}")
+  assert environ["XLA_FLAGS"].endswith(backend.YNN_CPU_FLAG)
 
 
 _COMPILED_CONV2D = """
@@ -63,17 +66,27 @@ conv = lambda a, k: lax.conv_general_dilated(
 print("__ynn" in jax.jit(conv).lower(x, w).compile().as_text())
 """
 
+# the deformable conv's bilinear blend: a weighted sum over the 4 corners
+_COMPILED_REDUCTION = """
+import jax, jax.numpy as jnp
+x, w = jnp.zeros((4096, 4, 16)), jnp.zeros((4096, 4))
+blend = lambda a, b: jnp.sum(a * b[:, :, None], axis=1)
+print("__ynn" in jax.jit(blend).lower(x, w).compile().as_text())
+"""
 
-def test_the_flag_reaches_xla_and_a_24_wide_conv_is_xlas_own():
-  """With the CPU defaults no YNNPACK fusion in the compiled conv; without
-  the flag jaxlib 0.10.2 puts this conv in one (so the check can fail: a
-  jaxlib that ignores the flag shows up here)."""
+
+@pytest.mark.parametrize("program", [_COMPILED_CONV2D, _COMPILED_REDUCTION],
+                         ids=["conv2d_24_wide", "corner_sum"])
+def test_the_flag_reaches_xla_and_convs_and_reductions_are_xlas_own(program):
+  """With the CPU defaults no YNNPACK fusion in the compiled program; without
+  the flag jaxlib 0.10.2 puts each in one (so the check can fail: a jaxlib
+  that ignores the flag shows up here)."""
   found = {}
-  for case, ynn_flag in (("defaults", backend.YNN_CONVOLUTIONS_OFF), ("jaxlib's", "")):
+  for case, ynn_flag in (("defaults", backend.YNN_CPU_FLAG), ("jaxlib's", "")):
     flags = " ".join([f for f in os.environ["XLA_FLAGS"].split()
                       if not f.startswith("--xla_cpu_experimental_ynn_fusion_type")]
                      + [ynn_flag])
-    proc = subprocess.run([sys.executable, "-c", _COMPILED_CONV2D], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=flags))
     assert proc.returncode == 0, proc.stderr[-2000:]
     found[case] = proc.stdout.split()[-1]

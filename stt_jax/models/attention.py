@@ -31,7 +31,10 @@ softmax with the heads moved ahead of the tokens, [batch, heads, tokens, dim]:
 XLA:CPU's reductions over keys then run along contiguous rows: the level-1
 spatial streams of the tiny binned VNC III STT-UNET's train step 1.91x
 faster, the step 1.18x, docs/architecture.md "Heads-major attention on
-CPUs"). On an H100 cuDNN's fused kernel ("cudnn", opt-in) was no faster for
+CPUs"), and for up to UNROLLED_MAX_KEYS keys "unrolled" (one key at a time,
+elementwise: that model's 4-section temporal streams 5x cheaper with
+YNNPACK's reductions off too, its step 1.04-1.17x faster again; "Unrolled keys"
+there). On an H100 cuDNN's fused kernel ("cudnn", opt-in) was no faster for
 these short sequences and its bf16 gradients disagreed with XLA's
 (bench/attention_impl.py; docs/architecture.md). "pallas" (opt-in) runs the
 spatial stream, many queries against <= 256 pooled keys, through
@@ -44,6 +47,7 @@ paper train step than XLA's scores and probabilities, but for 32x32 tiles,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -82,7 +86,12 @@ def kv_pool_factor(h: int, w: int, kv_grid: int) -> int:
   return max(1, math.ceil(max(h, w) / kv_grid))
 
 
-IMPLEMENTATIONS = ("auto", "xla", "heads_major", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "heads_major", "unrolled", "cudnn", "pallas")
+# "auto" on a CPU: "unrolled" up to this many keys, "heads_major" beyond
+UNROLLED_MAX_KEYS = 8
+# "unrolled" asked for outright: up to this many keys (its program holds a
+# term per key: 256 did not compile in 10 minutes), heads_major beyond
+UNROLLED_MOST_KEYS = 32
 
 
 def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -100,11 +109,42 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
   return to_heads(jnp.einsum("bnqk,bnkd->bnqd", weights, to_heads(v)))
 
 
+def unrolled_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention taken one key at a time, with no matrix product.
+
+  q [batch, queries, heads, dim], k/v [batch, keys, heads, dim] -> like q.
+  Each key's scores are a multiply and a sum over dim, the softmax and the
+  weighted sum of values elementwise over [batch, queries, heads]: for a
+  handful of keys (the temporal stream of a 4- to 8-section patch) XLA:CPU
+  runs it as a few fused loops, where its batched products of 4 x 4 matrices
+  crawled (docs/architecture.md "Unrolled keys"). Its program grows with the
+  number of keys: for short sequences only. Float32 scores and sums, as
+  heads_major_attention.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+  keys = range(k.shape[1])
+  scores = [jnp.sum(qf * kf[:, j:j + 1], axis=-1) * scale for j in keys]   # [b, q, n]
+  # the shift leaves the softmax unchanged; as jax.nn.softmax, no gradient through it
+  top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, scores))
+  exps = [jnp.exp(s - top) for s in scores]
+  total = functools.reduce(jnp.add, exps)
+  out = functools.reduce(jnp.add, [e[..., None] * vf[:, j:j + 1] for j, e in zip(keys, exps)])
+  return (out / total[..., None]).astype(v.dtype)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
   """Softmax attention. q [batch, queries, heads, dim], k/v [batch, keys, heads, dim]."""
   if implementation == "auto":
-    implementation = "heads_major" if traced_platform.name() == "cpu" else "xla"
+    if traced_platform.name() != "cpu":
+      implementation = "xla"
+    else:
+      implementation = "unrolled" if k.shape[1] <= UNROLLED_MAX_KEYS else "heads_major"
   if implementation == "heads_major":
+    return heads_major_attention(q, k, v)
+  if implementation == "unrolled":
+    if k.shape[1] <= UNROLLED_MOST_KEYS:
+      return unrolled_keys_attention(q, k, v)
     return heads_major_attention(q, k, v)
   if implementation == "pallas":
     # imported here: the default path needs no Pallas/Triton at all

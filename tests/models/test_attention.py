@@ -56,7 +56,7 @@ def _temporal_ref(params, x, heads):
   return np.moveaxis(out, 3, 1)
 
 
-@pytest.mark.parametrize("implementation", ["auto", "xla", "heads_major"])
+@pytest.mark.parametrize("implementation", ["auto", "xla", "heads_major", "unrolled"])
 @pytest.mark.parametrize("shape,kv_grid", [((2, 3, 5, 7, 8), 16), ((1, 5, 9, 11, 8), 4),
                                            ((1, 2, 8, 8, 8), 4)])
 def test_spatial_stream_matches_naive_reference(shape, kv_grid, implementation):
@@ -70,7 +70,7 @@ def test_spatial_stream_matches_naive_reference(shape, kv_grid, implementation):
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["auto", "xla", "heads_major"])
+@pytest.mark.parametrize("implementation", ["auto", "xla", "heads_major", "unrolled"])
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4, 8), (1, 7, 5, 3, 4)])
 def test_temporal_stream_matches_naive_reference(shape, implementation):
   x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
@@ -81,7 +81,10 @@ def test_temporal_stream_matches_naive_reference(shape, implementation):
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
 
 
-def test_heads_major_attention_gradients_match_closed_forms():
+@pytest.mark.parametrize("attend", [attention.heads_major_attention,
+                                    attention.unrolled_keys_attention],
+                         ids=["heads_major", "unrolled"])
+def test_attention_gradients_match_closed_forms(attend):
   """d/dq, d/dk, d/dv of sum(g * attention(q, k, v)) against the textbook
   softmax-attention backward pass in float64 numpy; bf16 inputs keep float32
   scores (as XLA's path does)."""
@@ -89,7 +92,7 @@ def test_heads_major_attention_gradients_match_closed_forms():
   n, lq, lk, heads, d = 3, 7, 5, 2, 4
   q, g = (rng.standard_normal((n, lq, heads, d)) for _ in range(2))
   k, v = (rng.standard_normal((n, lk, heads, d)) for _ in range(2))
-  f = lambda *a: jnp.sum(jnp.asarray(g, jnp.float32) * attention.heads_major_attention(*a))
+  f = lambda *a: jnp.sum(jnp.asarray(g, jnp.float32) * attend(*a))
   got = jax.grad(f, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
   scores = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(d)
   p = _softmax(scores)
@@ -101,14 +104,41 @@ def test_heads_major_attention_gradients_match_closed_forms():
   for a, b in zip(got, (dq, dk, dv)):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
   half = tuple(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-  out = attention.heads_major_attention(*half)
+  out = attend(*half)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.einsum("nhqk,nkhd->nqhd", p, v), atol=0.05)
-  half_f = lambda *a: jnp.sum(jnp.asarray(g, jnp.bfloat16) * attention.heads_major_attention(*a))
+  half_f = lambda *a: jnp.sum(jnp.asarray(g, jnp.bfloat16) * attend(*a))
   for a, b in zip(jax.grad(half_f, argnums=(0, 1, 2))(*half), (dq, dk, dv)):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.1 * np.abs(b).max())
+
+
+def _has_matrix_product(keys: int) -> bool:
+  q = jnp.zeros((2, 6, 2, 4))
+  kv = jnp.zeros((2, keys, 2, 4))
+  jaxpr = jax.make_jaxpr(lambda q, k, v: attention.attend(q, k, v, "auto"))(q, kv, kv)
+  return "dot_general" in str(jaxpr)
+
+
+def test_auto_on_a_cpu_unrolls_a_few_keys_only():
+  """auto: keys one by one (no matrix product) up to UNROLLED_MAX_KEYS, the
+  heads-major matrix products beyond (the unrolled program grows with them)."""
+  assert jax.default_backend() == "cpu"
+  most = attention.UNROLLED_MAX_KEYS
+  assert not _has_matrix_product(1) and not _has_matrix_product(most)
+  assert _has_matrix_product(most + 1) and _has_matrix_product(64)
+
+
+def test_unrolled_asked_for_keeps_matrix_products_past_its_limit():
+  """"unrolled" outright unrolls up to UNROLLED_MOST_KEYS keys (a term per
+  key: 256 would take minutes to compile), computes heads_major's beyond."""
+  q = jnp.zeros((1, 3, 2, 4))
+  for keys, unrolled in ((attention.UNROLLED_MOST_KEYS, True),
+                         (attention.UNROLLED_MOST_KEYS + 1, False)):
+    kv = jnp.zeros((1, keys, 2, 4))
+    jaxpr = jax.make_jaxpr(lambda q, k, v: attention.attend(q, k, v, "unrolled"))(q, kv, kv)
+    assert ("dot_general" not in str(jaxpr)) == unrolled
 
 
 def _perturbed(params, seed=0):
