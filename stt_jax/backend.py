@@ -31,8 +31,8 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 # binned STT-UNET's forward 1.31x faster without, forward + gradient 1.14x;
 # the baseline's forward 1.29x, but forward + gradient 0.90x: bench/
 # ynn_reductions.py, docs/architecture.md "Unrolled keys, and YNNPACK's
-# reductions off, on CPUs"). Its matrix products stay. The flag exists from jaxlib 0.10 (an older XLA
-# would abort on a flag it does not know).
+# reductions off, on CPUs"). Its matrix products stay. The flag exists from
+# jaxlib 0.10 (an older XLA would abort on a flag it does not know).
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_CPU_FLAG = f"{YNN_FUSION_FLAG}=-individual_convolution,-reduce"
 YNN_FLAG_SINCE = (0, 10)

@@ -1,6 +1,5 @@
 """bench/aot_timing.py: programs timed round-robin, each its own median."""
 
-import itertools
 import os
 import sys
 from unittest import mock
@@ -17,9 +16,10 @@ def test_programs_run_round_robin_and_get_their_own_medians():
   program = lambda name: (lambda x: calls.append((name, x)) or x)
   # a fake clock: each run of "a" takes 1 s, of "b" 3 s, but the second
   # round is slowed down by 10 s for both (a slow spell of the machine)
-  durations = iter([1, 3, 11, 13, 1, 3])
-  ticks = itertools.accumulate(itertools.chain.from_iterable((0, next(durations)) for _ in range(6)))
-  clock = iter(ticks)
+  stamps = [0.0]
+  for duration in (1, 3, 11, 13, 1, 3):   # each run reads the clock at its start and end
+    stamps += [stamps[-1], stamps[-1] + duration]
+  clock = iter(stamps[1:])
   with mock.patch.object(aot_timing.time, "perf_counter", lambda: float(next(clock))):
     medians = aot_timing.time_interleaved([(program("a"), (1,)), (program("b"), (2,))], 3)
   assert calls == [("a", 1), ("b", 2)] * 3

@@ -33,8 +33,8 @@ spatial streams of the tiny binned VNC III STT-UNET's train step 1.91x
 faster, the step 1.18x, docs/architecture.md "Heads-major attention on
 CPUs"), and for up to UNROLLED_MAX_KEYS keys "unrolled" (one key at a time,
 elementwise: that model's 4-section temporal streams 5x cheaper with
-YNNPACK's reductions off too, its step 1.04-1.17x faster again; "Unrolled keys"
-there). On an H100 cuDNN's fused kernel ("cudnn", opt-in) was no faster for
+YNNPACK's reductions off too, its step 1.04-1.17x faster again; "Unrolled
+keys" there). On an H100 cuDNN's fused kernel ("cudnn", opt-in) was no faster for
 these short sequences and its bf16 gradients disagreed with XLA's
 (bench/attention_impl.py; docs/architecture.md). "pallas" (opt-in) runs the
 spatial stream, many queries against <= 256 pooled keys, through
