@@ -67,6 +67,20 @@ def gradient_difference(reference, other) -> dict:
           "leaf_grad_difference": leaf[0], "leaf": leaf[1]}
 
 
+def perturbed_params(model, patch) -> dict:
+  """`model`'s initial parameters for [*, *patch, 1] inputs, with the SST
+  blocks' output projections moved off zero: a fresh SST block is the
+  identity (zero output projection), and attention must reach the output."""
+  params = state_lib.init_params(model, patch, seed=0)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.02 if "proj" in jax.tree_util.keystr(path) else p, params)
+
+
+def sigmoid_square_loss(model, image):
+  """params -> mean(sigmoid(model(image))^2): a scalar through every output."""
+  return lambda p: jnp.mean(jax.nn.sigmoid(model.apply({"params": p}, image)) ** 2)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--patch", default="16,128,128")
@@ -98,13 +112,9 @@ def main() -> None:
     apply_overrides(cfg, args.override)
     model = unet.from_config(cfg.model)
     if params is None:
-      params = state_lib.init_params(model, patch, seed=0)
-      # a fresh SST block is the identity (zero output projection): perturb it
-      # so that attention reaches the output
-      params = jax.tree_util.tree_map_with_path(
-          lambda path, p: p + 0.02 if "proj" in jax.tree_util.keystr(path) else p, params)
-    loss = lambda p, m=model: jnp.mean(jax.nn.sigmoid(m.apply({"params": p}, image)) ** 2)
-    timed = aot_timing.compile_and_time(jax.value_and_grad(loss), (params,), 0)
+      params = perturbed_params(model, patch)
+    timed = aot_timing.compile_and_time(jax.value_and_grad(sigmoid_square_loss(model, image)),
+                                        (params,), 0)
     compile_s, hlo = timed.compile_s, timed.compiled.as_text()
     value, grads = timed.outputs
     row = {"compile_s": compile_s, "loss": float(value),

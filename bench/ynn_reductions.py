@@ -42,11 +42,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import aot_timing  # noqa: E402
+import attention_impl  # noqa: E402  the model loss and parameters it times
 from config_overrides import apply_overrides  # noqa: E402
 import mitoem_r  # noqa: E402
 import result_files  # noqa: E402
 from stt_jax.models import unet  # noqa: E402
-from stt_jax.train import state as state_lib  # noqa: E402
 
 # the per-compile form of "no YNNPACK reductions": the option takes one value
 WITHOUT_REDUCTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -60,13 +60,9 @@ def programs(preset: str, overrides, patch, batch: int):
   apply_overrides(cfg, overrides)
   model = unet.from_config(cfg.model)
   image = jnp.asarray(np.random.default_rng(0).random((batch, *patch, 1), np.float32))
-  params = state_lib.init_params(model, patch, seed=0)
-  # a fresh SST block is the identity (zero output projection): perturb it
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, p: p + 0.02 if "proj" in jax.tree_util.keystr(path) else p, params)
-  loss = lambda p: jnp.mean(jax.nn.sigmoid(model.apply({"params": p}, image)) ** 2)
-  return params, {"forward": lambda p: jnp.mean(model.apply({"params": p}, image)),
-                  "gradient": jax.value_and_grad(loss)}
+  return attention_impl.perturbed_params(model, patch), {
+      "forward": lambda p: jnp.mean(model.apply({"params": p}, image)),
+      "gradient": jax.value_and_grad(attention_impl.sigmoid_square_loss(model, image))}
 
 
 def main(argv: list[str] | None = None) -> None:
