@@ -22,7 +22,6 @@ Writes bench/results/attention_forms[-<tag>]-<device>.json, with $XLA_FLAGS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     out["rows"] += rows
   name = "attention_forms" + (f"-{args.tag}" if args.tag else "")
   path = result_files.results_path(name, out["device"], args.out_dir)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {os.path.relpath(path, ROOT)}")
+  result_files.write_json(path, out)
 
 
 if __name__ == "__main__":

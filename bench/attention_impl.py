@@ -23,7 +23,6 @@ config field.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -135,11 +134,9 @@ def main() -> None:
   for impl, step_s in zip(impls, aot_timing.time_interleaved(compiled, args.repeats)):
     out[impl]["step_s"] = step_s
     print(f"{impl}: {step_s * 1e3:.1f} ms fwd+grad (median of {args.repeats}, interleaved)")
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
   for impl in impls[1:]:
     print(f"{impl} / {impls[0]}: {out[impls[0]]['step_s'] / out[impl]['step_s']:.2f}x")
-  print(f"wrote {path}")
+  result_files.write_json(path, out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ and writes bench/results/binned_feeder-<cores>cores.json.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
+import result_files  # noqa: E402  pylint: disable=wrong-import-position  bench/, beside this file
 import vnc3  # noqa: E402  pylint: disable=wrong-import-position
 
 from stt_jax.train import loop  # noqa: E402  pylint: disable=wrong-import-position
@@ -50,11 +50,9 @@ def main(argv):
     rows.append({"input_scale": [1, f, f], "ms_per_batch": 1e3 * seconds,
                  "model_voxels_per_s": voxels / seconds})
     print(f"{str((1, f, f)):>12s} {1e3 * seconds:9.0f} {voxels / seconds:15.3g}")
-  out = os.path.join(ROOT, "bench", "results", f"binned_feeder-{os.cpu_count()}cores.json")
-  with open(out, "w") as file:
-    json.dump({"patch": list(args.patch), "batch": args.batch, "threads": 1, "rows": rows},
-              file, indent=2)
-  print(f"wrote {out}")
+  result_files.write_json(
+      os.path.join(result_files.RESULTS_DIR, f"binned_feeder-{os.cpu_count()}cores.json"),
+      {"patch": list(args.patch), "batch": args.batch, "threads": 1, "rows": rows})
 
 
 if __name__ == "__main__":

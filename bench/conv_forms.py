@@ -25,7 +25,6 @@ Writes bench/results/conv_forms-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -166,9 +165,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{f} {row['forms'][f]['over_torch']['forward_s']:.2f}x fwd "
           f"{row['forms'][f]['over_torch']['forward_and_grad_s']:.2f}x both" for f in forms))
     out["convs"].append(row)
-    with open(path, "w") as f:  # after every conv: a cut run keeps its rows
-      json.dump(out, f, indent=2)
-  print(f"wrote {path}")
+    result_files.write_json(path, out, quiet=True)  # after every conv: a cut run keeps its rows
+  result_files.announce(path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import result_files  # noqa: E402  bench/, beside this file
 from stt_jax import memory_use  # noqa: E402
 from stt_jax.config import AUGMENT_PROBABILITIES, default_config  # noqa: E402
 from stt_jax.data import sources  # noqa: E402
@@ -92,11 +93,8 @@ def main():
       "patches": batches * 2, "patch": [32, 320, 320], "feed_seconds": feed_s,
       "patches_per_s": batches * 2 / feed_s, "peak_rss_mb": memory_use.peak_resident_mb()}
   print(json.dumps(result, indent=2))
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                     "data_memory-cpu.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {out}")
+  result_files.write_json(os.path.join(result_files.RESULTS_DIR, "data_memory-cpu.json"),
+                          result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ bench/results/data_throughput-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ backend.apply_default_xla_flags()  # the XLA flags a run gets (stt_jax/backend.p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import result_files  # noqa: E402  bench/, beside this file
 from stt_jax.config import AUGMENT_PROBABILITIES, default_config  # noqa: E402
 from stt_jax.data import sources, synthetic  # noqa: E402
 from stt_jax.data.sampler import PatchSampler  # noqa: E402
@@ -110,13 +110,10 @@ def main():
   print(f"{'':55s} {'patches/s':>10s} {'voxels/s':>10s}")
   for r in rows:
     print(f"{r['what']:55s} {r['patches_per_s']:10.3f} {r['voxels_per_s']:10.3g}")
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                     f"data_throughput-{jax.default_backend()}.json")
-  with open(out, "w") as f:
-    json.dump({"patch": patch, "step_patch": step_patch, "batch": batch,
-               "cores": os.cpu_count(),
-               "device": device, "rows": rows}, f, indent=2)
-  print(f"wrote {out}")
+  result_files.write_json(
+      os.path.join(result_files.RESULTS_DIR, f"data_throughput-{jax.default_backend()}.json"),
+      {"patch": patch, "step_patch": step_patch, "batch": batch, "cores": os.cpu_count(),
+       "device": device, "rows": rows})
 
 
 if __name__ == "__main__":

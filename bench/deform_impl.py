@@ -23,7 +23,6 @@ bench/results/deform_impl-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -115,9 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     errors = ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
     print(f"{variant:18s}: {step_s * 1e3:8.2f} ms fwd+grad, compile "
           f"{compile_s:5.1f} s, gradient error {errors}", flush=True)
-    with open(path, "w") as f:  # after every variant: a cut run keeps its rows
-      json.dump(out, f, indent=2)
-  print(f"wrote {path}")
+    result_files.write_json(path, out, quiet=True)  # after every variant: a cut run keeps its rows
+  result_files.announce(path)
 
 
 if __name__ == "__main__":

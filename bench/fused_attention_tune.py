@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
   def save():
     out["rows"].sort(key=lambda r: (r["pass"], r["step_s"]))
-    with open(path, "w") as f:  # after every variant: a cut run keeps its rows
-      json.dump(out, f, indent=2)
+    result_files.write_json(path, out, quiet=True)  # after every variant: a cut run keeps its rows
 
   xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
   xla_grad = jax.value_and_grad(
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if rows:
       print(f"best {pass_}: {rows[0]['step_s'] * 1e3:.3f} ms with {rows[0]['tuning']} "
             f"(xla {out['xla_' + pass_]['step_s'] * 1e3:.3f} ms)")
-  print(f"wrote {path}")
+  result_files.announce(path)
 
 
 if __name__ == "__main__":

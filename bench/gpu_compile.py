@@ -28,7 +28,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import json
 import os
 import re
 import sys
@@ -304,9 +303,7 @@ def main(argv: list[str] | None = None) -> None:
   for r in out["by_module"][:args.top]:
     print(f"{r['gib']:>9.2f} GiB  {r['pass']:<9}{r['module']}")
   path = result_files.results_path(stem, out["target"], args.out_dir)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {os.path.relpath(path, ROOT)}")
+  result_files.write_json(path, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Writes bench/results/model_cost-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -177,10 +176,8 @@ def _write(name: str, payload: dict) -> None:
   """bench/results/<name>-<device>.json, with the device and jax version."""
   device = jax.devices()[0]
   path = result_files.results_path(name, device.device_kind)
-  with open(path, "w") as f:
-    json.dump({"device": device.device_kind, "platform": device.platform,
-               "jax": jax.__version__, **payload}, f, indent=2, default=float)
-  print(f"wrote {path}")
+  result_files.write_json(path, {"device": device.device_kind, "platform": device.platform,
+                                 "jax": jax.__version__, **payload}, default=float)
 
 
 def main() -> None:

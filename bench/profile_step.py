@@ -380,9 +380,7 @@ def main() -> None:
   impl = "" if args.attention_impl == "auto" else f"-attention_{args.attention_impl}"
   impl += result_files.override_tag(args.override)
   out = result_files.results_path(f"profile-{args.model}-{args.kind}{impl}", device.device_kind)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {os.path.relpath(out, ROOT)}")
+  result_files.write_json(out, result)
 
 
 if __name__ == "__main__":

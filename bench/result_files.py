@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def device_tag(device_kind: str) -> str:
@@ -37,3 +39,32 @@ def override_tag(overrides) -> str:
     key, _, value = item.partition("=")
     tag += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", f"{key.rpartition('.')[2]}_{value}")
   return tag
+
+
+def write_json(path: str, obj, *, indent: int = 2, default=None, quiet: bool = False) -> str:
+  """Writes obj to path as JSON and says so ("wrote <path from the repo
+  root>") unless quiet; returns path.
+
+  Through a temporary file renamed over path: the scripts that save after
+  every row, and vs_torch.py --add-flops that rewrites a GPU run's file in
+  place, leave the previous file whole when they are killed mid-write.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = path + ".partial"
+  try:
+    with open(partial, "w") as f:
+      json.dump(obj, f, indent=indent, default=default)
+  except BaseException:
+    if os.path.exists(partial):
+      os.unlink(partial)
+    raise
+  os.replace(partial, path)
+  if not quiet:
+    announce(path)
+  return path
+
+
+def announce(path: str) -> None:
+  """Prints "wrote <path>", relative to the repo root where it lies inside."""
+  shown = os.path.relpath(path, ROOT)
+  print(f"wrote {path if shown.startswith('..') else shown}", flush=True)

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+import result_files  # noqa: E402  bench/, beside this file
 from stt_jax.data import sources, synthetic  # noqa: E402
 from stt_jax.data.targets import instance_contour  # noqa: E402
 
@@ -170,11 +171,8 @@ def main() -> None:
     results["segment"] = bench_segment(args.work)
   if args.only in (None, "decode"):
     results["decode"] = bench_decode(args.work, tuple(int(v) for v in args.big_shape.split(",")))
-  os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
   name = "segment_memory-cpu.json" if args.only is None else f"segment_memory-{args.only}-cpu.json"
-  with open(os.path.join(ROOT, "bench/results", name), "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote bench/results/{name}")
+  result_files.write_json(os.path.join(result_files.RESULTS_DIR, name), results)
 
 
 if __name__ == "__main__":

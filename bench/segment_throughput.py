@@ -322,12 +322,9 @@ def main() -> None:
     rows.append((f"ours / PyTorch {peer['mode']}", f"{peer['ours_over_this']:.2f}x"))
   for name, value in rows:
     print(f"{name:<46}{value}")
-  os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-  path = os.path.join(ROOT, "bench/results", f"segment_throughput"
-                      f"{result_files.override_tag(args.override)}-{platform}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {os.path.relpath(path, ROOT)}")
+  result_files.write_json(os.path.join(
+      result_files.RESULTS_DIR,
+      f"segment_throughput{result_files.override_tag(args.override)}-{platform}.json"), result)
 
 
 if __name__ == "__main__":

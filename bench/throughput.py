@@ -12,7 +12,6 @@ bench/results/throughput-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -112,11 +111,9 @@ def main() -> None:
           f"{r['batch']:>5}{r['step_s']:>9.3f}{r['voxels_per_s']:>12.3g}"
           f"{r['compile_s']:>10.1f}{r['peak_rss_bytes'] / 2**20:>13.0f}{ratio:>9}")
   path = result_files.results_path("throughput", device.device_kind)
-  with open(path, "w") as f:
-    json.dump({"device": device.device_kind, "platform": device.platform,
-               "device_count": jax.device_count(), "jax": jax.__version__,
-               "rows": rows}, f, indent=2)
-  print(f"wrote {path}")
+  result_files.write_json(path, {"device": device.device_kind, "platform": device.platform,
+                                 "device_count": jax.device_count(), "jax": jax.__version__,
+                                 "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ written by training or --mode=evaluate), cropped to the scored sections.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
+import result_files  # noqa: E402  pylint: disable=wrong-import-position  bench/, beside this file
 import vnc3  # noqa: E402  pylint: disable=wrong-import-position
 
 from stt_jax.data import datasets, sources  # noqa: E402  pylint: disable=wrong-import-position
@@ -63,8 +63,7 @@ def main(argv):
       print(uncertainty.format_difference(pair, a, b))
       print(uncertainty.format_ap_difference(pair, a, b))
   if out_path:
-    with open(out_path, "w") as f:
-      json.dump({"runs": runs, "results": results}, f, indent=2)
+    result_files.write_json(out_path, {"runs": runs, "results": results})
 
 
 if __name__ == "__main__":

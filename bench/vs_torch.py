@@ -512,9 +512,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
       path = result_files.results_path(
           f"vs_torch-check-{'_'.join(models)}{result_files.override_tag(overrides)}",
           jax.devices()[0].device_kind, os.path.join(ROOT, "bench", "results"))
-      with open(path, "w") as f:
-        json.dump(dict(result, overrides=list(overrides)), f, indent=2)
-      print(f"wrote {path}")
+      result_files.write_json(path, dict(result, overrides=list(overrides)))
     if worst > 1e-4:
       raise SystemExit(f"the PyTorch peer computes another function ({worst:.2e}); "
                        "fix bench/reference_torch before timing it")
@@ -534,8 +532,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
                                      overrides)
     path = result_files.results_path(f"vs_torch-{'_'.join(kinds)}{tag}",
                                      result.get("device", "unknown"), out_dir)
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+    result_files.write_json(path, result, quiet=True)
   for kind in kinds:
     for model in models:
       spec = json.dumps({"kind": kind, "cases": cases, "dtypes": list(dtypes),
@@ -561,7 +558,7 @@ def run(kinds, cases=None, dtypes=None, repeats=10,
     add_flops(result)
   _print(result, have_torch)
   save()
-  print(f"wrote {path}")
+  result_files.announce(path)
   return result
 
 
@@ -648,8 +645,7 @@ def main(kinds=("train", "infer")) -> None:
       result = json.load(f)
     add_flops(result)
     _print(result, result.get("torch") is not None)
-    with open(args.add_flops, "w") as f:
-      json.dump(result, f, indent=2)
+    result_files.write_json(args.add_flops, result)
     return
   if args.worker:
     spec = json.loads(args.spec)

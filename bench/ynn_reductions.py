@@ -21,7 +21,6 @@ and the ratio (with / without), writes bench/results/ynn_reductions-<device>.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -105,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
          "patch": list(patch), "batch": args.batch, "overrides": overrides,
          "rounds": args.rounds, "rows": rows}
   path = result_files.results_path("ynn_reductions", out["device"], args.out_dir)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {os.path.relpath(path, ROOT)}")
+  result_files.write_json(path, out)
 
 
 if __name__ == "__main__":
