@@ -25,12 +25,8 @@ def compile_and_time(fn, args, repeats: int) -> Timed:
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
   outputs = jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return Timed(compiled, compile_s, float(np.median(times)) if times else float("nan"), outputs)
+  step_s = time_interleaved([(compiled, args)], repeats)[0] if repeats else float("nan")
+  return Timed(compiled, compile_s, step_s, outputs)
 
 
 def time_interleaved(runs, repeats: int) -> list[float]:
