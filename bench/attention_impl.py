@@ -129,6 +129,8 @@ def main() -> None:
             f"{row['leaf_grad_difference']:.2g} of {row['leaf']}'s largest"
             if "leaf" in row else "")
     print(f"{impl}: compile {compile_s:.1f} s, loss {row['loss']:.6f}{diff}", flush=True)
+    # after every implementation: a cut run keeps its compile times and gradient checks
+    result_files.write_json(path, out, quiet=True)
     del grads, timed
   # timed round-robin, after all are compiled: drift hits every implementation alike
   for impl, step_s in zip(impls, aot_timing.time_interleaved(compiled, args.repeats)):
