@@ -28,6 +28,8 @@ from stt_jax.config import AUGMENT_PROBABILITIES, default_config  # noqa: E402
 from stt_jax.data import sources  # noqa: E402
 from stt_jax.data.sampler import PatchSampler  # noqa: E402
 
+PATCH_SHAPE = (32, 320, 320)
+
 
 def du_bytes(path: str) -> int:
   total = 0
@@ -46,12 +48,16 @@ def make_volumes(directory: str, shape) -> tuple[str, str]:
   rng = np.random.default_rng(0)
   for z in range(0, shape[0], chunks[0]):
     for y in range(0, shape[1], 2048):  # 32x2048x4096 = 256 MB per write
-      block = rng.integers(0, 256, (chunks[0], 2048, shape[2]), dtype=np.uint8)
+      depth, rows = min(chunks[0], shape[0] - z), min(2048, shape[1] - y)
+      block = rng.integers(0, 256, (depth, rows, shape[2]), dtype=np.uint8)
       image.write([z, y, 0], block)
   labels = sources.create_volume(label_path, shape, np.uint32, chunks=chunks)
-  corner = np.zeros((32, 1024, 1024), np.uint32)
-  yy, xx = np.mgrid[:1024, :1024]
-  for i, (cy, cx) in enumerate(rng.integers(40, 984, (60, 2))):
+  corner_shape = (min(32, shape[0]), min(1024, shape[1]), min(1024, shape[2]))
+  corner = np.zeros(corner_shape, np.uint32)
+  yy, xx = np.mgrid[:corner_shape[1], :corner_shape[2]]
+  span = min(corner_shape[1:])  # 1024 at the default shape: centres in [40, 984)
+  low = min(40, span // 2)
+  for i, (cy, cx) in enumerate(rng.integers(low, max(low + 1, span - 40), (60, 2))):
     corner[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 30 ** 2] = i + 1
   labels.write([0, 0, 0], corner)
   return image_path, label_path
@@ -64,6 +70,9 @@ def main():
   parser.add_argument("--patches", type=int, default=1000)
   parser.add_argument("--feed-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if any(n < p for n, p in zip(args.shape, PATCH_SHAPE)):
+    parser.error(f"--shape {' '.join(map(str, args.shape))} is smaller than one "
+                 f"{'x'.join(map(str, PATCH_SHAPE))} patch in some axis; give at least that")
   if not args.feed_only:
     # write in this process, feed in a fresh one: its peak RSS is feeding's alone
     t0 = time.perf_counter()
@@ -80,7 +89,7 @@ def main():
     augment[key] = 0.0
   # the labels are empty outside one corner (34 GB of uint32 otherwise):
   # skip the sampler's "no foreground" probe
-  sampler = PatchSampler(image, labels, patch_shape=(32, 320, 320), batch_size=2, seed=0,
+  sampler = PatchSampler(image, labels, patch_shape=PATCH_SHAPE, batch_size=2, seed=0,
                          augment_config=augment, check_foreground=False)
   t0 = time.perf_counter()
   batches = args.patches // 2
@@ -90,7 +99,7 @@ def main():
   feed_s = time.perf_counter() - t0
   result = {
       "shape": list(image.shape), "image_bytes_on_disk": du_bytes(image_path),
-      "patches": batches * 2, "patch": [32, 320, 320], "feed_seconds": feed_s,
+      "patches": batches * 2, "patch": list(PATCH_SHAPE), "feed_seconds": feed_s,
       "patches_per_s": batches * 2 / feed_s, "peak_rss_mb": memory_use.peak_resident_mb()}
   print(json.dumps(result, indent=2))
   result_files.write_json(os.path.join(result_files.RESULTS_DIR, "data_memory-cpu.json"),
