@@ -16,6 +16,7 @@ Any config field can be overridden: --config.train.steps=50.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -138,6 +139,32 @@ def _exception_text(error: BaseException) -> str:
   return " ".join(text.split())
 
 
+def _unknown_field_text(argv: list[str], dotted: str) -> str | None:
+  """"config.<group> has no field 'x'; its fields: ..." for an override path
+  that leaves the config, or None where the config cannot be loaded again.
+  ml_collections names only the missing part ('optim'), with a suggestion
+  only when one is close; the list of what is there says what to type."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not spec:
+    return None
+  path, _, preset = spec.partition(":")
+  try:
+    loader = importlib.util.spec_from_file_location("_stt_jax_config_for_hint", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    node = module.get_config(preset) if preset else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # the original message stands
+  where = "config"
+  for part in dotted.split("."):
+    if not hasattr(node, "keys"):
+      return f"{where} is a value, not a group of fields"
+    if part not in node:
+      return f"{where} has no field '{part}'; its fields: {', '.join(sorted(node.keys()))}"
+    node, where = node[part], f"{where}.{part}"
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with every failure turned into one line (no traceback)."""
   try:
@@ -150,10 +177,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     field = re.match(r"'([^']+)'", text)
     culprit = [a.split("=", 1)[0] for a in argv if field and a.startswith("--config.")
                and field.group(1) in a.split("=", 1)[0].split(".")]
+    if culprit and "Did you mean" not in text:
+      text = _unknown_field_text(argv, culprit[0][len("--config."):]) or text
     _fail(f"bad config override{' ' + culprit[0] if culprit else ''}: {text}")
   except Exception as e:  # pylint: disable=broad-except
     # an error raised inside the config file's get_config()
-    _fail(f"cannot load --config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    from stt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    # our own UserError already says what to fix; a bug in a config file names its type
+    _fail(f"cannot load --config: {first_line}" if isinstance(e, UserError)
+          else f"cannot load --config: {type(e).__name__}: {first_line}")
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=configs/demo.py")
   path = getattr(flags.FLAGS["config"], "config_filename", None)

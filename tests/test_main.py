@@ -59,6 +59,15 @@ def test_unknown_config_key(tmp_path):
                         check_ok=False), "--config.train.stepz:", 'Did you mean "steps"')
 
 
+def test_unknown_config_group_lists_what_is_there(tmp_path):
+  """No close match to suggest: the error lists the fields of the deepest group that exists."""
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.optim.lr=1e-3", check_ok=False),
+                  "--config.optim.lr:", "config has no field 'optim'", "train", "model")
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.data.nosuch.x=3", check_ok=False),
+                  "config.data has no field 'nosuch'", "patch_shape")
+  assert not os.path.exists(f"{tmp_path}/w")
+
+
 def test_bad_config_value(tmp_path):
   _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.data.patch_shape=(4,30,32)",
                         check_ok=False), "data.patch_shape")

@@ -70,4 +70,6 @@ def test_unknown_preset_on_the_command_line_is_one_line(tmp_path):
                         text=True, timeout=300)
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-  assert "unknown preset 'nope'" in lines[0] and not os.path.exists(tmp_path / "w")
+  assert lines[0] == ("error: cannot load --config: unknown preset 'nope'; choose one of "
+                      + ", ".join(presets.PRESETS)), lines[0]
+  assert not os.path.exists(tmp_path / "w")
