@@ -8,6 +8,7 @@ that names the key.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import ml_collections
@@ -173,6 +174,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 1000
   c.train.schedule = "constant"        # constant | cosine | linear (decay to 1% by the last step)
   c.train.weight_decay = 1e-4
+  # generator modules left out of that L2 (name prefixes: ("sst", "denoise")
+  # for STT-UNET's blocks, which it otherwise switches off; README "Binned input")
+  c.train.weight_decay_exempt = ()
   c.train.grad_clip_norm = 0.0         # global-norm clipping; 0 = off (the original has none)
   c.train.disc_learning_rate = 1e-4    # discriminator's Adam, same schedule
   c.train.ema_decay = 0.0              # EMA of generator weights (e.g. 0.999); 0 = off
@@ -347,6 +351,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be constant, cosine or linear, got {c.train.schedule!r}")
   _need(c.train.disc_learning_rate > 0 and math.isfinite(c.train.disc_learning_rate),
         "train.disc_learning_rate", f"must be positive, got {c.train.disc_learning_rate}")
+  exempt = c.train.weight_decay_exempt
+  # (sst,denoise) unquoted reaches here as the one string "(sst,denoise)"
+  _need(isinstance(exempt, (tuple, list))
+        and all(isinstance(e, str) and re.fullmatch(r"\w+", e) for e in exempt),
+        "train.weight_decay_exempt",
+        f"must be module-name prefixes, quoted: \"('sst','denoise')\", got {tuple(exempt)!r}")
   _need(c.train.grad_clip_norm >= 0, "train.grad_clip_norm",
         f"must be >= 0 (0 = off), got {c.train.grad_clip_norm}")
   _need(0.0 <= c.train.ema_decay < 1.0, "train.ema_decay",

@@ -68,6 +68,15 @@ def test_unknown_config_group_lists_what_is_there(tmp_path):
   assert not os.path.exists(f"{tmp_path}/w")
 
 
+def test_weight_decay_exempt_of_a_missing_module_touches_no_folder(tmp_path):
+  """The baseline has no SST blocks: refused, with its module names, before the run folder."""
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.train.weight_decay_exempt=('sst',)",
+                        check_ok=False), "'sst' starts the name of no module", "enc0")
+  _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.train.weight_decay_exempt=(sst,)",
+                        check_ok=False), "train.weight_decay_exempt", "quoted", "'(sst,)'")
+  assert not os.path.exists(f"{tmp_path}/w")
+
+
 def test_bad_config_value(tmp_path):
   _one_line_error(_main(f"--workdir={tmp_path}/w", "--config.data.patch_shape=(4,30,32)",
                         check_ok=False), "data.patch_shape")

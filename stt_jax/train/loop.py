@@ -264,6 +264,8 @@ def _train(cfg, workdir: str, stop: _StopOnSignal, *, resume: bool, overwrite: b
   # read (and checked) before the workdir is touched too; a resumed run has
   # its own weights
   source = warm_start.read_source(init_from) if init_from and not resume else None
+  state_lib.check_decay_exempt(unet.from_config(cfg.model), tuple(cfg.data.patch_shape),
+                               cfg.train)
   resumed_from = checkpoint.newest_state(workdir) if resume else None
   if resumed_from and stop_at is not None and stop_at <= resumed_from[1]:
     raise UserError(f"--stop_at={stop_at}: the run in {workdir} is at step {resumed_from[1]} "

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from stt_jax import backend
+from stt_jax.errors import UserError
 from stt_jax.models.discriminator import Discriminator
 
 
@@ -62,16 +63,39 @@ def _clip_first(inner: optax.GradientTransformation,
   return optax.GradientTransformation(inner.init, update)
 
 
-def _adam(train_cfg, learning_rate: float) -> optax.GradientTransformation:
+def _decay_mask(exempt: tuple[str, ...]):
+  """The weights (ndim > 1) the L2 applies to, leaving out every top-level
+  module whose name starts with one of `exempt`. Adam divides the summed
+  gradient by its own scale, so where the task gradient of a weight is far
+  below weight_decay * w (a fresh branch behind a zero-initialised projection)
+  the L2 alone steers it: it shrinks by about the learning rate every step,
+  whatever weight_decay is (docs/architecture.md, "Coupled L2 and fresh blocks")."""
+
+  def mask(params):
+    if exempt:
+      names = sorted(params)
+      unmatched = [e for e in exempt if not any(n.startswith(e) for n in names)]
+      if unmatched:
+        raise UserError(f"train.weight_decay_exempt: {unmatched[0]!r} starts the name of "
+                        f"no module of this model; its modules: {', '.join(names)}")
+    return {name: jax.tree.map(lambda p, name=name: p.ndim > 1 and not name.startswith(exempt),
+                               tree) for name, tree in params.items()}
+
+  return mask
+
+
+def _adam(train_cfg, learning_rate: float,
+          decay_exempt: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """Adam with optional global-norm clipping and the original's coupled L2.
 
   Clipping sees the raw gradients; the original Res-UNET-R then adds
-  weight_decay * w to the gradients of weights (not biases) before Adam.
+  weight_decay * w to the gradients of weights (not biases) before Adam;
+  `decay_exempt` names modules it leaves out.
   """
-  weights_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   parts = []
   if train_cfg.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(train_cfg.weight_decay, mask=weights_only))
+    parts.append(optax.add_decayed_weights(train_cfg.weight_decay,
+                                           mask=_decay_mask(tuple(decay_exempt))))
   parts.append(optax.adam(make_schedule(train_cfg, learning_rate), b1=0.9, b2=0.999))
   optimizer = optax.chain(*parts)
   if train_cfg.grad_clip_norm > 0:
@@ -79,9 +103,18 @@ def _adam(train_cfg, learning_rate: float) -> optax.GradientTransformation:
   return optimizer
 
 
+def check_decay_exempt(model, patch_shape, train_cfg) -> None:
+  """UserError where train.weight_decay_exempt names no module of `model`;
+  traced only (no arrays), so a run can refuse before it touches its folder."""
+  exempt = tuple(train_cfg.get("weight_decay_exempt", ()))
+  if exempt and train_cfg.weight_decay > 0:
+    _decay_mask(exempt)(jax.eval_shape(lambda: init_params(model, patch_shape, 0)))
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """Optimiser of the generator."""
-  return _adam(train_cfg, train_cfg.learning_rate)
+  return _adam(train_cfg, train_cfg.learning_rate,
+               tuple(train_cfg.get("weight_decay_exempt", ())))
 
 
 def make_disc_optimizer(train_cfg) -> optax.GradientTransformation:
