@@ -97,7 +97,7 @@ def test_coupled_l2_shrinks_a_weight_without_task_gradient_by_the_learning_rate(
   whose task gradient is 0 moves about learning_rate towards 0 each step (a
   little less as it shrinks: Adam's second moment remembers the larger w),
   for weight_decay 1e-2 and the default 1e-4 alike, where the decay's size
-  would suggest learning_rate * weight_decay * w (2.5e-7 of 0.25 here)."""
+  would suggest learning_rate * weight_decay * w (2.5e-8 a step at 1e-4 here)."""
   params = {"sst": {"kernel": jnp.full((2, 2), 0.25, jnp.float32)}}
   zero = jax.tree.map(jnp.zeros_like, params)
   moved = {}
