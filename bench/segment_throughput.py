@@ -49,6 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
+from stt_jax import config as config_lib  # noqa: E402
 from stt_jax import memory_use  # noqa: E402
 from stt_jax.data import sources, synthetic  # noqa: E402
 from stt_jax.data.targets import instance_contour  # noqa: E402
@@ -59,15 +60,6 @@ from stt_jax.train import state, step  # noqa: E402
 
 def _ints(text: str) -> tuple[int, ...]:
   return tuple(int(v) for v in text.split(","))
-
-
-def _config(path: str):
-  """configs/x.py or configs/x.py:preset, as --config takes it."""
-  path, _, preset = path.partition(":")
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
 
 
 def _volume(directory: str, shape) -> tuple[str, np.ndarray]:
@@ -193,7 +185,7 @@ def main() -> None:
   for hidden in ("--peer-worker", "--image", "--params", "--ours", "--out"):
     parser.add_argument(hidden, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  cfg = _config(args.config)
+  cfg = config_lib.load_file(args.config)
   apply_overrides(cfg, args.override)
   shape, window, block = _ints(args.shape), _ints(args.window), _ints(args.block)
   with cfg.unlocked():

@@ -12,7 +12,7 @@ initial rms (1/sqrt(width)). docs/architecture.md "Coupled L2 and fresh blocks".
       [--out=bench/results/sst_branch_size-NAME.json]
 
 EXPORT is a `--mode=export` folder. The image box is read whole, binned by
-the export's model.input_scale (box means, as training reads it) and run as
+the export's model.input_scale (box means rounded to uint8, as training reads it) and run as
 one window, so keep it small.
 """
 
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
   parser.add_argument("--out", help="JSON results here")
   args = parser.parse_args(argv)
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from stt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from stt_jax.data import rescaled, sources  # pylint: disable=g-import-not-at-top
   from stt_jax.models import unet  # pylint: disable=g-import-not-at-top
   from stt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from stt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -94,14 +94,15 @@ def main(argv=None) -> None:
   start = tuple(int(v) for v in args.start.split(","))
   size = tuple(int(v) for v in args.size.split(","))
   factors = tuple(int(v) for v in model_cfg.input_scale)
-  if any(s % f for s, f in zip(size, factors)):
-    parser.error(f"--size {args.size} must be a multiple of model.input_scale {factors}")
+  if any(a % f or n % f for a, n, f in zip(start, size, factors)):
+    parser.error(f"--start and --size must be multiples of model.input_scale {factors}")
   model = unet.from_config(model_cfg)
-  binned_shape = tuple(s // f for s, f in zip(size, factors))
-  params = checkpoint.load_export(args.weights, model, binned_shape, step_lib.make_mesh())
-  box = np.asarray(sources.open_volume(args.image).read(start, size), np.float32) / 255.0
-  box = box.reshape(binned_shape[0], factors[0], binned_shape[1], factors[1],
-                    binned_shape[2], factors[2]).mean(axis=(1, 3, 5))
+  binned_start = tuple(a // f for a, f in zip(start, factors))
+  binned_size = tuple(n // f for n, f in zip(size, factors))
+  params = checkpoint.load_export(args.weights, model, binned_size, step_lib.make_mesh())
+  # binned as training and segment read it (box means, rounded to uint8)
+  volume = rescaled.BinnedVolume(sources.open_volume(args.image), factors, "mean")
+  box = np.asarray(volume.read(binned_start, binned_size), np.float32) / 255.0
   sizes = branch_sizes(model, params, box[None, ..., None])
   print(f"{'block':10s} {'branch/input':>12s}  q/k/v kernel rms (spatial | temporal)")
   for name, row in sizes.items():

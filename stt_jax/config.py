@@ -7,6 +7,7 @@ that names the key.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 
@@ -243,6 +244,16 @@ def default_config() -> ml_collections.ConfigDict:
 def _need(condition: bool, key: str, message: str) -> None:
   if not condition:
     raise UserError(f"config.{key}: {message}")
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """configs/x.py or configs/x.py:preset, as --config takes it: the file's
+  get_config(preset), without overrides."""
+  path, _, preset = spec.partition(":")
+  loader = importlib.util.spec_from_file_location("stt_jax_config_file", path)
+  module = importlib.util.module_from_spec(loader)
+  loader.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

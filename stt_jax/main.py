@@ -16,7 +16,6 @@ Any config field can be overridden: --config.train.steps=50.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -147,12 +146,9 @@ def _unknown_field_text(argv: list[str], dotted: str) -> str | None:
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if not spec:
     return None
-  path, _, preset = spec.partition(":")
+  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
-    loader = importlib.util.spec_from_file_location("_stt_jax_config_for_hint", path)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    node = module.get_config(preset) if preset else module.get_config()
+    node = config_lib.load_file(spec)
   except Exception:  # pylint: disable=broad-except
     return None  # the original message stands
   where = "config"
